@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates ./.venv with keybroker, its dependencies (pinned by constraints.txt) and the dev tools.
+# Installs Debian packages it needs when run as root. Safe to run again: it only reinstalls when
+# pyproject.toml or constraints.txt changed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY=${PYTHON:-python3}
+apt_needed=()
+command -v "$PY" >/dev/null 2>&1 || apt_needed+=(python3)
+if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  apt_needed+=(python3-venv)
+fi
+if [ ${#apt_needed[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing Debian packages: ${apt_needed[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_needed[@]}" >/dev/null
+  else
+    echo "bootstrap: please install: sudo apt-get install ${apt_needed[*]}" >&2
+    exit 1
+  fi
+fi
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "bootstrap: keybroker needs Python 3.11 or newer ($PY is $("$PY" -V 2>&1))" >&2
+  exit 1
+fi
+
+stamp=.venv/.keybroker-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing keybroker into .venv" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+    | grep -v "^WARNING: Location 'file://" >&2 || true
+  .venv/bin/python -c 'import keybroker, fastapi, sqlalchemy' # fail here, not later, if pip failed
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,3 @@
+from keybroker.cli.main import main
+
+main()

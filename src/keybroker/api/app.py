@@ -1,0 +1,63 @@
+"""``create_app(services)``: the FastAPI application, with no globals; everything arrives through ``services``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keybroker import __version__
+from keybroker.api.deps import check_routes_declare_permissions
+from keybroker.api.errors import (
+    http_error_handler,
+    keybroker_error_handler,
+    problem,
+    validation_error_handler,
+)
+from keybroker.api.middleware import RequestContextMiddleware
+from keybroker.api.routes import keys, meta, policies
+from keybroker.errors import KeybrokerError
+from keybroker.services import Services
+
+log = structlog.get_logger("keybroker.api")
+
+
+def create_app(services: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
+        app.state.keygen_executor = executor
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="keybroker", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.services = services
+    for router in (meta.router, keys.router, policies.router):
+        app.include_router(router)
+    check_routes_declare_permissions(app.routes)
+
+    app.add_exception_handler(KeybrokerError, keybroker_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=services.settings.server.max_body_bytes)
+    return app
+
+
+async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # The exception type only: messages of third-party exceptions are not vetted for secrets.
+    log.error(
+        "unhandled_exception",
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        request_id=getattr(request.state, "request_id", None),
+        path=request.url.path,
+    )
+    return problem(request, 500, "internal_error", "Internal error", "an unexpected error occurred")

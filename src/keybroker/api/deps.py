@@ -1,0 +1,116 @@
+"""Request dependencies: the services, the authenticated principal, and strict JSON bodies.
+
+Every route declares what it needs with ``requires(permission)`` or ``public()``; ``create_app`` refuses to start
+if any route declares neither. Authentication runs before the body is parsed, so an unauthenticated caller
+learns nothing about the schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.params import Depends as DependsParam
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+from keybroker.api.errors import describe_validation_errors
+from keybroker.auth.tokens import Principal
+from keybroker.errors import Forbidden, InvalidRequest, Unauthenticated, UnsupportedMediaType
+from keybroker.services import Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+class _Permission:
+    """Dependency that authenticates the bearer token and checks one permission."""
+
+    def __init__(self, permission: str) -> None:
+        self.permission = permission
+
+    def __call__(self, request: Request) -> Principal:
+        services = get_services(request)
+        header = request.headers.get("authorization")
+        if not header:
+            raise Unauthenticated("this endpoint needs 'Authorization: Bearer <token>'", code="unauthorized")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("the Authorization header must be 'Bearer <token>'", code="unauthorized")
+        principal = services.tokens.authenticate(token.strip())
+        if not permits(principal, self.permission):
+            raise Forbidden(f"this token does not grant {self.permission}", code="forbidden")
+        request.state.principal = principal
+        return principal
+
+
+class _Public:
+    """Marks a route that needs no authentication (health, version)."""
+
+    def __call__(self) -> None:
+        return None
+
+
+def permits(principal: Principal, permission: str) -> bool:
+    # Until roles arrive, the only role is the bootstrap admin, which may do everything.
+    return principal.role == "admin" and bool(permission)
+
+
+def requires(permission: str) -> DependsParam:
+    dependency: DependsParam = Depends(_Permission(permission))
+    return dependency
+
+
+def public() -> DependsParam:
+    dependency: DependsParam = Depends(_Public())
+    return dependency
+
+
+def route_permission(route: APIRoute) -> str | None:
+    """The permission a route declares, ``""`` for public routes, ``None`` if it declares nothing."""
+    for dependency in route.dependant.dependencies:
+        if isinstance(dependency.call, _Permission):
+            return dependency.call.permission
+        if isinstance(dependency.call, _Public):
+            return ""
+    return None
+
+
+def check_routes_declare_permissions(routes: Iterable[Any]) -> None:
+    missing = [
+        f"{sorted(route.methods or ())} {route.path}"
+        for route in routes
+        if isinstance(route, APIRoute) and route_permission(route) is None
+    ]
+    if missing:
+        raise RuntimeError(f"routes without a declared permission: {', '.join(missing)}")
+
+
+_JSON_TYPES = ("application/json",)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M]) -> Callable[[Request], Coroutine[Any, Any, M]]:
+    """A dependency that parses the body as ``model`` strictly: JSON content type, no unknown fields."""
+
+    async def parse(request: Request) -> M:
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if body and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+            raise UnsupportedMediaType("the request body must be application/json")
+        if not body.strip():
+            raise InvalidRequest("a JSON request body is required", code="invalid_json")
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            found = describe_validation_errors(exc.errors(include_input=False, include_url=False))
+            if any(error["type"] == "json_invalid" for error in found):
+                raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+            raise InvalidRequest("the request body does not match the schema", errors=found) from None
+
+    return parse

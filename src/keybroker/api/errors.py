@@ -1,0 +1,112 @@
+"""THE table from domain errors to HTTP, and the RFC 9457 problem+json responses built from it.
+
+Every subclass of ``KeybrokerError`` resolves to a row through its class hierarchy (a test asserts it). Unknown
+exceptions become a 500 whose body says only the request id; details go to the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keybroker import errors
+
+PROBLEM_TYPE_BASE = "urn:keybroker:problem:"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
+    errors.InvalidRequest: 400,
+    errors.InvalidKeyMaterial: 400,
+    errors.UnknownReference: 400,
+    errors.BackendUnsupported: 400,
+    errors.UnsupportedMediaType: 415,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.BackendUnavailable: 503,
+    errors.ConfigurationError: 500,
+}
+
+
+def status_for(exc: errors.KeybrokerError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def problem(
+    request: Request | None,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    request_id = getattr(request.state, "request_id", None) if request is not None else None
+    if request_id:
+        body["request_id"] = request_id
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=dict(headers or {}))
+
+
+def describe_validation_errors(raw: Sequence[Any]) -> list[dict[str, str]]:
+    """Pydantic/FastAPI errors without the offending input (it may be a key)."""
+    described = []
+    for error in raw:
+        location = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+        described.append(
+            {"loc": ".".join(location), "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))}
+        )
+    return described
+
+
+async def keybroker_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.KeybrokerError)
+    status = status_for(exc)
+    headers = {"WWW-Authenticate": 'Bearer realm="keybroker"'} if status == 401 else None
+    return problem(request, status, exc.instance_code, exc.title, exc.detail, exc.extra, headers)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    found = describe_validation_errors(exc.errors())
+    return problem(
+        request,
+        400,
+        "invalid_request",
+        "Invalid request",
+        "the request does not match the schema",
+        {"errors": found},
+    )
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    headers = dict(exc.headers or {})
+    return problem(request, exc.status_code, code, code.replace("_", " ").capitalize(), detail, headers=headers)

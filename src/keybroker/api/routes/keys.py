@@ -1,0 +1,87 @@
+"""/kbs/v1/keys: create (generate, import, register), list, get, re-assign policy, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from keybroker.api.deps import get_services, json_body, requires
+from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
+from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
+from keybroker.keys.models import Algorithm, PolicyId
+from keybroker.keys.service import KeyFilter, parse_algorithm, parse_curve
+from keybroker.services import Services
+from keybroker.storage.pagination import Page
+
+router = APIRouter(prefix="/kbs/v1/keys", tags=["keys"])
+ServicesDep = Annotated[Services, Depends(get_services)]
+_LIST_PARAMS = frozenset({"algorithm", "keyLength", "curveType", "transferPolicyId", "limit", "cursor"})
+
+
+@router.post("", status_code=201, dependencies=[requires("keys:create")])
+async def create_key(
+    request: Request,
+    services: ServicesDep,
+    body: Annotated[KeyCreateRequest, Depends(json_body(KeyCreateRequest))],
+) -> KeyOut:
+    new = body.to_new_key()
+    await run_in_threadpool(services.keys.check_new, new)
+    if new.spec.algorithm is Algorithm.RSA and new.key_string is None:
+        # RSA generation takes up to seconds (7680 bits); a small dedicated pool keeps it from starving the
+        # threads that serve every other request.
+        executor = request.app.state.keygen_executor
+        material = await asyncio.get_running_loop().run_in_executor(executor, services.keys.make_material, new)
+    else:
+        material = await run_in_threadpool(services.keys.make_material, new)
+    record = await run_in_threadpool(services.keys.store, new, material)
+    return KeyOut.of(record, base_url(request, services))
+
+
+@router.get("", dependencies=[requires("keys:search")])
+def list_keys(
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    algorithm: str | None = None,
+    key_length: Annotated[int | None, Query(alias="keyLength")] = None,
+    curve_type: Annotated[str | None, Query(alias="curveType")] = None,
+    transfer_policy_id: Annotated[str | None, Query(alias="transferPolicyId", max_length=64)] = None,
+    limit: int | None = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> list[KeyOut]:
+    reject_unknown_query(request, _LIST_PARAMS)
+    key_filter = KeyFilter(
+        algorithm=parse_algorithm(algorithm) if algorithm else None,
+        key_length=key_length,
+        curve=parse_curve(curve_type) if curve_type else None,
+        transfer_policy_id=transfer_policy_id,
+    )
+    records, next_cursor = services.keys.list(key_filter, Page.parse(limit, cursor))
+    set_next_page(request, response, next_cursor)
+    base = base_url(request, services)
+    return [KeyOut.of(record, base) for record in records]
+
+
+@router.get("/{key_id}", dependencies=[requires("keys:retrieve")])
+def get_key(key_id: str, request: Request, services: ServicesDep) -> KeyOut:
+    return KeyOut.of(services.keys.get(key_id), base_url(request, services))
+
+
+@router.put("/{key_id}", dependencies=[requires("keys:update")])
+def update_key(
+    key_id: str,
+    request: Request,
+    services: ServicesDep,
+    body: Annotated[KeyUpdateRequest, Depends(json_body(KeyUpdateRequest))],
+) -> KeyOut:
+    record = services.keys.set_policy(key_id, PolicyId(body.transfer_policy_id))
+    return KeyOut.of(record, base_url(request, services))
+
+
+@router.delete("/{key_id}", status_code=204, dependencies=[requires("keys:delete")])
+def delete_key(key_id: str, services: ServicesDep) -> Response:
+    services.keys.delete(key_id)
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""Authentication of admin API callers (bearer tokens)."""

@@ -1,0 +1,62 @@
+"""The two backend Protocols.
+
+``KeyStore``: where key material lives (embedded database, Vault/OpenBao KV, KMIP). ``KeyWrapper``: who holds a
+key-encryption key and only wraps/unwraps data keys (a local master key, Vault Transit, a PKCS#11 token). The
+embedded store is a ``KeyStore`` composed with a ``KeyWrapper``.
+
+The service owns the key record (id, spec, policy, ``backend``, ``backend_ref``); reads and deletes always go to
+the backend recorded on the key. Backends translate their vendor exceptions into ``keybroker.errors``:
+``NotFound`` for a missing object, ``BackendUnavailable`` when the KMS cannot be reached. Implementations must be
+safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
+
+
+class Capability(enum.StrEnum):
+    STORE = "store"  # put/get/delete of key material (every KeyStore)
+    REGISTER_EXISTING = "register_existing"  # adopt an object that already exists (KMIP ``kmip_key_id``)
+
+
+class KeyStore(Protocol):
+    name: str
+    capabilities: frozenset[Capability]
+
+    def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
+        """Store ``material`` for ``key_id`` and return the backend's handle for it."""
+        ...
+
+    def get(self, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
+        """Return the material stored under ``ref``. Raises ``NotFound`` if it is gone."""
+        ...
+
+    def delete(self, ref: BackendRef) -> None:
+        """Remove the material under ``ref``. Deleting something already gone is not an error."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``BackendUnavailable`` if the backend cannot serve requests now (readiness)."""
+        ...
+
+
+class KeyWrapper(Protocol):
+    name: str
+
+    @property
+    def kek_id(self) -> str:
+        """Identifies the KEK that ``wrap`` uses now (recorded beside each wrapped data key)."""
+        ...
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """Encrypt ``data_key``, authenticating ``context`` (it must be given again to unwrap)."""
+        ...
+
+    def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
+        """Reverse ``wrap``. Raises ``BackendUnavailable`` if the KEK is unreachable, ``KeyWrapError`` if the
+        blob or context was tampered with."""
+        ...

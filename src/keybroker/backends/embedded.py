@@ -1,0 +1,74 @@
+"""The embedded ``KeyStore``: key material in keybroker's own database, envelope-encrypted.
+
+Each key gets a fresh 256-bit data key (DEK). The material is sealed with AES-256-GCM under the DEK, the DEK is
+wrapped by the ``KeyWrapper`` (the KEK holder). Both layers authenticate the row's reference as context, so a
+ciphertext moved to another row does not open.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from keybroker.backends.base import Capability, KeyWrapper
+from keybroker.backends.local_kek import KeyWrapError
+from keybroker.clock import Clock
+from keybroker.crypto.aead import SealError, open_sealed, seal
+from keybroker.errors import NotFound
+from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
+from keybroker.storage.db import Database
+from keybroker.storage.tables import EmbeddedMaterialRow
+
+
+def _context(ref: str, spec: KeySpec) -> bytes:
+    return f"keybroker/embedded/v1\0{ref}\0{spec.describe()}".encode()
+
+
+class EmbeddedKeyStore:
+    capabilities = frozenset({Capability.STORE})
+
+    def __init__(self, name: str, database: Database, wrapper: KeyWrapper, clock: Clock) -> None:
+        self.name = name
+        self._db = database
+        self._wrapper = wrapper
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"EmbeddedKeyStore(name={self.name!r}, wrapper={self._wrapper!r})"
+
+    def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
+        ref = str(uuid.uuid4())
+        context = _context(ref, material.spec)
+        dek = os.urandom(32)
+        row = EmbeddedMaterialRow(
+            ref=ref,
+            kek_id=self._wrapper.kek_id,
+            wrapped_dek=self._wrapper.wrap(dek, context),
+            ciphertext=seal(dek, material.secret, context),
+            created_at=self._clock.now(),
+        )
+        with self._db.transaction() as session:
+            session.add(row)
+        return BackendRef(ref)
+
+    def get(self, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
+        with self._db.transaction() as session:
+            row = session.get(EmbeddedMaterialRow, ref)
+            if row is None:
+                raise NotFound("the key material is not in the embedded store", code="key_material_missing")
+            kek_id, wrapped_dek, ciphertext = row.kek_id, row.wrapped_dek, row.ciphertext
+        context = _context(ref, spec)
+        dek = self._wrapper.unwrap(wrapped_dek, context, kek_id)
+        try:
+            return KeyMaterial(spec, open_sealed(dek, ciphertext, context))
+        except SealError:
+            raise KeyWrapError("stored key material failed authentication") from None
+
+    def delete(self, ref: BackendRef) -> None:
+        with self._db.transaction() as session:
+            row = session.get(EmbeddedMaterialRow, ref)
+            if row is not None:
+                session.delete(row)
+
+    def check(self) -> None:
+        self._db.ping()

@@ -1,0 +1,469 @@
+"""``keybroker``: the admin CLI (typer + rich)."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+
+from keybroker import __version__
+from keybroker.cli import output
+from keybroker.cli.http import DEFAULT_ADDR, AdminApi, Connection
+from keybroker.cli.output import Output
+from keybroker.config import Settings, load_settings
+from keybroker.errors import ConfigurationError, KeybrokerError
+from keybroker_client import KeybrokerClientError, ProblemError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="keybroker",
+    help="keybroker: releases keys only to attested Intel SGX / TDX workloads.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+key_app = typer.Typer(help="Create, import, list, show and delete keys.", no_args_is_help=True)
+policy_app = typer.Typer(help="Manage key transfer policies.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+app.add_typer(policy_app, name="policy")
+app.add_typer(config_app, name="config")
+
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="KEYBROKER_DATA_DIR", help="Data directory (database, master key)."),
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML configuration file (default: DATA_DIR/keybroker.toml).")
+]
+Addr = Annotated[str, typer.Option("--addr", envvar="KEYBROKER_ADDR", help="keybroker URL.")]
+Token = Annotated[
+    str | None, typer.Option("--token", envvar="KEYBROKER_TOKEN", help="Bearer token.", show_default=False)
+]
+CaCert = Annotated[
+    str | None,
+    typer.Option("--cacert", envvar="KEYBROKER_CACERT", help="CA certificate to verify the server."),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]
+
+
+def _handled(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn keybroker's and the server's errors into a readable message and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except ProblemError as exc:
+            output.stderr.print(f"[red]Error:[/red] {exc.problem.describe()}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+        except ConfigurationError as exc:
+            output.stderr.print(f"[red]Configuration error:[/red] {exc.detail}", highlight=False)
+            raise typer.Exit(2) from None
+        except (KeybrokerError, KeybrokerClientError) as exc:
+            output.stderr.print(f"[red]Error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _api(addr: str, token: str | None, cacert: str | None) -> AdminApi:
+    return AdminApi(Connection(addr=addr, token=token, cacert=cacert))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"keybroker {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """keybroker admin CLI."""
+
+
+# --- local commands -------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_handled
+def init(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
+    """Initialise DATA_DIR: database, master key (0600) and the first admin token (printed once). Idempotent."""
+    from keybroker.services import ADMIN_TOKEN_FILE, initialise
+
+    settings = load_settings(data_dir=data_dir, config_file=config)
+    result = initialise(settings)
+    if result.admin_token is None:
+        output.stderr.print(f"{settings.data_dir} is already initialised.")
+        return
+    output.stderr.print(f"Initialised {settings.data_dir}.")
+    output.stderr.print(
+        f"Admin token (shown once; also in {settings.data_dir / ADMIN_TOKEN_FILE}, mode 0600):",
+        highlight=False,
+    )
+    typer.echo(result.admin_token)
+
+
+@app.command()
+@_handled
+def serve(
+    data_dir: DataDir = Path(".data"),
+    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:9443).")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Serve the API."""
+    import uvicorn
+
+    from keybroker.api.app import create_app
+    from keybroker.logs import configure_logging
+    from keybroker.services import build_services
+
+    overrides: dict[str, Any] = {"server": {"listen": listen}} if listen else {}
+    settings = load_settings(data_dir=data_dir, config_file=config, overrides=overrides)
+    configure_logging(settings.logging)
+    services = build_services(settings)
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(services),
+                host=settings.server.host,
+                port=settings.server.port,
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                date_header=True,
+            )
+        )
+        output.stderr.print(f"keybroker {__version__} listening on http://{settings.server.listen}", highlight=False)
+        server.run()
+    finally:
+        services.close()
+
+
+@config_app.command("check")
+@_handled
+def config_check(
+    data_dir: DataDir = Path(".data"), config: ConfigFile = None, output_format: OutputOpt = Output.TABLE
+) -> None:
+    """Validate the configuration (file + KEYBROKER_* environment) and print the effective settings."""
+    settings: Settings = load_settings(data_dir=data_dir, config_file=config)
+    if output_format is Output.JSON:
+        output.emit_json(settings.redacted())
+    else:
+        output.stderr.print("configuration OK")
+        output.details(settings.redacted())
+
+
+# --- keys -----------------------------------------------------------------------------------------------------
+
+
+class ImportFormat(enum.StrEnum):
+    AUTO = "auto"
+    PEM = "pem"
+    BASE64 = "base64"
+    RAW = "raw"
+
+
+def _key_information(
+    algorithm: str, length: int | None, curve: str | None, key_id: str | None = None
+) -> dict[str, Any]:
+    info: dict[str, Any] = {"algorithm": algorithm}
+    if length is not None:
+        info["key_length"] = length
+    if curve is not None:
+        info["curve_type"] = curve
+    if key_id is not None:
+        info["id"] = key_id
+    return info
+
+
+def _create(
+    api: AdminApi,
+    info: dict[str, Any],
+    policy: str,
+    label: str | None,
+    usage: str | None,
+    backend: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"key_information": info, "transfer_policy_id": policy}
+    for name, value in (("label", label), ("usage", usage), ("backend", backend)):
+        if value is not None:
+            body[name] = value
+    created: dict[str, Any] = api.request("POST", "/kbs/v1/keys", json=body).json()
+    return created
+
+
+def _show_key(key: dict[str, Any], output_format: Output) -> None:
+    if output_format is Output.JSON:
+        output.emit_json(key)
+    else:
+        output.table(output.KEY_COLUMNS, [output.key_row(key)])
+
+
+Algo = Annotated[str, typer.Option("--algorithm", "-a", help="AES, RSA or EC.")]
+Length = Annotated[int | None, typer.Option("--length", "-l", help="Bits: AES 128/192/256, RSA 2048-7680.")]
+Curve = Annotated[str | None, typer.Option("--curve", help="EC curve: secp256r1, secp384r1, secp521r1.")]
+Policy = Annotated[str, typer.Option("--policy", "-p", help="Transfer policy id.")]
+Label = Annotated[str | None, typer.Option("--label")]
+Usage = Annotated[str | None, typer.Option("--usage")]
+Backend = Annotated[str | None, typer.Option("--backend", help="Configured backend (default: the default).")]
+
+
+@key_app.command("create")
+@_handled
+def key_create(
+    algorithm: Algo,
+    policy: Policy,
+    length: Length = None,
+    curve: Curve = None,
+    label: Label = None,
+    usage: Usage = None,
+    backend: Backend = None,
+    key_id: Annotated[str | None, typer.Option("--id", help="Choose the key id (UUID).")] = None,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Generate a new key inside keybroker."""
+    with _api(addr, token, cacert) as api:
+        key = _create(api, _key_information(algorithm, length, curve, key_id), policy, label, usage, backend)
+    _show_key(key, output_format)
+
+
+@key_app.command("import")
+@_handled
+def key_import(
+    algorithm: Algo,
+    policy: Policy,
+    file: Annotated[Path, typer.Option("--file", "-f", help="Key file ('-' for stdin).", allow_dash=True)],
+    length: Length = None,
+    curve: Curve = None,
+    key_format: Annotated[
+        ImportFormat,
+        typer.Option("--format", help="auto: PEM for RSA/EC, raw bytes for AES; or base64 for AES text."),
+    ] = ImportFormat.AUTO,
+    label: Label = None,
+    usage: Usage = None,
+    backend: Backend = None,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Import existing key material (PEM private key for RSA/EC; raw or base64 bytes for AES)."""
+    data = typer.get_binary_stream("stdin").read() if str(file) == "-" else file.read_bytes()
+    key_string = _key_string(algorithm, data, key_format)
+    info = {**_key_information(algorithm, length, curve), "key_string": key_string}
+    with _api(addr, token, cacert) as api:
+        key = _create(api, info, policy, label, usage, backend)
+    _show_key(key, output_format)
+
+
+def _key_string(algorithm: str, data: bytes, key_format: ImportFormat) -> str:
+    if key_format is ImportFormat.AUTO:
+        key_format = ImportFormat.RAW if algorithm.upper() == "AES" else ImportFormat.PEM
+    if key_format is ImportFormat.RAW:
+        return base64.b64encode(data).decode()
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"the key file is not {key_format} text", param_hint="--file") from None
+
+
+@key_app.command("list")
+@_handled
+def key_list(
+    algorithm: Annotated[str | None, typer.Option("--algorithm", "-a")] = None,
+    length: Length = None,
+    curve: Curve = None,
+    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Only keys with this policy.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
+    fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """List keys (metadata only)."""
+    params: dict[str, Any] = {"limit": limit}
+    for name, value in (
+        ("algorithm", algorithm),
+        ("keyLength", length),
+        ("curveType", curve),
+        ("transferPolicyId", policy),
+    ):
+        if value is not None:
+            params[name] = value
+    with _api(addr, token, cacert) as api:
+        keys = api.list_all("/kbs/v1/keys", params, fetch_all)
+    if output_format is Output.JSON:
+        output.emit_json(keys)
+    else:
+        output.table(output.KEY_COLUMNS, [output.key_row(key) for key in keys])
+
+
+KeyIdArg = Annotated[str, typer.Argument(help="Key id.")]
+
+
+@key_app.command("show")
+@_handled
+def key_show(
+    key_id: KeyIdArg,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Show one key's metadata."""
+    with _api(addr, token, cacert) as api:
+        key = api.get_json(f"/kbs/v1/keys/{key_id}")
+    if output_format is Output.JSON:
+        output.emit_json(key)
+    else:
+        output.details(key)
+
+
+@key_app.command("set-policy")
+@_handled
+def key_set_policy(
+    key_id: KeyIdArg,
+    policy: Annotated[str, typer.Argument(help="New transfer policy id.")],
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Re-assign a key's transfer policy."""
+    with _api(addr, token, cacert) as api:
+        key = api.request("PUT", f"/kbs/v1/keys/{key_id}", json={"transfer_policy_id": policy}).json()
+    _show_key(key, output_format)
+
+
+@key_app.command("delete")
+@_handled
+def key_delete(
+    key_id: KeyIdArg,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+) -> None:
+    """Delete a key and its material in the backend."""
+    with _api(addr, token, cacert) as api:
+        api.request("DELETE", f"/kbs/v1/keys/{key_id}")
+    output.stderr.print(f"deleted key {key_id}", highlight=False)
+
+
+# --- policies -------------------------------------------------------------------------------------------------
+
+PolicyFile = Annotated[Path, typer.Argument(help="Policy JSON file ('-' for stdin).", allow_dash=True)]
+PolicyIdArg = Annotated[str, typer.Argument(help="Policy id.")]
+
+
+def _read_policy(file: Path) -> Any:
+    text = typer.get_text_stream("stdin").read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{file} is not valid JSON: {exc}", param_hint="FILE") from None
+
+
+def _show_policy(policy: dict[str, Any], output_format: Output) -> None:
+    if output_format is Output.JSON:
+        output.emit_json(policy)
+    else:
+        output.details(policy)
+
+
+@policy_app.command("create")
+@_handled
+def policy_create(
+    file: PolicyFile,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Create a key transfer policy from a JSON file."""
+    with _api(addr, token, cacert) as api:
+        policy = api.request("POST", "/kbs/v1/key-transfer-policies", json=_read_policy(file)).json()
+    _show_policy(policy, output_format)
+
+
+@policy_app.command("update")
+@_handled
+def policy_update(
+    policy_id: PolicyIdArg,
+    file: PolicyFile,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Replace a (mutable) key transfer policy with the JSON file's content."""
+    with _api(addr, token, cacert) as api:
+        policy = api.request("PUT", f"/kbs/v1/key-transfer-policies/{policy_id}", json=_read_policy(file)).json()
+    _show_policy(policy, output_format)
+
+
+@policy_app.command("list")
+@_handled
+def policy_list(
+    limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
+    fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """List key transfer policies."""
+    with _api(addr, token, cacert) as api:
+        policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
+    if output_format is Output.JSON:
+        output.emit_json(policies)
+    else:
+        output.table(output.POLICY_COLUMNS, [output.policy_row(policy) for policy in policies])
+
+
+@policy_app.command("show")
+@_handled
+def policy_show(
+    policy_id: PolicyIdArg,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Show one key transfer policy."""
+    with _api(addr, token, cacert) as api:
+        _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{policy_id}"), output_format)
+
+
+@policy_app.command("delete")
+@_handled
+def policy_delete(
+    policy_id: PolicyIdArg,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+) -> None:
+    """Delete a key transfer policy (refused while a key uses it, or if it is immutable)."""
+    with _api(addr, token, cacert) as api:
+        api.request("DELETE", f"/kbs/v1/key-transfer-policies/{policy_id}")
+    output.stderr.print(f"deleted policy {policy_id}", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,75 @@
+"""Printing for humans (rich tables) or scripts (``--output json``, stable field names from the API)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Tables are for reading and grepping; when piped, keep one row per line instead of folding to 80 columns.
+stdout = Console(width=None if sys.stdout.isatty() else 250)
+stderr = Console(stderr=True)
+
+
+class Output(enum.StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def key_row(key: dict[str, Any]) -> list[str]:
+    info = key.get("key_information", {})
+    size = info.get("curve_type") or str(info.get("key_length", ""))
+    return [
+        key["id"],
+        info.get("algorithm", ""),
+        size,
+        key.get("label") or "",
+        key.get("transfer_policy_id", ""),
+        key.get("backend", ""),
+        _short_time(key.get("created_at", "")),
+    ]
+
+
+def _short_time(value: str) -> str:
+    """``2026-11-27T13:13:43.244204Z`` -> ``2026-11-27 13:13:43Z``."""
+    return value[:19].replace("T", " ") + "Z" if len(value) >= 19 else value
+
+
+KEY_COLUMNS = ("ID", "ALGORITHM", "SIZE", "LABEL", "POLICY", "BACKEND", "CREATED")
+
+
+def policy_row(policy: dict[str, Any]) -> list[str]:
+    types = policy.get("attestation_type", [])
+    return [
+        policy["id"],
+        ",".join(types),
+        "yes" if policy.get("immutable") else "no",
+        "yes" if policy.get("allow_simulated") else "no",
+        _short_time(policy.get("created_at", "")),
+    ]
+
+
+POLICY_COLUMNS = ("ID", "TEE", "IMMUTABLE", "SIMULATED", "CREATED")
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    out = Table(show_edge=False, box=None, header_style="bold")
+    for column in columns:
+        out.add_column(column, no_wrap=column in ("ID", "POLICY", "CREATED"))
+    for row in rows:
+        out.add_row(*row)
+    stdout.print(out)
+
+
+def details(value: dict[str, Any]) -> None:
+    """A resource as indented JSON (nested policies read best that way)."""
+    stdout.print_json(json.dumps(value))

@@ -1,0 +1,206 @@
+"""Settings: one TOML file plus ``KEYBROKER_*`` environment variables, loaded once and passed in.
+
+Precedence (highest first): explicit overrides (CLI flags) > environment > TOML file > defaults. Nested keys use a
+double underscore in the environment: ``[server] listen`` is ``KEYBROKER_SERVER__LISTEN``. Relative paths are
+resolved against the data directory. Nothing in keybroker reads configuration anywhere but here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from keybroker.errors import ConfigurationError
+
+CONFIG_FILE_NAME = "keybroker.toml"
+DEFAULT_LISTEN = "127.0.0.1:9443"
+
+
+# The TOML values of the load_settings() call in progress; a context variable rather than a module global so that
+# concurrent loads (tests) cannot see each other's file.
+_file_values: ContextVar[dict[str, Any]] = ContextVar("keybroker_config_file_values", default={})  # noqa: B039
+
+
+class _TomlValues(PydanticBaseSettingsSource):
+    """The configuration file, below the environment in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _file_values.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_values.get())
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    listen: str = DEFAULT_LISTEN
+    public_url: str | None = Field(
+        default=None, description="Base URL clients use (for transfer_link); default: from the request"
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    keygen_workers: int = Field(default=2, ge=1, le=64, description="threads for slow RSA key generation")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class DatabaseSettings(_Section):
+    url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in the data directory")
+
+
+class LocalWrapperSettings(_Section):
+    """KEK held locally: a 32-byte master key from a file (mode 0600) or from the environment."""
+
+    type: Literal["local"] = "local"
+    master_key_file: Path = Path("master.key")
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="base64 32-byte KEK; set it via KEYBROKER_BACKENDS__<NAME>__WRAPPER__MASTER_KEY",
+    )
+
+
+class EmbeddedBackendSettings(_Section):
+    type: Literal["embedded"] = "embedded"
+    wrapper: LocalWrapperSettings = LocalWrapperSettings()
+
+
+BackendSettings = Annotated[EmbeddedBackendSettings, Field(discriminator="type")]
+
+
+class KeySettings(_Section):
+    default_backend: str = "embedded"
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KEYBROKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path(".data")
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    keys: KeySettings = KeySettings()
+    backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"embedded": EmbeddedBackendSettings()})
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlValues(settings_cls))
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if not self.backends:
+            raise ValueError("at least one backend must be configured")
+        if self.keys.default_backend not in self.backends:
+            raise ValueError(
+                f"keys.default_backend {self.keys.default_backend!r} is not among the configured backends "
+                f"({', '.join(sorted(self.backends))})"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'keybroker.db'}"
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative ones taken from the data directory."""
+        return path if path.is_absolute() else self.data_dir / path
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings for display: secrets shown as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_settings(
+    data_dir: Path | None = None,
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Load and validate the settings once. Raises ``ConfigurationError`` with every problem listed.
+
+    ``config_file`` defaults to ``DATA_DIR/keybroker.toml`` when that file exists.
+    """
+    file_values: dict[str, Any] = {}
+    path = config_file
+    if path is None and data_dir is not None and (data_dir / CONFIG_FILE_NAME).is_file():
+        path = data_dir / CONFIG_FILE_NAME
+    if path is not None:
+        try:
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigurationError(f"configuration file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+    values = dict(overrides or {})
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    token = _file_values.set(file_values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc, path)) from None
+    finally:
+        _file_values.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" (file {path} and KEYBROKER_* environment)" if path else " (KEYBROKER_* environment)"
+    lines = [f"invalid configuration{where}:"]
+    for error in exc.errors(include_input=False, include_url=False):
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {location}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Domain errors: one small hierarchy, no HTTP inside.
+
+Every error carries a stable snake_case ``code`` (part of the wire contract, PROTOCOL.md) and a client-safe
+``detail``. Messages never contain key material, tokens or request bodies. The API maps each class to an HTTP
+status exactly once, in ``keybroker.api.errors``.
+
+    KeybrokerError
+    ├── InvalidRequest           400  malformed or inconsistent input
+    │   ├── InvalidKeyMaterial   400  key_string does not parse or does not match the declared algorithm/length
+    │   ├── UnknownReference     400  a body names a policy/backend that does not exist
+    │   ├── BackendUnsupported   400  the request needs a capability no configured backend has
+    │   └── UnsupportedMediaType 415  a body that is not application/json
+    ├── Unauthenticated          401  missing, unknown, expired or revoked bearer token
+    ├── Forbidden                403  authenticated but not allowed
+    ├── NotFound                 404  unknown (or invisible) key or policy
+    ├── Conflict                 409  policy in use, immutable policy, duplicate id
+    ├── BackendUnavailable       503  the KMS backend holding the key cannot be reached
+    └── ConfigurationError       --   invalid settings; raised at start, never at request time
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+
+class KeybrokerError(Exception):
+    """Base of every error keybroker raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    title: ClassVar[str] = "Error"
+
+    def __init__(self, detail: str, *, code: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        # Instances may refine the class code (for example ``invalid_json`` under InvalidRequest).
+        self.instance_code = code or self.code
+        self.extra: dict[str, Any] = dict(extra or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.instance_code!r}, detail={self.detail!r})"
+
+
+class InvalidRequest(KeybrokerError):
+    code = "invalid_request"
+    title = "Invalid request"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail, code=code, extra={"errors": list(errors)} if errors else None)
+
+
+class InvalidKeyMaterial(InvalidRequest):
+    code = "invalid_key_material"
+    title = "Key material does not match the declared key"
+
+
+class UnknownReference(InvalidRequest):
+    code = "unknown_reference"
+    title = "The request refers to something that does not exist"
+
+
+class BackendUnsupported(InvalidRequest):
+    code = "backend_unsupported"
+    title = "Not supported by the configured backends"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class Unauthenticated(KeybrokerError):
+    code = "unauthorized"
+    title = "Authentication required"
+
+
+class Forbidden(KeybrokerError):
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class NotFound(KeybrokerError):
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(KeybrokerError):
+    code = "conflict"
+    title = "Conflict"
+
+
+class BackendUnavailable(KeybrokerError):
+    code = "backend_unavailable"
+    title = "Key backend unavailable"
+
+
+class ConfigurationError(KeybrokerError):
+    code = "configuration_error"
+    title = "Invalid configuration"

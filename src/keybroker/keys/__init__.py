@@ -1,0 +1,1 @@
+"""Keys: specifications, material (never printed), records and the service that manages them."""

@@ -1,0 +1,267 @@
+"""KeyService: creates, imports, lists, re-assigns and deletes keys; routes material to its backend.
+
+Creation is ordered so that a failure never leaves a record without material: material goes to the backend
+first, then the record is written; if the record cannot be written the material is deleted again. Deletion
+removes the backend material first (idempotently), then the record, so a retried delete always converges.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from keybroker.backends.base import KeyStore
+from keybroker.clock import Clock
+from keybroker.errors import (
+    BackendUnavailable,
+    BackendUnsupported,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    UnknownReference,
+)
+from keybroker.keys import material as key_material
+from keybroker.keys.models import (
+    CURVE_ALIASES,
+    KEY_LENGTHS,
+    Algorithm,
+    BackendRef,
+    Curve,
+    KeyId,
+    KeyMaterial,
+    KeyRecord,
+    KeySpec,
+    PolicyId,
+)
+from keybroker.policy.store import PolicyStore
+from keybroker.storage.db import Database
+from keybroker.storage.pagination import Page, encode_cursor
+from keybroker.storage.tables import KeyRow
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A validated create request. ``key_string`` (import mode) is excluded from repr."""
+
+    spec: KeySpec
+    transfer_policy_id: PolicyId
+    label: str | None = None
+    usage: str | None = None
+    backend: str | None = None
+    key_id: KeyId | None = None
+    key_string: str | None = field(default=None, repr=False)
+    kmip_key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFilter:
+    algorithm: Algorithm | None = None
+    key_length: int | None = None
+    curve: Curve | None = None
+    transfer_policy_id: str | None = None
+
+
+def parse_algorithm(value: str) -> Algorithm:
+    try:
+        return Algorithm(value.upper())
+    except ValueError:
+        raise InvalidRequest(
+            f"algorithm must be one of {', '.join(a.value for a in Algorithm)}", code="unsupported_algorithm"
+        ) from None
+
+
+def parse_curve(value: str) -> Curve:
+    curve = CURVE_ALIASES.get(value.lower())
+    if curve is None:
+        raise InvalidRequest(
+            "curve_type must be secp256r1 (prime256v1), secp384r1 or secp521r1", code="unsupported_curve"
+        )
+    return curve
+
+
+def build_spec(algorithm: str, key_length: int | None, curve_type: str | None) -> KeySpec:
+    """The spec for a create request, with a precise reason for every inconsistent combination."""
+    alg = parse_algorithm(algorithm)
+    lengths = ", ".join(str(n) for n in KEY_LENGTHS[alg])
+    if alg is Algorithm.EC:
+        if curve_type is None:
+            raise InvalidRequest("EC keys need curve_type", code="unsupported_key_length")
+        curve = parse_curve(curve_type)
+        if key_length is not None and key_length != curve.bits:
+            raise InvalidRequest(
+                f"key_length {key_length} does not match curve {curve} ({curve.bits} bits)",
+                code="unsupported_key_length",
+            )
+        return KeySpec(alg, curve.bits, curve)
+    if curve_type is not None:
+        raise InvalidRequest(f"curve_type is only for EC keys, not {alg}", code="unsupported_curve")
+    if key_length is None or key_length not in KEY_LENGTHS[alg]:
+        raise InvalidRequest(f"{alg} key_length must be one of {lengths}", code="unsupported_key_length")
+    return KeySpec(alg, key_length)
+
+
+def key_not_found(key_id: str) -> NotFound:
+    return NotFound(f"key {key_id} does not exist", code="key_not_found")
+
+
+def _record(row: KeyRow) -> KeyRecord:
+    curve = Curve(row.curve_type) if row.curve_type else None
+    return KeyRecord(
+        id=KeyId(row.id),
+        spec=KeySpec(Algorithm(row.algorithm), row.key_length, curve),
+        label=row.label,
+        usage=row.usage,
+        transfer_policy_id=PolicyId(row.transfer_policy_id),
+        backend=row.backend,
+        backend_ref=BackendRef(row.backend_ref),
+        kmip_key_id=row.kmip_key_id,
+        created_at=row.created_at,
+    )
+
+
+class KeyService:
+    def __init__(
+        self,
+        database: Database,
+        stores: Mapping[str, KeyStore],
+        default_backend: str,
+        policies: PolicyStore,
+        clock: Clock,
+    ) -> None:
+        self._db = database
+        self._stores = dict(stores)
+        self._default_backend = default_backend
+        self._policies = policies
+        self._clock = clock
+
+    @property
+    def backends(self) -> Mapping[str, KeyStore]:
+        return self._stores
+
+    def check_new(self, new: NewKey) -> None:
+        """Cheap checks before any key is generated (generation can take seconds)."""
+        backend = new.backend or self._default_backend
+        if backend not in self._stores:
+            raise UnknownReference(
+                f"backend {backend!r} is not configured (configured: {', '.join(sorted(self._stores))})",
+                code="unknown_backend",
+            )
+        if new.kmip_key_id is not None:
+            raise BackendUnsupported(
+                f"backend {backend!r} cannot register existing objects by kmip_key_id; configure a KMIP backend"
+            )
+        if not self._policies.exists(new.transfer_policy_id):
+            raise UnknownReference(
+                f"transfer_policy_id {new.transfer_policy_id} does not exist", code="unknown_transfer_policy"
+            )
+        if new.key_id is not None:
+            with self._db.transaction() as session:
+                if session.get(KeyRow, new.key_id) is not None:
+                    raise Conflict(f"a key with id {new.key_id} already exists", code="key_exists")
+
+    @staticmethod
+    def make_material(new: NewKey) -> KeyMaterial:
+        """Parse the imported ``key_string`` or generate fresh material (CPU-bound; may take seconds)."""
+        if new.key_string is not None:
+            return key_material.parse_import(new.spec, new.key_string)
+        return key_material.generate(new.spec)
+
+    def store(self, new: NewKey, material: KeyMaterial) -> KeyRecord:
+        backend = new.backend or self._default_backend
+        store = self._stores[backend]
+        key_id = new.key_id or KeyId(str(uuid.uuid4()))
+        ref = store.put(key_id, material)
+        row = KeyRow(
+            id=key_id,
+            algorithm=new.spec.algorithm.value,
+            key_length=new.spec.key_length,
+            curve_type=new.spec.curve.value if new.spec.curve else None,
+            label=new.label,
+            usage=new.usage,
+            transfer_policy_id=new.transfer_policy_id,
+            backend=backend,
+            backend_ref=ref,
+            kmip_key_id=None,
+            created_at=self._clock.now(),
+        )
+        try:
+            with self._db.transaction() as session:
+                session.add(row)
+        except IntegrityError:
+            store.delete(ref)
+            # Either the policy vanished since check_new, or the client-chosen id was taken meanwhile.
+            if not self._policies.exists(new.transfer_policy_id):
+                raise UnknownReference(
+                    f"transfer_policy_id {new.transfer_policy_id} does not exist",
+                    code="unknown_transfer_policy",
+                ) from None
+            raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
+        except BaseException:
+            store.delete(ref)
+            raise
+        return _record(row)
+
+    def get(self, key_id: str) -> KeyRecord:
+        with self._db.transaction() as session:
+            row = session.get(KeyRow, key_id)
+            if row is None:
+                raise key_not_found(key_id)
+            return _record(row)
+
+    def list(self, key_filter: KeyFilter, page: Page) -> tuple[list[KeyRecord], str | None]:
+        query = select(KeyRow)
+        if key_filter.algorithm is not None:
+            query = query.where(KeyRow.algorithm == key_filter.algorithm.value)
+        if key_filter.key_length is not None:
+            query = query.where(KeyRow.key_length == key_filter.key_length)
+        if key_filter.curve is not None:
+            query = query.where(KeyRow.curve_type == key_filter.curve.value)
+        if key_filter.transfer_policy_id is not None:
+            query = query.where(KeyRow.transfer_policy_id == key_filter.transfer_policy_id)
+        query = page.apply(query, KeyRow.created_at, KeyRow.id)
+        with self._db.transaction() as session:
+            rows = list(session.scalars(query))
+        more = len(rows) > page.limit
+        rows = rows[: page.limit]
+        cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        return [_record(row) for row in rows], cursor
+
+    def set_policy(self, key_id: str, policy_id: PolicyId) -> KeyRecord:
+        try:
+            with self._db.transaction() as session:
+                row = session.get(KeyRow, key_id, with_for_update=True)
+                if row is None:
+                    raise key_not_found(key_id)
+                if not self._policies.exists(policy_id):
+                    raise UnknownReference(
+                        f"transfer_policy_id {policy_id} does not exist", code="unknown_transfer_policy"
+                    )
+                row.transfer_policy_id = policy_id
+                return _record(row)
+        except IntegrityError:
+            raise UnknownReference(
+                f"transfer_policy_id {policy_id} does not exist", code="unknown_transfer_policy"
+            ) from None
+
+    def load_material(self, record: KeyRecord) -> KeyMaterial:
+        """The key bytes, from the backend that holds them. Callers must have decided to release them."""
+        return self._stores[record.backend].get(record.backend_ref, record.spec)
+
+    def delete(self, key_id: str) -> None:
+        record = self.get(key_id)
+        store = self._stores.get(record.backend)
+        if store is None:
+            raise BackendUnavailable(
+                f"key {key_id} lives in backend {record.backend!r}, which is not configured",
+                code="backend_not_configured",
+            )
+        if record.kmip_key_id is None:
+            store.delete(record.backend_ref)
+        with self._db.transaction() as session:
+            row = session.get(KeyRow, key_id)
+            if row is not None:
+                session.delete(row)

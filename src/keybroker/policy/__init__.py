@@ -1,0 +1,1 @@
+"""Key transfer policies: the schema (validated strictly at upload) and their storage."""

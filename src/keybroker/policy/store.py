@@ -1,0 +1,106 @@
+"""Persistence and rules of key transfer policies: immutable ones never change, referenced ones stay."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import exists, select
+from sqlalchemy.exc import IntegrityError
+
+from keybroker.clock import Clock
+from keybroker.errors import Conflict, NotFound
+from keybroker.keys.models import PolicyId
+from keybroker.policy.model import TransferPolicyDocument
+from keybroker.storage.db import Database
+from keybroker.storage.pagination import Page, encode_cursor
+from keybroker.storage.tables import KeyRow, TransferPolicyRow
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    id: PolicyId
+    document: TransferPolicyDocument
+    created_at: datetime
+    updated_at: datetime
+
+
+def _record(row: TransferPolicyRow) -> PolicyRecord:
+    return PolicyRecord(
+        id=PolicyId(row.id),
+        document=TransferPolicyDocument.model_validate(row.document),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def policy_not_found(policy_id: str) -> NotFound:
+    return NotFound(f"key transfer policy {policy_id} does not exist", code="policy_not_found")
+
+
+class PolicyStore:
+    def __init__(self, database: Database, clock: Clock) -> None:
+        self._db = database
+        self._clock = clock
+
+    def create(self, document: TransferPolicyDocument) -> PolicyRecord:
+        now = self._clock.now()
+        row = TransferPolicyRow(
+            id=str(uuid.uuid4()),
+            document=document.model_dump(mode="json", exclude_none=True),
+            immutable=document.immutable,
+            created_at=now,
+            updated_at=now,
+        )
+        with self._db.transaction() as session:
+            session.add(row)
+        return _record(row)
+
+    def get(self, policy_id: str) -> PolicyRecord:
+        with self._db.transaction() as session:
+            row = session.get(TransferPolicyRow, policy_id)
+            if row is None:
+                raise policy_not_found(policy_id)
+            return _record(row)
+
+    def exists(self, policy_id: str) -> bool:
+        with self._db.transaction() as session:
+            return session.get(TransferPolicyRow, policy_id) is not None
+
+    def list(self, page: Page) -> tuple[list[PolicyRecord], str | None]:
+        query = page.apply(select(TransferPolicyRow), TransferPolicyRow.created_at, TransferPolicyRow.id)
+        with self._db.transaction() as session:
+            rows = list(session.scalars(query))
+        more = len(rows) > page.limit
+        rows = rows[: page.limit]
+        cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        return [_record(row) for row in rows], cursor
+
+    def replace(self, policy_id: str, document: TransferPolicyDocument) -> PolicyRecord:
+        with self._db.transaction() as session:
+            row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
+            if row is None:
+                raise policy_not_found(policy_id)
+            if row.immutable:
+                raise Conflict(f"key transfer policy {policy_id} is immutable", code="policy_immutable")
+            row.document = document.model_dump(mode="json", exclude_none=True)
+            row.immutable = document.immutable
+            row.updated_at = self._clock.now()
+            return _record(row)
+
+    def delete(self, policy_id: str) -> None:
+        in_use = Conflict(f"key transfer policy {policy_id} is referenced by at least one key", code="policy_in_use")
+        try:
+            with self._db.transaction() as session:
+                row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
+                if row is None:
+                    raise policy_not_found(policy_id)
+                if row.immutable:
+                    raise Conflict(f"key transfer policy {policy_id} is immutable", code="policy_immutable")
+                if session.scalar(select(exists().where(KeyRow.transfer_policy_id == policy_id))):
+                    raise in_use
+                session.delete(row)
+        except IntegrityError:
+            # A key was attached between the check and the delete; the foreign key caught it.
+            raise in_use from None

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy 2 models and engine, Alembic migrations. Portable SQL only (SQLite and PostgreSQL)."""

@@ -1,0 +1,74 @@
+"""Table definitions. The Alembic revisions under ``migrations/versions`` must produce exactly this schema."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from keybroker.storage.db import UTCDateTime
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TransferPolicyRow(Base):
+    __tablename__ = "transfer_policies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    immutable: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_transfer_policies_created", "created_at", "id"),)
+
+
+class KeyRow(Base):
+    __tablename__ = "keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(8))
+    key_length: Mapped[int] = mapped_column(Integer)
+    curve_type: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(256))
+    usage: Mapped[str | None] = mapped_column(String(256))
+    transfer_policy_id: Mapped[str] = mapped_column(String(36), ForeignKey("transfer_policies.id", ondelete="RESTRICT"))
+    backend: Mapped[str] = mapped_column(String(64))
+    backend_ref: Mapped[str] = mapped_column(String(512))
+    kmip_key_id: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_keys_created", "created_at", "id"),
+        Index("ix_keys_transfer_policy", "transfer_policy_id"),
+    )
+
+
+class EmbeddedMaterialRow(Base):
+    """Key material of the embedded store: AES-256-GCM under a per-key data key wrapped by the KEK."""
+
+    __tablename__ = "embedded_key_material"
+
+    ref: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(128))
+    wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ApiTokenRow(Base):
+    """Bearer tokens, stored only as SHA-256 hashes."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
