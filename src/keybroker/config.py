@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -91,7 +93,18 @@ class EmbeddedBackendSettings(_Section):
     wrapper: LocalWrapperSettings = LocalWrapperSettings()
 
 
-BackendSettings = Annotated[EmbeddedBackendSettings, Field(discriminator="type")]
+def _backend_type(value: Any) -> str:
+    # ``type`` may be left out for the embedded backend, so that one environment variable such as
+    # KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY is a complete backend definition.
+    if isinstance(value, dict):
+        return str(value.get("type", "embedded"))
+    return str(getattr(value, "type", ""))
+
+
+BackendSettings = Annotated[
+    Annotated[EmbeddedBackendSettings, Tag("embedded")],
+    Discriminator(_backend_type),
+]
 
 
 class KeySettings(_Section):

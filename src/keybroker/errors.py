@@ -15,6 +15,7 @@ status exactly once, in ``keybroker.api.errors``.
     ├── NotFound                 404  unknown (or invisible) key or policy
     ├── Conflict                 409  policy in use, immutable policy, duplicate id
     ├── BackendUnavailable       503  the KMS backend holding the key cannot be reached
+    ├── StoredKeyCorrupt         500  stored material failed authentication (tampering, wrong KEK)
     └── ConfigurationError       --   invalid settings; raised at start, never at request time
 """
 
@@ -98,6 +99,13 @@ class Conflict(KeybrokerError):
 class BackendUnavailable(KeybrokerError):
     code = "backend_unavailable"
     title = "Key backend unavailable"
+
+
+class StoredKeyCorrupt(KeybrokerError):
+    """Stored key material failed authentication. Not the caller's fault; an operator must look."""
+
+    code = "stored_key_corrupt"
+    title = "Stored key material failed authentication"
 
 
 class ConfigurationError(KeybrokerError):

@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import __version__
@@ -26,6 +27,12 @@ from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 
 log = structlog.get_logger("keybroker.api")
+ROUTERS: tuple[APIRouter, ...] = (meta.router, keys.router, policies.router)
+
+
+def api_routes() -> list[APIRoute]:
+    """Every route the service has (paths include their router prefix)."""
+    return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
 
 
 def create_app(services: Services) -> FastAPI:
@@ -40,9 +47,9 @@ def create_app(services: Services) -> FastAPI:
 
     app = FastAPI(title="keybroker", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.services = services
-    for router in (meta.router, keys.router, policies.router):
+    check_routes_declare_permissions(api_routes())
+    for router in ROUTERS:
         app.include_router(router)
-    check_routes_declare_permissions(app.routes)
 
     app.add_exception_handler(KeybrokerError, keybroker_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

@@ -79,12 +79,8 @@ def route_permission(route: APIRoute) -> str | None:
     return None
 
 
-def check_routes_declare_permissions(routes: Iterable[Any]) -> None:
-    missing = [
-        f"{sorted(route.methods or ())} {route.path}"
-        for route in routes
-        if isinstance(route, APIRoute) and route_permission(route) is None
-    ]
+def check_routes_declare_permissions(routes: Iterable[APIRoute]) -> None:
+    missing = [f"{sorted(route.methods or ())} {route.path}" for route in routes if route_permission(route) is None]
     if missing:
         raise RuntimeError(f"routes without a declared permission: {', '.join(missing)}")
 

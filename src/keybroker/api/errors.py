@@ -30,6 +30,7 @@ STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.BackendUnavailable: 503,
+    errors.StoredKeyCorrupt: 500,
     errors.ConfigurationError: 500,
 }
 

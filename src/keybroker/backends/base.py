@@ -57,6 +57,6 @@ class KeyWrapper(Protocol):
         ...
 
     def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
-        """Reverse ``wrap``. Raises ``BackendUnavailable`` if the KEK is unreachable, ``KeyWrapError`` if the
+        """Reverse ``wrap``. Raises ``BackendUnavailable`` if the KEK is unreachable, ``StoredKeyCorrupt`` if the
         blob or context was tampered with."""
         ...

@@ -11,10 +11,9 @@ import os
 import uuid
 
 from keybroker.backends.base import Capability, KeyWrapper
-from keybroker.backends.local_kek import KeyWrapError
 from keybroker.clock import Clock
 from keybroker.crypto.aead import SealError, open_sealed, seal
-from keybroker.errors import NotFound
+from keybroker.errors import NotFound, StoredKeyCorrupt
 from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
 from keybroker.storage.db import Database
 from keybroker.storage.tables import EmbeddedMaterialRow
@@ -62,7 +61,7 @@ class EmbeddedKeyStore:
         try:
             return KeyMaterial(spec, open_sealed(dek, ciphertext, context))
         except SealError:
-            raise KeyWrapError("stored key material failed authentication") from None
+            raise StoredKeyCorrupt("stored key material failed authentication") from None
 
     def delete(self, ref: BackendRef) -> None:
         with self._db.transaction() as session:

@@ -14,14 +14,9 @@ import stat
 from pathlib import Path
 
 from keybroker.crypto.aead import SealError, open_sealed, seal
-from keybroker.errors import ConfigurationError, KeybrokerError
+from keybroker.errors import ConfigurationError, StoredKeyCorrupt
 
 MASTER_KEY_BYTES = 32
-
-
-class KeyWrapError(KeybrokerError):
-    code = "key_unwrap_failed"
-    title = "Stored key material failed authentication"
 
 
 class LocalKeyWrapper:
@@ -71,8 +66,8 @@ class LocalKeyWrapper:
 
     def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
         if kek_id != self._kek_id:
-            raise KeyWrapError(f"the data key was wrapped by KEK {kek_id}, not by the configured {self._kek_id}")
+            raise StoredKeyCorrupt(f"the data key was wrapped by KEK {kek_id}, not by the configured {self._kek_id}")
         try:
             return open_sealed(self._key, wrapped, context)
         except SealError:
-            raise KeyWrapError("a wrapped data key failed authentication") from None
+            raise StoredKeyCorrupt("a wrapped data key failed authentication") from None

@@ -1,0 +1,384 @@
+"""Key-create throughput per algorithm, then key-metadata GET throughput, of a keybroker server.
+
+Usage (from the repository root, with the project's venv):
+
+    .venv/bin/python bench/keys.py                      # starts its own server (init + serve in a temp dir)
+    .venv/bin/python bench/keys.py --duration 3 --json  # JSON document on stdout, the table on stderr
+    .venv/bin/python bench/keys.py --addr http://127.0.0.1:9443 --token "$KEYBROKER_TOKEN"
+    .venv/bin/python bench/keys.py --addr https://localhost:9443 --token "$KEYBROKER_TOKEN" --cacert ca.pem
+
+Without ``--addr`` the script runs ``keybroker init`` into a temporary directory, serves it on a free
+127.0.0.1 port with this same Python, waits for ``GET /healthz``, uses the admin token from ``DATA_DIR/admin-token``
+and stops the server (terminate, then wait) when it ends, also on error or Ctrl-C.
+
+For every algorithm (AES-128/256, EC P-256/384/521, RSA-2048/3072/4096; RSA-7680 with ``--include-rsa-7680``,
+capped at a few keys since each takes seconds) ``--concurrency`` workers send ``POST /kbs/v1/keys`` back to back
+until ``--duration`` seconds have passed or ``--requests`` requests were sent, whichever comes first. Then
+``GET /kbs/v1/keys/{id}`` on ids chosen at random among the keys just created, with the same bounds.
+Each worker is a thread with its own keep-alive ``httpx.Client``: on CPython that gave more requests/s for less
+client CPU than ``httpx.AsyncClient``. Reported per phase: requests/s (successful requests over the phase's wall
+time), p50/p99 latency, errors, the server's CPU seconds (utime+stime from /proc/<pid>/stat; only when this script
+started the server, "n/a" otherwise), server CPU ms per request, and this client's CPU seconds. Client and server
+share the machine's CPUs, so compare numbers between versions on one machine rather than read them as capacity.
+
+Only loopback targets are accepted. Against an external server the policy and keys created stay behind: point it
+at a throwaway data directory. Exit status: 0 if every request succeeded, 1 if any failed, 2 on setup errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("AES-128", {"algorithm": "AES", "key_length": 128}),
+    ("AES-256", {"algorithm": "AES", "key_length": 256}),
+    ("EC P-256", {"algorithm": "EC", "curve_type": "secp256r1"}),
+    ("EC P-384", {"algorithm": "EC", "curve_type": "secp384r1"}),
+    ("EC P-521", {"algorithm": "EC", "curve_type": "secp521r1"}),
+    ("RSA-2048", {"algorithm": "RSA", "key_length": 2048}),
+    ("RSA-3072", {"algorithm": "RSA", "key_length": 3072}),
+    ("RSA-4096", {"algorithm": "RSA", "key_length": 4096}),
+)
+RSA_7680 = ("RSA-7680", {"algorithm": "RSA", "key_length": 7680})
+RSA_7680_MAX_REQUESTS = 4
+SAFETY_MAX_REQUESTS = 1_000_000  # the count bound when --requests is not given
+POLICY: dict[str, Any] = {  # examples/transfer-policy.json
+    "attestation_type": ["SGX"],
+    "sgx": {
+        "attributes": {
+            "mrsigner": ["83d719e77deaca1470f6baf62a4d774303c899db69020f9c70ee1dfc08c7ce9e"],
+            "isvprodid": [0],
+            "mrenclave": ["ad46749ed41ebaa2327252041ee746d3791a9f2431830fee0883f7993caf316a"],
+            "isvsvn": 1,
+            "accepted_tcb_status": ["UpToDate", "SWHardeningNeeded"],
+        }
+    },
+    "client_permissions_allof": ["nginx", "USA"],
+    "allow_simulated": False,
+}
+
+
+class SetupError(Exception):
+    """The benchmark cannot run (bad arguments, server not starting, token refused)."""
+
+
+@dataclass
+class Phase:
+    name: str
+    operation: str
+    seconds: float
+    server_cpu_s: float | None
+    client_cpu_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ok = len(self.latencies_ms)
+        ordered = sorted(self.latencies_ms)
+        cpu = self.server_cpu_s
+        return {
+            "phase": self.name,
+            "operation": self.operation,
+            "requests": ok + len(self.errors),
+            "errors": len(self.errors),
+            "seconds": round(self.seconds, 3),
+            "per_second": round(ok / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "p50_ms": percentile(ordered, 50),
+            "p99_ms": percentile(ordered, 99),
+            "server_cpu_s": None if cpu is None else round(cpu, 2),
+            "server_cpu_ms_per_request": None if cpu is None or ok == 0 else round(cpu * 1000 / ok, 2),
+            "client_cpu_s": round(self.client_cpu_s, 2),
+            "error_samples": sorted(set(self.errors))[:5],
+        }
+
+
+def percentile(ordered: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)], 2)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
+
+
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int]]:
+    """Init a data directory in a temp dir and serve it; yields (addr, admin token, server pid)."""
+    with tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp:
+        data_dir, log_path = Path(tmp) / "data", Path(tmp) / "server.log"
+        command = [sys.executable, "-m", "keybroker"]
+        init = subprocess.run(
+            [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
+        )
+        if init.returncode != 0:
+            raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
+        token = (data_dir / "admin-token").read_text().strip()
+        port = free_port()
+        addr = f"http://127.0.0.1:{port}"
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(
+                [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                deadline = time.monotonic() + startup_timeout
+                while not healthy(addr):
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        tail = log_path.read_text(errors="replace")[-2000:]
+                        raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
+                    time.sleep(0.1)
+                yield addr, token, server.pid
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+
+
+def healthy(addr: str) -> bool:
+    try:
+        return httpx.get(f"{addr}/healthz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Bench:
+    def __init__(self, clients: list[httpx.Client], server_pid: int | None, stop: threading.Event) -> None:
+        self.clients = clients
+        self.server_pid = server_pid
+        self.stop = stop
+
+    def measure(
+        self,
+        name: str,
+        operation: str,
+        send: Callable[[httpx.Client, random.Random], httpx.Response],
+        limit: int,
+        duration: float,
+    ) -> Phase:
+        """Run ``send`` on every worker until ``limit`` requests were issued or ``duration`` seconds passed."""
+        lock = threading.Lock()
+        issued = 0
+        deadline = time.perf_counter() + duration
+        phases: list[Phase] = []
+
+        def claim() -> bool:
+            nonlocal issued
+            with lock:
+                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
+                    return False
+                issued += 1
+                return True
+
+        def worker(index: int) -> None:
+            client, rng = self.clients[index], random.Random(index)
+            part = Phase(name, operation, 0.0, None, 0.0)
+            while claim():
+                started = time.perf_counter()
+                try:
+                    response = send(client, rng)
+                    elapsed_ms = (time.perf_counter() - started) * 1000
+                    if response.status_code not in (200, 201):
+                        part.errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                        continue
+                    if operation == "create":
+                        part.ids.append(str(response.json()["id"]))
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    part.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                part.latencies_ms.append(elapsed_ms)
+            with lock:
+                phases.append(part)
+
+        server_cpu = cpu_seconds(self.server_pid) if self.server_pid else None
+        client_cpu, started = time.process_time(), time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result = Phase(name, operation, time.perf_counter() - started, None, time.process_time() - client_cpu)
+        if server_cpu is not None and self.server_pid:
+            result.server_cpu_s = cpu_seconds(self.server_pid) - server_cpu
+        for part in phases:
+            result.latencies_ms += part.latencies_ms
+            result.ids += part.ids
+            result.errors += part.errors
+        return result
+
+
+def creator(body: dict[str, Any]) -> Callable[[httpx.Client, random.Random], httpx.Response]:
+    def create(client: httpx.Client, _rng: random.Random) -> httpx.Response:
+        return client.post("/kbs/v1/keys", json=body)
+
+    return create
+
+
+def run(args: argparse.Namespace, addr: str, token: str, server_pid: int | None) -> list[Phase]:
+    verify: Any = args.cacert if args.cacert else True
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(httpx.Client(base_url=addr, headers=headers, verify=verify, timeout=timeout))
+            for _ in range(args.concurrency)
+        ]
+        stop = threading.Event()
+        stack.callback(stop.set)  # runs first on the way out: workers of an interrupted phase stop claiming
+        for client in clients:  # open every keep-alive connection before measuring
+            client.get("/healthz").raise_for_status()
+        response = clients[0].post("/kbs/v1/key-transfer-policies", json=POLICY)
+        if response.status_code != 201:
+            raise SetupError(f"cannot create a transfer policy: HTTP {response.status_code} {response.text[:300]}")
+        policy_id = response.json()["id"]
+        bench = Bench(clients, server_pid, stop)
+        limit = args.requests or SAFETY_MAX_REQUESTS
+        phases: list[Phase] = []
+        for name, info in (*SPECS, RSA_7680) if args.include_rsa_7680 else SPECS:
+            body = {"key_information": info, "transfer_policy_id": policy_id}
+            cap = min(limit, RSA_7680_MAX_REQUESTS) if info.get("key_length") == 7680 else limit
+            print(f"measuring create {name} ...", file=sys.stderr, flush=True)
+            phases.append(bench.measure(name, "create", creator(body), cap, args.duration))
+        ids = [key_id for phase in phases for key_id in phase.ids]
+        if ids:
+            print(f"measuring get metadata on {len(ids)} keys ...", file=sys.stderr, flush=True)
+            phases.append(
+                bench.measure(
+                    "GET metadata", "get", lambda c, r: c.get(f"/kbs/v1/keys/{r.choice(ids)}"), limit, args.duration
+                )
+            )
+        return phases
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    columns = (
+        ("phase", "phase"), ("requests", "requests"), ("errors", "errors"), ("per_second", "req/s"),
+        ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("server_cpu_s", "srv CPU s"),
+        ("server_cpu_ms_per_request", "srv CPU ms/req"), ("client_cpu_s", "cli CPU s"),
+    )  # fmt: skip
+    cells = [[label for _, label in columns]] + [[fmt(row[key]) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in cells
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--addr", help="URL of a running server (loopback only); default: start one")
+    parser.add_argument("--token", default=os.environ.get("KEYBROKER_TOKEN"), help="admin bearer token (with --addr)")
+    parser.add_argument("--cacert", help="CA certificate to verify an https server")
+    parser.add_argument("--concurrency", type=int, default=8, help="workers, one connection each (default 8)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
+    parser.add_argument("--requests", type=int, help="also stop each measurement after this many requests")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (default 120)")
+    parser.add_argument(
+        "--include-rsa-7680", action="store_true", help=f"also RSA-7680 (at most {RSA_7680_MAX_REQUESTS} keys)"
+    )
+    parser.add_argument("--json", action="store_true", help="JSON results on stdout (the table goes to stderr)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.duration <= 0 or (args.requests is not None and args.requests < 1):
+        parser.error("--concurrency and --requests must be >= 1, --duration > 0")
+    if args.addr and not is_loopback(args.addr):
+        parser.error(f"{args.addr} is not a loopback address")
+    if args.addr and not args.token:
+        parser.error("--addr needs --token (or KEYBROKER_TOKEN)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is stopped on SIGTERM too
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.addr:
+                addr, token, pid = args.addr.rstrip("/"), args.token, None
+            else:
+                print("starting a keybroker server ...", file=sys.stderr, flush=True)
+                addr, token, pid = stack.enter_context(own_server())
+            phases = run(args, addr, token, pid)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    rows = [phase.summary() for phase in phases]
+    errors = sum(row["errors"] for row in rows)
+    print(table(rows), file=sys.stderr if args.json else sys.stdout)
+    for row in rows:
+        for sample in row["error_samples"]:
+            print(f"{row['phase']}: {sample}", file=sys.stderr)
+    if args.json:
+        document = {
+            "target": addr if args.addr else "own server",
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "max_requests": args.requests,
+            "python": sys.version.split()[0],
+            "httpx": httpx.__version__,
+            "errors": errors,
+            "results": rows,
+        }
+        print(json.dumps(document, indent=2))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Shared fixtures: an initialised data directory, the services built from it, and an in-process API client."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from keybroker.api.app import create_app
+from keybroker.clock import FixedClock
+from keybroker.config import Settings, load_settings
+from keybroker.services import Services, build_services, initialise
+from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, TransferPolicyRow
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_POLICY = json.loads((REPO / "examples" / "transfer-policy.json").read_text())
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _no_keybroker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's KEYBROKER_* variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("KEYBROKER_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(NOW)
+
+
+@pytest.fixture
+def admin_token(settings: Settings, clock: FixedClock) -> str:
+    result = initialise(settings, clock)
+    assert result.admin_token is not None
+    return result.admin_token
+
+
+@pytest.fixture
+def services(settings: Settings, clock: FixedClock, admin_token: str) -> Iterator[Services]:
+    built = build_services(settings, clock)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def api(services: Services, admin_token: str) -> Iterator[TestClient]:
+    with TestClient(create_app(services), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {admin_token}"
+        yield client
+
+
+def sgx_policy(**changes: Any) -> dict[str, Any]:
+    policy = copy.deepcopy(EXAMPLE_POLICY)
+    policy.update(changes)
+    return policy
+
+
+@pytest.fixture
+def policy_id(api: TestClient) -> str:
+    response = api.post("/kbs/v1/key-transfer-policies", json=sgx_policy())
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def snapshot(services: Services) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row keybroker stores, to prove that a refused request changed nothing."""
+    with services.database.transaction() as session:
+        return {
+            "keys": sorted((r.id, r.transfer_policy_id, r.backend_ref) for r in session.scalars(select(KeyRow))),
+            "policies": sorted(
+                (r.id, json.dumps(r.document, sort_keys=True), r.immutable)
+                for r in session.scalars(select(TransferPolicyRow))
+            ),
+            "material": sorted((r.ref, r.ciphertext) for r in session.scalars(select(EmbeddedMaterialRow))),
+            "tokens": sorted((r.id, r.revoked_at) for r in session.scalars(select(ApiTokenRow))),
+        }
+
+
+def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert body["type"].endswith(code)
+    assert body["title"]
+    assert body["detail"]
+    return body

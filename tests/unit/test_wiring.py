@@ -1,0 +1,77 @@
+"""Structural guarantees: every domain error maps to HTTP, every route declares a permission, the workload
+library stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
+
+from keybroker import errors
+from keybroker.api.app import api_routes, create_app
+from keybroker.api.deps import check_routes_declare_permissions, route_permission
+from keybroker.api.errors import STATUS_BY_ERROR, status_for
+from keybroker.services import Services
+
+
+def _all_subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub} | _all_subclasses(sub)
+    return found
+
+
+def test_every_error_class_has_a_status_row() -> None:
+    import keybroker.api.deps
+    import keybroker.services  # noqa: F401
+
+    server_side = {errors.ConfigurationError, errors.StoredKeyCorrupt}  # deliberately 500: never the caller's fault
+    for cls in _all_subclasses(errors.KeybrokerError):
+        assert cls.__module__ == "keybroker.errors", f"{cls} belongs in keybroker.errors"
+        assert cls in STATUS_BY_ERROR, cls
+        assert (status_for(cls("x")) == 500) == (cls in server_side), cls
+
+
+def test_every_route_declares_a_permission(services: Services) -> None:
+    declared = {(route.path, method): route_permission(route) for route in api_routes() for method in route.methods}
+    # Every declared route is really served by the app (no router left out of create_app).
+    paths = set(create_app(services).openapi()["paths"])
+    assert {path for path, _ in declared} == paths
+    assert declared == {
+        ("/version", "GET"): "",
+        ("/healthz", "GET"): "",
+        ("/kbs/v1/keys", "POST"): "keys:create",
+        ("/kbs/v1/keys", "GET"): "keys:search",
+        ("/kbs/v1/keys/{key_id}", "GET"): "keys:retrieve",
+        ("/kbs/v1/keys/{key_id}", "PUT"): "keys:update",
+        ("/kbs/v1/keys/{key_id}", "DELETE"): "keys:delete",
+        ("/kbs/v1/key-transfer-policies", "POST"): "key_transfer_policies:create",
+        ("/kbs/v1/key-transfer-policies", "GET"): "key_transfer_policies:search",
+        ("/kbs/v1/key-transfer-policies/{policy_id}", "GET"): "key_transfer_policies:retrieve",
+        ("/kbs/v1/key-transfer-policies/{policy_id}", "PUT"): "key_transfer_policies:update",
+        ("/kbs/v1/key-transfer-policies/{policy_id}", "DELETE"): "key_transfer_policies:delete",
+    }
+
+
+def test_a_route_without_a_permission_refuses_to_start() -> None:
+    router = APIRouter()
+
+    @router.get("/open")
+    def open_route() -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="routes without a declared permission: \\['GET'\\] /open"):
+        check_routes_declare_permissions([r for r in router.routes if isinstance(r, APIRoute)])
+
+
+def test_keybroker_client_does_not_load_server_packages() -> None:
+    code = (
+        "import sys, keybroker_client;"
+        "heavy = {'fastapi', 'starlette', 'sqlalchemy', 'alembic', 'pydantic', 'typer', 'uvicorn', 'keybroker'};"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
