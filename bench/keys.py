@@ -284,6 +284,9 @@ def run(args: argparse.Namespace, addr: str, token: str, server_pid: int | None)
             cap = min(limit, RSA_7680_MAX_REQUESTS) if info.get("key_length") == 7680 else limit
             print(f"measuring create {name} ...", file=sys.stderr, flush=True)
             phases.append(bench.measure(name, "create", creator(body), cap, args.duration))
+            if phases[-1].errors and not phases[-1].latencies_ms:
+                print(f"every {name} request failed: stopping", file=sys.stderr)
+                return phases
         ids = [key_id for phase in phases for key_id in phase.ids]
         if ids:
             print(f"measuring get metadata on {len(ids)} keys ...", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 apt_needed=()
 command -v "$PY" >/dev/null 2>&1 || apt_needed+=(python3)
+command -v openssl >/dev/null 2>&1 || apt_needed+=(openssl)  # the README quick start makes a PEM key with it
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_needed+=(python3-venv)
 fi

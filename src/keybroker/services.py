@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from keybroker.auth.tokens import ADMIN_ROLE, TokenStore
 from keybroker.backends import build_key_stores
 from keybroker.backends.local_kek import LocalKeyWrapper
@@ -35,12 +37,20 @@ class Services:
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
+    not_initialised = ConfigurationError(
+        f"{settings.data_dir} is not initialised; run 'keybroker init --data-dir {settings.data_dir}'"
+    )
+    if not settings.data_dir.is_dir():
+        raise not_initialised
     database = Database.from_url(settings.database_url)
-    if not database.is_migrated():
-        raise ConfigurationError(
-            f"the database at {settings.data_dir} is not initialised; run 'keybroker init --data-dir "
-            f"{settings.data_dir}'"
-        )
+    try:
+        migrated = database.is_migrated()
+    except SQLAlchemyError as exc:
+        database.close()
+        raise ConfigurationError(f"cannot open the database: {type(exc).__name__}") from None
+    if not migrated:
+        database.close()
+        raise not_initialised
     database.migrate()
     policies = PolicyStore(database, clock)
     stores = build_key_stores(settings, database, clock)

@@ -6,6 +6,7 @@ import base64
 import enum
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -52,7 +53,9 @@ CaCert = Annotated[
     str | None,
     typer.Option("--cacert", envvar="KEYBROKER_CACERT", help="CA certificate to verify the server."),
 ]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="table for people; json or id (ids only) for scripts.")
+]
 
 
 def _handled(func: Callable[P, R]) -> Callable[P, R]:
@@ -103,6 +106,7 @@ def init(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
     """Initialise DATA_DIR: database, master key (0600) and the first admin token (printed once). Idempotent."""
     from keybroker.services import ADMIN_TOKEN_FILE, initialise
 
+    os.umask(0o077)  # the database, its WAL and journal files are for keybroker's user only
     settings = load_settings(data_dir=data_dir, config_file=config)
     result = initialise(settings)
     if result.admin_token is None:
@@ -130,6 +134,7 @@ def serve(
     from keybroker.logs import configure_logging
     from keybroker.services import build_services
 
+    os.umask(0o077)
     overrides: dict[str, Any] = {"server": {"listen": listen}} if listen else {}
     settings = load_settings(data_dir=data_dir, config_file=config, overrides=overrides)
     configure_logging(settings.logging)
@@ -206,10 +211,7 @@ def _create(
 
 
 def _show_key(key: dict[str, Any], output_format: Output) -> None:
-    if output_format is Output.JSON:
-        output.emit_json(key)
-    else:
-        output.table(output.KEY_COLUMNS, [output.key_row(key)])
+    output.emit(key, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(key)]))
 
 
 Algo = Annotated[str, typer.Option("--algorithm", "-a", help="AES, RSA or EC.")]
@@ -309,10 +311,7 @@ def key_list(
             params[name] = value
     with _api(addr, token, cacert) as api:
         keys = api.list_all("/kbs/v1/keys", params, fetch_all)
-    if output_format is Output.JSON:
-        output.emit_json(keys)
-    else:
-        output.table(output.KEY_COLUMNS, [output.key_row(key) for key in keys])
+    output.emit(keys, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(k) for k in keys]))
 
 
 KeyIdArg = Annotated[str, typer.Argument(help="Key id.")]
@@ -330,10 +329,7 @@ def key_show(
     """Show one key's metadata."""
     with _api(addr, token, cacert) as api:
         key = api.get_json(f"/kbs/v1/keys/{key_id}")
-    if output_format is Output.JSON:
-        output.emit_json(key)
-    else:
-        output.details(key)
+    output.emit(key, output_format, lambda: output.details(key))
 
 
 @key_app.command("set-policy")
@@ -381,10 +377,7 @@ def _read_policy(file: Path) -> Any:
 
 
 def _show_policy(policy: dict[str, Any], output_format: Output) -> None:
-    if output_format is Output.JSON:
-        output.emit_json(policy)
-    else:
-        output.details(policy)
+    output.emit(policy, output_format, lambda: output.details(policy))
 
 
 @policy_app.command("create")
@@ -431,10 +424,11 @@ def policy_list(
     """List key transfer policies."""
     with _api(addr, token, cacert) as api:
         policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
-    if output_format is Output.JSON:
-        output.emit_json(policies)
-    else:
-        output.table(output.POLICY_COLUMNS, [output.policy_row(policy) for policy in policies])
+    output.emit(
+        policies,
+        output_format,
+        lambda: output.table(output.POLICY_COLUMNS, [output.policy_row(p) for p in policies]),
+    )
 
 
 @policy_app.command("show")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -13,12 +13,24 @@ from rich.table import Table
 
 # Tables are for reading and grepping; when piped, keep one row per line instead of folding to 80 columns.
 stdout = Console(width=None if sys.stdout.isatty() else 250)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # messages are never folded mid-sentence
 
 
 class Output(enum.StrEnum):
     TABLE = "table"
     JSON = "json"
+    ID = "id"  # only the id(s), one per line: POLICY=$(keybroker policy create p.json -o id)
+
+
+def emit(value: dict[str, Any] | list[dict[str, Any]], fmt: Output, human: Callable[[], None]) -> None:
+    """Print a resource (or a list of them) in the chosen format; ``human`` prints the table form."""
+    if fmt is Output.JSON:
+        emit_json(value)
+    elif fmt is Output.ID:
+        for item in value if isinstance(value, list) else [value]:
+            sys.stdout.write(f"{item['id']}\n")
+    else:
+        human()
 
 
 def emit_json(value: Any) -> None:

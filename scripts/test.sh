@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from scratch: bootstrap, lint (ruff), types (mypy --strict on src/), then pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k keys -x).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/bootstrap.sh
+echo "== ruff" >&2
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+echo "== mypy --strict src" >&2
+.venv/bin/mypy src
+echo "== pytest" >&2
+exec .venv/bin/python -m pytest "$@"

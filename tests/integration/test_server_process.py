@@ -1,0 +1,129 @@
+"""The real ``keybroker serve`` process driven over HTTP, as clients and scripts see it."""
+
+from __future__ import annotations
+
+import json
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import EXAMPLE_POLICY
+from tests.integration.conftest import Server, stop
+
+
+def test_keys_and_policies_over_http(server: Server) -> None:
+    with server.client() as client:
+        assert client.get("/version").json()["name"] == "keybroker"
+        policy = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY)
+        assert policy.status_code == 201, policy.text
+        policy_id = policy.json()["id"]
+        created = []
+        for info in (
+            {"algorithm": "AES", "key_length": 192},
+            {"algorithm": "RSA", "key_length": 4096},
+            {"algorithm": "EC", "curve_type": "secp521r1"},
+        ):
+            response = client.post("/kbs/v1/keys", json={"key_information": info, "transfer_policy_id": policy_id})
+            assert response.status_code == 201, response.text
+            assert response.json()["transfer_link"].startswith(server.url)
+            created.append(response.json()["id"])
+        assert [k["id"] for k in client.get("/kbs/v1/keys").json()] == created
+        refused = client.delete(f"/kbs/v1/key-transfer-policies/{policy_id}")
+        assert (refused.status_code, refused.json()["code"]) == (409, "policy_in_use")
+        assert refused.headers["content-type"] == "application/problem+json"
+        for key_id in created:
+            assert client.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
+        assert client.delete(f"/kbs/v1/key-transfer-policies/{policy_id}").status_code == 204
+    anonymous = httpx.get(f"{server.url}/kbs/v1/keys")
+    assert (anonymous.status_code, anonymous.json()["code"]) == (401, "unauthorized")
+
+
+def test_data_directory_permissions(server: Server) -> None:
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+    for name in ("master.key", "admin-token", "keybroker.db"):
+        assert stat.S_IMODE((server.data_dir / name).stat().st_mode) == 0o600, name
+
+
+def test_rsa_7680_generation_does_not_block_other_requests(server: Server) -> None:
+    with server.client() as client:
+        policy_id = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY).json()["id"]
+    slow: dict[str, httpx.Response] = {}
+
+    def create_7680() -> None:
+        with server.client() as client:
+            slow["response"] = client.post(
+                "/kbs/v1/keys",
+                json={"key_information": {"algorithm": "RSA", "key_length": 7680}, "transfer_policy_id": policy_id},
+            )
+
+    worker = threading.Thread(target=create_7680)
+    worker.start()
+    served_meanwhile = 0
+    with server.client() as client:
+        time.sleep(0.3)  # let the generation start
+        while worker.is_alive() and served_meanwhile < 20:
+            response = client.post(
+                "/kbs/v1/keys",
+                json={"key_information": {"algorithm": "AES", "key_length": 256}, "transfer_policy_id": policy_id},
+            )
+            assert response.status_code == 201
+            assert client.get("/healthz").status_code == 200
+            served_meanwhile += 1
+        generation_still_running = worker.is_alive()
+    worker.join(timeout=300)
+    assert slow["response"].status_code == 201, slow["response"].text
+    assert slow["response"].json()["key_information"]["key_length"] == 7680
+    # Other requests completed while the RSA-7680 key was still being generated.
+    assert served_meanwhile == 20
+    assert generation_still_running
+
+
+def test_restart_keeps_keys_and_init_is_idempotent(server: Server, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with server.client() as client:
+        policy_id = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY).json()["id"]
+        key = client.post(
+            "/kbs/v1/keys",
+            json={"key_information": {"algorithm": "AES", "key_length": 256}, "transfer_policy_id": policy_id},
+        ).json()
+    stop(server.process)
+    token_before = (server.data_dir / "admin-token").read_text()
+    again = subprocess.run(
+        [sys.executable, "-m", "keybroker", "init", "--data-dir", str(server.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert again.stdout == ""  # the token is printed once, on the first init only
+    assert "already initialised" in again.stderr
+    assert (server.data_dir / "admin-token").read_text() == token_before
+
+    from tests.integration.conftest import start_server
+
+    restarted = start_server(server.data_dir)
+    try:
+        with restarted.client() as client:
+            assert client.get(f"/kbs/v1/keys/{key['id']}").json() == json.loads(json.dumps(key)) | {
+                "transfer_link": f"{restarted.url}/kbs/v1/keys/{key['id']}/transfer"
+            }
+    finally:
+        stop(restarted.process)
+
+
+def test_serve_refuses_an_uninitialised_data_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(  # noqa: PLW1510 - the exit status is asserted below
+        [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "keybroker init" in result.stderr
