@@ -4,25 +4,21 @@ Usage (from the repository root, with the project's venv):
 
     .venv/bin/python bench/keys.py                      # starts its own server (init + serve in a temp dir)
     .venv/bin/python bench/keys.py --duration 3 --json  # JSON document on stdout, the table on stderr
-    .venv/bin/python bench/keys.py --addr http://127.0.0.1:9443 --token "$KEYBROKER_TOKEN"
-    .venv/bin/python bench/keys.py --addr https://localhost:9443 --token "$KEYBROKER_TOKEN" --cacert ca.pem
+    .venv/bin/python bench/keys.py --addr https://localhost:9443 --token "$KEYBROKER_TOKEN" [--cacert ca.pem]
 
-Without ``--addr`` the script runs ``keybroker init`` into a temporary directory, serves it on a free
-127.0.0.1 port with this same Python, waits for ``GET /healthz``, uses the admin token from ``DATA_DIR/admin-token``
-and stops the server (terminate, then wait) when it ends, also on error or Ctrl-C.
+Without ``--addr`` it runs ``keybroker init`` into a temp dir, serves it on a free 127.0.0.1 port with this Python,
+waits for /healthz, uses DATA_DIR/admin-token, and stops the server (terminate, wait) at the end, even on Ctrl-C.
 
-For every algorithm (AES-128/256, EC P-256/384/521, RSA-2048/3072/4096; RSA-7680 with ``--include-rsa-7680``,
-capped at a few keys since each takes seconds) ``--concurrency`` workers send ``POST /kbs/v1/keys`` back to back
-until ``--duration`` seconds have passed or ``--requests`` requests were sent, whichever comes first. Then
-``GET /kbs/v1/keys/{id}`` on ids chosen at random among the keys just created, with the same bounds.
-Each worker is a thread with its own keep-alive ``httpx.Client``: on CPython that gave more requests/s for less
-client CPU than ``httpx.AsyncClient``. Reported per phase: requests/s (successful requests over the phase's wall
-time), p50/p99 latency, errors, the server's CPU seconds (utime+stime from /proc/<pid>/stat; only when this script
-started the server, "n/a" otherwise), server CPU ms per request, and this client's CPU seconds. Client and server
-share the machine's CPUs, so compare numbers between versions on one machine rather than read them as capacity.
+Per algorithm (AES-128/256, EC P-256/384/521, RSA-2048/3072/4096; RSA-7680 with ``--include-rsa-7680``, at most a
+few keys), ``--concurrency`` worker threads, each with its own keep-alive ``httpx.Client`` (more requests/s for less
+client CPU than ``httpx.AsyncClient``), POST /kbs/v1/keys back to back until ``--duration`` seconds passed or
+``--requests`` were sent; then GET /kbs/v1/keys/{id} on random created keys, with the same bounds. Reported: req/s
+(successes over wall time), p50/p99 ms, errors, server CPU seconds (utime+stime of /proc/<pid>/stat, "n/a" for an
+external server) and per request, client CPU seconds. Client and server share the CPUs: compare versions on one
+machine, do not read the numbers as capacity.
 
-Only loopback targets are accepted. Against an external server the policy and keys created stay behind: point it
-at a throwaway data directory. Exit status: 0 if every request succeeded, 1 if any failed, 2 on setup errors.
+Only loopback targets. An external server keeps the policy and keys created: use a throwaway data directory.
+Exit status: 0 if every request succeeded, 1 if any failed, 2 on setup errors.
 """
 
 from __future__ import annotations
@@ -61,20 +57,7 @@ SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
 RSA_7680 = ("RSA-7680", {"algorithm": "RSA", "key_length": 7680})
 RSA_7680_MAX_REQUESTS = 4
 SAFETY_MAX_REQUESTS = 1_000_000  # the count bound when --requests is not given
-POLICY: dict[str, Any] = {  # examples/transfer-policy.json
-    "attestation_type": ["SGX"],
-    "sgx": {
-        "attributes": {
-            "mrsigner": ["83d719e77deaca1470f6baf62a4d774303c899db69020f9c70ee1dfc08c7ce9e"],
-            "isvprodid": [0],
-            "mrenclave": ["ad46749ed41ebaa2327252041ee746d3791a9f2431830fee0883f7993caf316a"],
-            "isvsvn": 1,
-            "accepted_tcb_status": ["UpToDate", "SWHardeningNeeded"],
-        }
-    },
-    "client_permissions_allof": ["nginx", "USA"],
-    "allow_simulated": False,
-}
+POLICY_FILE = Path(__file__).resolve().parent.parent / "examples" / "transfer-policy.json"
 
 
 class SetupError(Exception):
@@ -85,9 +68,9 @@ class SetupError(Exception):
 class Phase:
     name: str
     operation: str
-    seconds: float
-    server_cpu_s: float | None
-    client_cpu_s: float
+    seconds: float = 0.0
+    server_cpu_s: float | None = None
+    client_cpu_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -187,69 +170,62 @@ def healthy(addr: str) -> bool:
         return False
 
 
-class Bench:
-    def __init__(self, clients: list[httpx.Client], server_pid: int | None, stop: threading.Event) -> None:
-        self.clients = clients
-        self.server_pid = server_pid
-        self.stop = stop
+def measure(
+    clients: list[httpx.Client],
+    stop: threading.Event,
+    server_pid: int | None,
+    phase: Phase,
+    send: Callable[[httpx.Client, random.Random], httpx.Response],
+    limit: int,
+    duration: float,
+) -> Phase:
+    """Run ``send`` on every worker until ``limit`` requests were issued or ``duration`` seconds passed."""
+    lock = threading.Lock()
+    issued = 0
+    deadline = time.perf_counter() + duration
 
-    def measure(
-        self,
-        name: str,
-        operation: str,
-        send: Callable[[httpx.Client, random.Random], httpx.Response],
-        limit: int,
-        duration: float,
-    ) -> Phase:
-        """Run ``send`` on every worker until ``limit`` requests were issued or ``duration`` seconds passed."""
-        lock = threading.Lock()
-        issued = 0
-        deadline = time.perf_counter() + duration
-        phases: list[Phase] = []
+    def claim() -> bool:
+        nonlocal issued
+        with lock:
+            if issued >= limit or stop.is_set() or time.perf_counter() >= deadline:
+                return False
+            issued += 1
+            return True
 
-        def claim() -> bool:
-            nonlocal issued
-            with lock:
-                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
-                    return False
-                issued += 1
-                return True
-
-        def worker(index: int) -> None:
-            client, rng = self.clients[index], random.Random(index)
-            part = Phase(name, operation, 0.0, None, 0.0)
-            while claim():
-                started = time.perf_counter()
-                try:
-                    response = send(client, rng)
-                    elapsed_ms = (time.perf_counter() - started) * 1000
-                    if response.status_code not in (200, 201):
-                        part.errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                        continue
-                    if operation == "create":
-                        part.ids.append(str(response.json()["id"]))
-                except (httpx.HTTPError, ValueError, KeyError) as exc:
-                    part.errors.append(f"{type(exc).__name__}: {exc}")
+    def worker(index: int) -> None:
+        client, rng = clients[index], random.Random(index)
+        latencies: list[float] = []
+        ids: list[str] = []
+        errors: list[str] = []
+        while claim():
+            started = time.perf_counter()
+            try:
+                response = send(client, rng)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                if response.status_code not in (200, 201):
+                    errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
                     continue
-                part.latencies_ms.append(elapsed_ms)
-            with lock:
-                phases.append(part)
+                if phase.operation == "create":
+                    ids.append(str(response.json()["id"]))
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append(elapsed_ms)
+        with lock:
+            phase.latencies_ms += latencies
+            phase.ids += ids
+            phase.errors += errors
 
-        server_cpu = cpu_seconds(self.server_pid) if self.server_pid else None
-        client_cpu, started = time.process_time(), time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        result = Phase(name, operation, time.perf_counter() - started, None, time.process_time() - client_cpu)
-        if server_cpu is not None and self.server_pid:
-            result.server_cpu_s = cpu_seconds(self.server_pid) - server_cpu
-        for part in phases:
-            result.latencies_ms += part.latencies_ms
-            result.ids += part.ids
-            result.errors += part.errors
-        return result
+    server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
+    client_cpu, started = time.process_time(), time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
+    phase.server_cpu_s = cpu_seconds(server_pid) - server_cpu if server_pid else None
+    return phase
 
 
 def creator(body: dict[str, Any]) -> Callable[[httpx.Client, random.Random], httpx.Response]:
@@ -272,28 +248,29 @@ def run(args: argparse.Namespace, addr: str, token: str, server_pid: int | None)
         stack.callback(stop.set)  # runs first on the way out: workers of an interrupted phase stop claiming
         for client in clients:  # open every keep-alive connection before measuring
             client.get("/healthz").raise_for_status()
-        response = clients[0].post("/kbs/v1/key-transfer-policies", json=POLICY)
+        response = clients[0].post("/kbs/v1/key-transfer-policies", json=json.loads(POLICY_FILE.read_text()))
         if response.status_code != 201:
             raise SetupError(f"cannot create a transfer policy: HTTP {response.status_code} {response.text[:300]}")
         policy_id = response.json()["id"]
-        bench = Bench(clients, server_pid, stop)
         limit = args.requests or SAFETY_MAX_REQUESTS
         phases: list[Phase] = []
         for name, info in (*SPECS, RSA_7680) if args.include_rsa_7680 else SPECS:
             body = {"key_information": info, "transfer_policy_id": policy_id}
             cap = min(limit, RSA_7680_MAX_REQUESTS) if info.get("key_length") == 7680 else limit
             print(f"measuring create {name} ...", file=sys.stderr, flush=True)
-            phases.append(bench.measure(name, "create", creator(body), cap, args.duration))
+            phases.append(measure(clients, stop, server_pid, Phase(name, "create"), creator(body), cap, args.duration))
             if phases[-1].errors and not phases[-1].latencies_ms:
                 print(f"every {name} request failed: stopping", file=sys.stderr)
                 return phases
         ids = [key_id for phase in phases for key_id in phase.ids]
+
+        def getter(client: httpx.Client, rng: random.Random) -> httpx.Response:
+            return client.get(f"/kbs/v1/keys/{rng.choice(ids)}")
+
         if ids:
             print(f"measuring get metadata on {len(ids)} keys ...", file=sys.stderr, flush=True)
             phases.append(
-                bench.measure(
-                    "GET metadata", "get", lambda c, r: c.get(f"/kbs/v1/keys/{r.choice(ids)}"), limit, args.duration
-                )
+                measure(clients, stop, server_pid, Phase("GET metadata", "get"), getter, limit, args.duration)
             )
         return phases
 
