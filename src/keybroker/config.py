@@ -111,6 +111,28 @@ class KeySettings(_Section):
     default_backend: str = "embedded"
 
 
+class TlsSettings(_Section):
+    """HTTPS by default, with a certificate from the service CA. Plain HTTP only with ``enabled = false``."""
+
+    enabled: bool = True
+    san: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    server_cert_days: int = Field(default=365, ge=1, le=825)
+    cert_file: Path | None = Field(default=None, description="your own certificate chain (PEM) instead")
+    key_file: Path | None = None
+    key_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _own_pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class AuthSettings(_Section):
+    default_token_ttl_days: int = Field(default=30, ge=1, le=366)
+    admin_token_ttl_days: int = Field(default=365, ge=1, le=366)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -129,6 +151,8 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     keys: KeySettings = KeySettings()
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"embedded": EmbeddedBackendSettings()})
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from keybroker.auth.tokens import ADMIN_ROLE, TokenStore
-from keybroker.backends import build_key_stores
+from keybroker.audit.log import SYSTEM, AuditLog
+from keybroker.auth.roles import RoleStore
+from keybroker.auth.tokens import TokenStore
+from keybroker.backends import build_key_stores, service_wrapper
 from keybroker.backends.local_kek import LocalKeyWrapper
+from keybroker.ca import ServiceCA
 from keybroker.clock import Clock, SystemClock
 from keybroker.config import EmbeddedBackendSettings, Settings
 from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
+from keybroker.storage.tables import DeploymentRow
 
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 
@@ -27,9 +33,12 @@ class Services:
     settings: Settings
     clock: Clock
     database: Database
+    audit: AuditLog
+    roles: RoleStore
+    tokens: TokenStore
     policies: PolicyStore
     keys: KeyService
-    tokens: TokenStore
+    ca: ServiceCA
 
     def close(self) -> None:
         self.database.close()
@@ -37,6 +46,19 @@ class Services:
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
+    database = _open_initialised(settings)
+    database.migrate()
+    audit = AuditLog(database, clock)
+    roles = RoleStore(database, audit, clock)
+    tokens = TokenStore(database, roles, audit, clock)
+    policies = PolicyStore(database, audit, clock)
+    stores = build_key_stores(settings, database, clock)
+    keys = KeyService(database, stores, settings.keys.default_backend, policies, audit, clock)
+    ca = ServiceCA(settings.data_dir, service_wrapper(settings))
+    return Services(settings, clock, database, audit, roles, tokens, policies, keys, ca)
+
+
+def _open_initialised(settings: Settings) -> Database:
     not_initialised = ConfigurationError(
         f"{settings.data_dir} is not initialised; run 'keybroker init --data-dir {settings.data_dir}'"
     )
@@ -51,45 +73,48 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     if not migrated:
         database.close()
         raise not_initialised
-    database.migrate()
-    policies = PolicyStore(database, clock)
-    stores = build_key_stores(settings, database, clock)
-    keys = KeyService(database, stores, settings.keys.default_backend, policies, clock)
-    return Services(settings, clock, database, policies, keys, TokenStore(database, clock))
+    return database
 
 
 @dataclass(frozen=True)
 class InitResult:
     data_dir: Path
     admin_token: str | None  # only on the run that created it
-    created_master_key: bool
+    created: bool
 
 
-def initialise(settings: Settings, clock: Clock | None = None) -> InitResult:
-    """Create the data directory, schema, master key and first admin token. Idempotent."""
+def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: bool = False) -> InitResult:
+    """Create the data directory, schema, master key, deployment id, roles, service CA and the first admin
+    token. Idempotent; ``new_admin_token`` issues another admin token (recovery when all have expired)."""
     clock = clock or SystemClock()
     data_dir = settings.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    created_key = False
     for backend in settings.backends.values():
         if isinstance(backend, EmbeddedBackendSettings) and backend.wrapper.master_key is None:
             path = settings.resolve(backend.wrapper.master_key_file)
             if not path.exists():
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 LocalKeyWrapper.create_file(path)
-                created_key = True
     database = Database.from_url(settings.database_url)
     try:
         database.migrate()
-        tokens = TokenStore(database, clock)
-        token_file = data_dir / ADMIN_TOKEN_FILE
+        audit = AuditLog(database, clock)
+        roles = RoleStore(database, audit, clock)
+        with database.transaction() as session:
+            created = session.get(DeploymentRow, 1) is None
+            if created:
+                session.add(DeploymentRow(id=1, deployment_id=uuid.uuid4().hex, created_at=clock.now()))
+            roles.seed(session)
+        ServiceCA(data_dir, service_wrapper(settings)).create(clock.now(), "keybroker service CA")
+        tokens = TokenStore(database, roles, audit, clock)
         admin_token = None
-        if tokens.count() == 0:
-            admin_token = tokens.issue("bootstrap-admin", ADMIN_ROLE)
-            _write_secret(token_file, admin_token + "\n")
+        if tokens.count() == 0 or new_admin_token:
+            ttl = timedelta(days=settings.auth.admin_token_ttl_days)
+            admin_token, _ = tokens.issue("bootstrap-admin", ["admin"], [], ttl, SYSTEM)
+            _write_secret(data_dir / ADMIN_TOKEN_FILE, admin_token + "\n")
     finally:
         database.close()
-    return InitResult(data_dir, admin_token, created_key)
+    return InitResult(data_dir, admin_token, created)
 
 
 def _write_secret(path: Path, text: str) -> None:

@@ -3,6 +3,16 @@
 
 from keybroker_client._errors import KeybrokerClientError, ProblemError, TransportError
 from keybroker_client._problem import Problem
+from keybroker_client._tls import PinMismatch, fetch_pinned_ca, normalise_fingerprint, ssl_context
 
-__all__ = ["KeybrokerClientError", "Problem", "ProblemError", "TransportError"]
+__all__ = [
+    "KeybrokerClientError",
+    "PinMismatch",
+    "Problem",
+    "ProblemError",
+    "TransportError",
+    "fetch_pinned_ca",
+    "normalise_fingerprint",
+    "ssl_context",
+]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,13 +29,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+def wait_until_serving(
+    url: str, process: subprocess.Popen[bytes], log: Path, verify: ssl.SSLContext | bool = True, timeout: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -60,8 +63,17 @@ class Server:
     log: Path
     process: subprocess.Popen[bytes]
 
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "ca.pem"
+
+    def verify(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120.0)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120.0, verify=self.verify()
+        )
 
 
 def start_server(data_dir: Path) -> Server:
@@ -80,9 +92,9 @@ def start_server(data_dir: Path) -> Server:
             stderr=subprocess.STDOUT,
             env=clean_env(),
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     try:
-        wait_until_serving(url, process, log)
+        wait_until_serving(url, process, log, ssl.create_default_context(cafile=str(data_dir / "ca.pem")))
     except Exception:
         stop(process)
         raise

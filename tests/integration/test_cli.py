@@ -21,6 +21,7 @@ POLICY_FILE = str(REPO / "examples" / "transfer-policy.json")
 def cli_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("KEYBROKER_ADDR", server.url)
     monkeypatch.setenv("KEYBROKER_TOKEN", server.token)
+    monkeypatch.setenv("KEYBROKER_CACERT", str(server.ca_file))
     return {"KEYBROKER_ADDR": server.url, "KEYBROKER_TOKEN": server.token}
 
 
@@ -92,9 +93,9 @@ def test_wrong_token_and_unreachable_server(cli_env: dict[str, str]) -> None:
     result = runner.invoke(app, ["key", "list", "--token", "kb_wrong"])
     assert result.exit_code == 1
     assert "invalid_token, HTTP 401" in result.stderr
-    result = runner.invoke(app, ["key", "list", "--addr", f"http://127.0.0.1:{free_port()}"])
+    result = runner.invoke(app, ["key", "list", "--addr", f"https://127.0.0.1:{free_port()}"])
     assert result.exit_code == 1
-    assert "cannot reach keybroker at http://127.0.0.1:" in result.stderr
+    assert "cannot reach keybroker at https://127.0.0.1:" in result.stderr
 
 
 def test_config_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

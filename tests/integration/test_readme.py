@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -48,13 +49,16 @@ def test_first_command_serves_the_api(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             assert process.poll() is None, log.read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=1, verify=False).status_code == 200:  # noqa: S501
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
         token = (tmp_path / ".data" / "admin-token").read_text().strip()
         assert token in log.read_text()  # printed once, on first start
-        response = httpx.get(f"http://127.0.0.1:{port}/kbs/v1/keys", headers={"Authorization": f"Bearer {token}"})
+        ca = ssl.create_default_context(cafile=str(tmp_path / ".data" / "ca.pem"))
+        response = httpx.get(
+            f"https://127.0.0.1:{port}/kbs/v1/keys", headers={"Authorization": f"Bearer {token}"}, verify=ca
+        )
         assert response.status_code == 200
         assert response.json() == []
     finally:
@@ -80,6 +84,8 @@ def test_quick_start_runs_as_written(server: Server, tmp_path: Path) -> None:
         env=clean_env(KEYBROKER_ADDR=server.url),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "--insecure" not in block.group(1)
+    assert "verify=False" not in block.group(1)
     output = result.stdout
     assert re.search(r"\bEC\s+secp384r1\b", output)
     assert "tls" in output

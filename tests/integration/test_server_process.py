@@ -37,13 +37,13 @@ def test_keys_and_policies_over_http(server: Server) -> None:
         for key_id in created:
             assert client.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
         assert client.delete(f"/kbs/v1/key-transfer-policies/{policy_id}").status_code == 204
-    anonymous = httpx.get(f"{server.url}/kbs/v1/keys")
+    anonymous = httpx.get(f"{server.url}/kbs/v1/keys", verify=server.verify())
     assert (anonymous.status_code, anonymous.json()["code"]) == (401, "unauthorized")
 
 
 def test_data_directory_permissions(server: Server) -> None:
     assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
-    for name in ("master.key", "admin-token", "keybroker.db"):
+    for name in ("master.key", "admin-token", "keybroker.db", "ca-key.pem", "tls/server-key.pem"):
         assert stat.S_IMODE((server.data_dir / name).stat().st_mode) == 0o600, name
 
 

@@ -21,13 +21,21 @@ from keybroker.api.errors import (
     problem,
     validation_error_handler,
 )
+from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
-from keybroker.api.routes import keys, meta, policies
+from keybroker.api.routes import admin, cms, keys, meta, ops, policies
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 
 log = structlog.get_logger("keybroker.api")
-ROUTERS: tuple[APIRouter, ...] = (meta.router, keys.router, policies.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    meta.router,
+    ops.router,
+    keys.router,
+    policies.router,
+    admin.router,
+    cms.router,
+)
 
 
 def api_routes() -> list[APIRoute]:
@@ -47,6 +55,7 @@ def create_app(services: Services) -> FastAPI:
 
     app = FastAPI(title="keybroker", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.services = services
+    app.state.metrics = Metrics()
     check_routes_declare_permissions(api_routes())
     for router in ROUTERS:
         app.include_router(router)
@@ -55,7 +64,11 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=services.settings.server.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=services.settings.server.max_body_bytes,
+        metrics=app.state.metrics,
+    )
     return app
 
 

@@ -8,7 +8,7 @@ learns nothing about the schema.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
@@ -16,6 +16,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from keybroker.api.errors import describe_validation_errors
+from keybroker.audit.log import AuditContext
+from keybroker.auth.permissions import PERMISSIONS
 from keybroker.auth.tokens import Principal
 from keybroker.errors import Forbidden, InvalidRequest, Unauthenticated, UnsupportedMediaType
 from keybroker.services import Services
@@ -30,6 +32,8 @@ class _Permission:
     """Dependency that authenticates the bearer token and checks one permission."""
 
     def __init__(self, permission: str) -> None:
+        if permission not in PERMISSIONS:
+            raise RuntimeError(f"route declares an unknown permission {permission!r}")
         self.permission = permission
 
     def __call__(self, request: Request) -> Principal:
@@ -41,9 +45,9 @@ class _Permission:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("the Authorization header must be 'Bearer <token>'", code="unauthorized")
         principal = services.tokens.authenticate(token.strip())
-        if not permits(principal, self.permission):
-            raise Forbidden(f"this token does not grant {self.permission}", code="forbidden")
         request.state.principal = principal
+        if self.permission not in principal.permissions:
+            raise Forbidden(f"this token does not grant {self.permission}", code="forbidden")
         return principal
 
 
@@ -54,9 +58,17 @@ class _Public:
         return None
 
 
-def permits(principal: Principal, permission: str) -> bool:
-    # Until roles arrive, the only role is the bootstrap admin, which may do everything.
-    return principal.role == "admin" and bool(permission)
+def audit_context(request: Request) -> AuditContext:
+    """Who is asking and from where, for the audit entries the request's action writes."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return AuditContext(
+        actor=principal.actor if principal else None,
+        request_id=getattr(request.state, "request_id", None),
+        client=request.client.host if request.client else None,
+    )
+
+
+AuditDep = Annotated[AuditContext, Depends(audit_context)]
 
 
 def requires(permission: str) -> DependsParam:

@@ -9,12 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import structlog
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import errors
+from keybroker.audit.log import AuditEvent
+
+log = structlog.get_logger("keybroker.api")
 
 PROBLEM_TYPE_BASE = "urn:keybroker:problem:"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -80,8 +85,32 @@ def describe_validation_errors(raw: Sequence[Any]) -> list[dict[str, str]]:
 async def keybroker_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.KeybrokerError)
     status = status_for(exc)
+    await run_in_threadpool(_audit_refusal, request, status, exc.instance_code)
     headers = {"WWW-Authenticate": 'Bearer realm="keybroker"'} if status == 401 else None
     return problem(request, status, exc.instance_code, exc.title, exc.detail, exc.extra, headers)
+
+
+def _audit_refusal(request: Request, status: int, code: str) -> None:
+    """Every authentication/authorisation refusal is audited, and so is every failed change by a known caller
+    (reads that fail are not: they change nothing and would drown the log)."""
+    from keybroker.api.deps import audit_context  # the deps module imports this one
+
+    denied = status in (401, 403)
+    failed_change = getattr(request.state, "principal", None) is not None and request.method not in ("GET", "HEAD")
+    if not (denied or failed_change):
+        return
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or request.url.path
+    event = AuditEvent(
+        action="auth.refused" if denied else "request.failed",
+        outcome="denied" if denied else "failure",
+        target=f"{request.method} {path}",
+        details={"status": status, "code": code, "path": request.url.path},
+    )
+    try:
+        request.app.state.services.audit.record(audit_context(request), event)
+    except Exception as audit_error:  # the refusal stands either way; the lost entry must be loud
+        log.error("audit_write_failed", error_type=type(audit_error).__name__, code=code, status=status)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

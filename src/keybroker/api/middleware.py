@@ -16,15 +16,24 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keybroker.api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from keybroker.api.metrics import Metrics
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 log = structlog.get_logger("keybroker.access")
 
 
+_KEY_OPERATIONS = {
+    ("POST", "/kbs/v1/keys"): "create",
+    ("PUT", "/kbs/v1/keys/{key_id}"): "update",
+    ("DELETE", "/kbs/v1/keys/{key_id}"): "delete",
+}
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,12 +59,23 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, _replay(body), send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            status = status_holder["status"]
+            # The route template, not the path: ids must not explode the metrics' label space.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(elapsed)
+            operation = _KEY_OPERATIONS.get((method, route))
+            if operation:
+                outcome = "success" if 200 <= status < 300 else f"http_{status}"
+                self.metrics.key_operations.labels(operation, outcome).inc()
             log.info(
                 "request",
-                method=scope["method"],
+                method=method,
                 path=scope["path"],
-                status=status_holder["status"],
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
                 request_id=request_id,
                 client=(scope.get("client") or ("-",))[0],
             )

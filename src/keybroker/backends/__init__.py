@@ -9,9 +9,10 @@ from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import Clock
 from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings
+from keybroker.errors import ConfigurationError
 from keybroker.storage.db import Database
 
-__all__ = ["Capability", "KeyStore", "KeyWrapper", "build_key_stores"]
+__all__ = ["Capability", "KeyStore", "KeyWrapper", "build_key_stores", "service_wrapper"]
 
 
 def build_key_stores(settings: Settings, database: Database, clock: Clock) -> Mapping[str, KeyStore]:
@@ -26,3 +27,13 @@ def _build_wrapper(settings: Settings, wrapper: LocalWrapperSettings) -> KeyWrap
     if wrapper.master_key is not None:
         return LocalKeyWrapper.from_base64(wrapper.master_key.get_secret_value())
     return LocalKeyWrapper.from_file(settings.resolve(wrapper.master_key_file))
+
+
+def service_wrapper(settings: Settings) -> KeyWrapper:
+    """The KEK holder that also protects keybroker's own secrets on disk (the CA and TLS private keys): the
+    default backend's wrapper, else the first embedded backend's."""
+    candidates = [settings.backends[settings.keys.default_backend], *settings.backends.values()]
+    for backend in candidates:
+        if isinstance(backend, EmbeddedBackendSettings):
+            return _build_wrapper(settings, backend.wrapper)
+    raise ConfigurationError("no backend with a key wrapper is configured to protect the service's own keys")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from keybroker_client import Problem, ProblemError, TransportError
+from keybroker_client import Problem, ProblemError, TransportError, ssl_context
 
-DEFAULT_ADDR = "http://127.0.0.1:9443"
+DEFAULT_ADDR = "https://127.0.0.1:9443"
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,12 @@ class Connection:
     addr: str
     token: str | None
     cacert: str | None
+    ca_fingerprint: str | None = None
 
     def client(self) -> httpx.Client:
-        verify: Any = self.cacert if self.cacert else True
+        verify: Any = True
+        if self.addr.startswith("https://"):
+            verify = ssl_context(self.addr, self.cacert, self.ca_fingerprint)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return httpx.Client(base_url=self.addr.rstrip("/"), headers=headers, verify=verify, timeout=60.0)
 
@@ -27,7 +31,10 @@ class Connection:
 class AdminApi:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._client = connection.client()
+        try:
+            self._client = connection.client()
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot use CA certificate {connection.cacert}: {exc}") from None
 
     def __enter__(self) -> AdminApi:
         return self

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import base64
 import enum
-import functools
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
+import structlog
 import typer
 
 from keybroker import __version__
 from keybroker.cli import output
-from keybroker.cli.http import DEFAULT_ADDR, AdminApi, Connection
+from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
+from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled
+from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
 from keybroker.config import Settings, load_settings
-from keybroker.errors import ConfigurationError, KeybrokerError
-from keybroker_client import KeybrokerClientError, ProblemError
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 app = typer.Typer(
     name="keybroker",
@@ -37,49 +33,10 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(key_app, name="key")
 app.add_typer(policy_app, name="policy")
 app.add_typer(config_app, name="config")
-
-DataDir = Annotated[
-    Path,
-    typer.Option("--data-dir", envvar="KEYBROKER_DATA_DIR", help="Data directory (database, master key)."),
-]
-ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML configuration file (default: DATA_DIR/keybroker.toml).")
-]
-Addr = Annotated[str, typer.Option("--addr", envvar="KEYBROKER_ADDR", help="keybroker URL.")]
-Token = Annotated[
-    str | None, typer.Option("--token", envvar="KEYBROKER_TOKEN", help="Bearer token.", show_default=False)
-]
-CaCert = Annotated[
-    str | None,
-    typer.Option("--cacert", envvar="KEYBROKER_CACERT", help="CA certificate to verify the server."),
-]
-OutputOpt = Annotated[
-    Output, typer.Option("--output", "-o", help="table for people; json or id (ids only) for scripts.")
-]
-
-
-def _handled(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn keybroker's and the server's errors into a readable message and a non-zero exit."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except ProblemError as exc:
-            output.stderr.print(f"[red]Error:[/red] {exc.problem.describe()}", highlight=False, markup=True)
-            raise typer.Exit(1) from None
-        except ConfigurationError as exc:
-            output.stderr.print(f"[red]Configuration error:[/red] {exc.detail}", highlight=False)
-            raise typer.Exit(2) from None
-        except (KeybrokerError, KeybrokerClientError) as exc:
-            output.stderr.print(f"[red]Error:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _api(addr: str, token: str | None, cacert: str | None) -> AdminApi:
-    return AdminApi(Connection(addr=addr, token=token, cacert=cacert))
+app.add_typer(token_app, name="token")
+app.add_typer(role_app, name="role")
+app.add_typer(audit_app, name="audit")
+app.add_typer(ca_app, name="ca")
 
 
 def _version(value: bool) -> None:
@@ -101,14 +58,21 @@ def root(
 
 
 @app.command()
-@_handled
-def init(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
-    """Initialise DATA_DIR: database, master key (0600) and the first admin token (printed once). Idempotent."""
+@handled
+def init(
+    data_dir: DataDir = Path(".data"),
+    config: ConfigFile = None,
+    new_admin_token: Annotated[
+        bool, typer.Option("--new-admin-token", help="Issue another admin token (recovery).")
+    ] = False,
+) -> None:
+    """Initialise DATA_DIR: database, master key (0600), service CA (DATA_DIR/ca.pem) and the first admin token
+    (printed once). Idempotent."""
     from keybroker.services import ADMIN_TOKEN_FILE, initialise
 
     os.umask(0o077)  # the database, its WAL and journal files are for keybroker's user only
     settings = load_settings(data_dir=data_dir, config_file=config)
-    result = initialise(settings)
+    result = initialise(settings, new_admin_token=new_admin_token)
     if result.admin_token is None:
         output.stderr.print(f"{settings.data_dir} is already initialised.")
         return
@@ -121,7 +85,7 @@ def init(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
 
 
 @app.command()
-@_handled
+@handled
 def serve(
     data_dir: DataDir = Path(".data"),
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:9443).")] = None,
@@ -140,6 +104,13 @@ def serve(
     configure_logging(settings.logging)
     services = build_services(settings)
     try:
+        tls: dict[str, Any] = {}
+        if settings.tls.enabled:
+            tls = _tls_files(settings, services)
+        else:
+            structlog.get_logger("keybroker").warning(
+                "tls_disabled", detail="serving plain HTTP because tls.enabled is false; tokens cross the wire in clear"
+            )
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(services),
@@ -149,16 +120,36 @@ def serve(
                 access_log=False,
                 server_header=False,
                 date_header=True,
+                **tls,
             )
         )
-        output.stderr.print(f"keybroker {__version__} listening on http://{settings.server.listen}", highlight=False)
+        scheme = "https" if tls else "http"
+        output.stderr.print(
+            f"keybroker {__version__} listening on {scheme}://{settings.server.listen}", highlight=False
+        )
         server.run()
     finally:
         services.close()
 
 
+def _tls_files(settings: Settings, services: Any) -> dict[str, Any]:
+    if settings.tls.cert_file is not None and settings.tls.key_file is not None:
+        password = settings.tls.key_password.get_secret_value() if settings.tls.key_password else None
+        return {
+            "ssl_certfile": str(settings.resolve(settings.tls.cert_file)),
+            "ssl_keyfile": str(settings.resolve(settings.tls.key_file)),
+            "ssl_keyfile_password": password,
+        }
+    issued = services.ca.server_certificate(settings.tls.san, services.clock.now(), settings.tls.server_cert_days)
+    return {
+        "ssl_certfile": str(issued.cert_file),
+        "ssl_keyfile": str(issued.key_file),
+        "ssl_keyfile_password": issued.key_password,
+    }
+
+
 @config_app.command("check")
-@_handled
+@handled
 def config_check(
     data_dir: DataDir = Path(".data"), config: ConfigFile = None, output_format: OutputOpt = Output.TABLE
 ) -> None:
@@ -224,7 +215,7 @@ Backend = Annotated[str | None, typer.Option("--backend", help="Configured backe
 
 
 @key_app.command("create")
-@_handled
+@handled
 def key_create(
     algorithm: Algo,
     policy: Policy,
@@ -237,16 +228,17 @@ def key_create(
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Generate a new key inside keybroker."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         key = _create(api, _key_information(algorithm, length, curve, key_id), policy, label, usage, backend)
     _show_key(key, output_format)
 
 
 @key_app.command("import")
-@_handled
+@handled
 def key_import(
     algorithm: Algo,
     policy: Policy,
@@ -263,13 +255,14 @@ def key_import(
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Import existing key material (PEM private key for RSA/EC; raw or base64 bytes for AES)."""
     data = typer.get_binary_stream("stdin").read() if str(file) == "-" else file.read_bytes()
     key_string = _key_string(algorithm, data, key_format)
     info = {**_key_information(algorithm, length, curve), "key_string": key_string}
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         key = _create(api, info, policy, label, usage, backend)
     _show_key(key, output_format)
 
@@ -286,7 +279,7 @@ def _key_string(algorithm: str, data: bytes, key_format: ImportFormat) -> str:
 
 
 @key_app.command("list")
-@_handled
+@handled
 def key_list(
     algorithm: Annotated[str | None, typer.Option("--algorithm", "-a")] = None,
     length: Length = None,
@@ -297,6 +290,7 @@ def key_list(
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List keys (metadata only)."""
@@ -309,7 +303,7 @@ def key_list(
     ):
         if value is not None:
             params[name] = value
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         keys = api.list_all("/kbs/v1/keys", params, fetch_all)
     output.emit(keys, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(k) for k in keys]))
 
@@ -318,46 +312,49 @@ KeyIdArg = Annotated[str, typer.Argument(help="Key id.")]
 
 
 @key_app.command("show")
-@_handled
+@handled
 def key_show(
     key_id: KeyIdArg,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Show one key's metadata."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         key = api.get_json(f"/kbs/v1/keys/{key_id}")
     output.emit(key, output_format, lambda: output.details(key))
 
 
 @key_app.command("set-policy")
-@_handled
+@handled
 def key_set_policy(
     key_id: KeyIdArg,
     policy: Annotated[str, typer.Argument(help="New transfer policy id.")],
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Re-assign a key's transfer policy."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         key = api.request("PUT", f"/kbs/v1/keys/{key_id}", json={"transfer_policy_id": policy}).json()
     _show_key(key, output_format)
 
 
 @key_app.command("delete")
-@_handled
+@handled
 def key_delete(
     key_id: KeyIdArg,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete a key and its material in the backend."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         api.request("DELETE", f"/kbs/v1/keys/{key_id}")
     output.stderr.print(f"deleted key {key_id}", highlight=False)
 
@@ -381,48 +378,51 @@ def _show_policy(policy: dict[str, Any], output_format: Output) -> None:
 
 
 @policy_app.command("create")
-@_handled
+@handled
 def policy_create(
     file: PolicyFile,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Create a key transfer policy from a JSON file."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         policy = api.request("POST", "/kbs/v1/key-transfer-policies", json=_read_policy(file)).json()
     _show_policy(policy, output_format)
 
 
 @policy_app.command("update")
-@_handled
+@handled
 def policy_update(
     policy_id: PolicyIdArg,
     file: PolicyFile,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Replace a (mutable) key transfer policy with the JSON file's content."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         policy = api.request("PUT", f"/kbs/v1/key-transfer-policies/{policy_id}", json=_read_policy(file)).json()
     _show_policy(policy, output_format)
 
 
 @policy_app.command("list")
-@_handled
+@handled
 def policy_list(
     limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
     fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List key transfer policies."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
     output.emit(
         policies,
@@ -432,29 +432,31 @@ def policy_list(
 
 
 @policy_app.command("show")
-@_handled
+@handled
 def policy_show(
     policy_id: PolicyIdArg,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Show one key transfer policy."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{policy_id}"), output_format)
 
 
 @policy_app.command("delete")
-@_handled
+@handled
 def policy_delete(
     policy_id: PolicyIdArg,
     addr: Addr = DEFAULT_ADDR,
     token: Token = None,
     cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete a key transfer policy (refused while a key uses it, or if it is immutable)."""
-    with _api(addr, token, cacert) as api:
+    with connect(addr, token, cacert, ca_fingerprint) as api:
         api.request("DELETE", f"/kbs/v1/key-transfer-policies/{policy_id}")
     output.stderr.print(f"deleted policy {policy_id}", highlight=False)
 

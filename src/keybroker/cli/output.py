@@ -47,11 +47,11 @@ def key_row(key: dict[str, Any]) -> list[str]:
         key.get("label") or "",
         key.get("transfer_policy_id", ""),
         key.get("backend", ""),
-        _short_time(key.get("created_at", "")),
+        short_time(key.get("created_at", "")),
     ]
 
 
-def _short_time(value: str) -> str:
+def short_time(value: str) -> str:
     """``2026-11-27T13:13:43.244204Z`` -> ``2026-11-27 13:13:43Z``."""
     return value[:19].replace("T", " ") + "Z" if len(value) >= 19 else value
 
@@ -66,7 +66,7 @@ def policy_row(policy: dict[str, Any]) -> list[str]:
         ",".join(types),
         "yes" if policy.get("immutable") else "no",
         "yes" if policy.get("allow_simulated") else "no",
-        _short_time(policy.get("created_at", "")),
+        short_time(policy.get("created_at", "")),
     ]
 
 

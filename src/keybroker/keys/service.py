@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.backends.base import KeyStore
 from keybroker.clock import Clock
 from keybroker.errors import (
@@ -130,8 +131,10 @@ class KeyService:
         stores: Mapping[str, KeyStore],
         default_backend: str,
         policies: PolicyStore,
+        audit: AuditLog,
         clock: Clock,
     ) -> None:
+        self._audit = audit
         self._db = database
         self._stores = dict(stores)
         self._default_backend = default_backend
@@ -170,7 +173,7 @@ class KeyService:
             return key_material.parse_import(new.spec, new.key_string)
         return key_material.generate(new.spec)
 
-    def store(self, new: NewKey, material: KeyMaterial) -> KeyRecord:
+    def store(self, new: NewKey, material: KeyMaterial, audit: AuditContext) -> KeyRecord:
         backend = new.backend or self._default_backend
         store = self._stores[backend]
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
@@ -188,9 +191,20 @@ class KeyService:
             kmip_key_id=None,
             created_at=self._clock.now(),
         )
+        details = {
+            "mode": "import" if new.key_string is not None else "generate",
+            "algorithm": new.spec.algorithm.value,
+            "key_length": new.spec.key_length,
+            "curve_type": row.curve_type,
+            "backend": backend,
+            "transfer_policy_id": new.transfer_policy_id,
+            "label": new.label,
+        }
         try:
             with self._db.transaction() as session:
                 session.add(row)
+                session.flush()  # the record's constraints are checked before the audit entry is written
+                self._audit.append(session, audit, AuditEvent("key.create", "success", key_id, details))
         except IntegrityError:
             store.delete(ref)
             # Either the policy vanished since check_new, or the client-chosen id was taken meanwhile.
@@ -230,7 +244,7 @@ class KeyService:
         cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
         return [_record(row) for row in rows], cursor
 
-    def set_policy(self, key_id: str, policy_id: PolicyId) -> KeyRecord:
+    def set_policy(self, key_id: str, policy_id: PolicyId, audit: AuditContext) -> KeyRecord:
         try:
             with self._db.transaction() as session:
                 row = session.get(KeyRow, key_id, with_for_update=True)
@@ -240,7 +254,14 @@ class KeyService:
                     raise UnknownReference(
                         f"transfer_policy_id {policy_id} does not exist", code="unknown_transfer_policy"
                     )
+                before = row.transfer_policy_id
                 row.transfer_policy_id = policy_id
+                session.flush()
+                self._audit.append(
+                    session,
+                    audit,
+                    AuditEvent("key.update", "success", key_id, {"transfer_policy_id": [before, policy_id]}),
+                )
                 return _record(row)
         except IntegrityError:
             raise UnknownReference(
@@ -251,7 +272,12 @@ class KeyService:
         """The key bytes, from the backend that holds them. Callers must have decided to release them."""
         return self._stores[record.backend].get(record.backend_ref, record.spec)
 
-    def delete(self, key_id: str) -> None:
+    def delete(self, key_id: str, audit: AuditContext) -> None:
+        """Delete the record (with its audit entry), then the backend material.
+
+        The record goes first so that a failed audit write leaves the key fully intact. If the backend then
+        cannot delete the material, the failure is audited with the orphaned reference and raised (503).
+        """
         record = self.get(key_id)
         store = self._stores.get(record.backend)
         if store is None:
@@ -259,9 +285,25 @@ class KeyService:
                 f"key {key_id} lives in backend {record.backend!r}, which is not configured",
                 code="backend_not_configured",
             )
-        if record.kmip_key_id is None:
-            store.delete(record.backend_ref)
         with self._db.transaction() as session:
-            row = session.get(KeyRow, key_id)
-            if row is not None:
-                session.delete(row)
+            row = session.get(KeyRow, key_id, with_for_update=True)
+            if row is None:
+                raise key_not_found(key_id)
+            session.delete(row)
+            session.flush()
+            self._audit.append(session, audit, AuditEvent("key.delete", "success", key_id, {"backend": record.backend}))
+        if record.kmip_key_id is not None:
+            return  # registered objects belong to the KMIP server's owner; keybroker only forgets them
+        try:
+            store.delete(record.backend_ref)
+        except BackendUnavailable:
+            self._audit.record(
+                audit,
+                AuditEvent(
+                    "key.delete",
+                    "failure",
+                    key_id,
+                    {"backend": record.backend, "orphaned_backend_ref": record.backend_ref},
+                ),
+            )
+            raise

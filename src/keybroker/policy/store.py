@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 
+from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.clock import Clock
 from keybroker.errors import Conflict, NotFound
 from keybroker.keys.models import PolicyId
@@ -39,12 +41,17 @@ def policy_not_found(policy_id: str) -> NotFound:
     return NotFound(f"key transfer policy {policy_id} does not exist", code="policy_not_found")
 
 
+def _summary(document: TransferPolicyDocument) -> dict[str, Any]:
+    return {"attestation_type": [t.value for t in document.attestation_type], "immutable": document.immutable}
+
+
 class PolicyStore:
-    def __init__(self, database: Database, clock: Clock) -> None:
+    def __init__(self, database: Database, audit: AuditLog, clock: Clock) -> None:
         self._db = database
+        self._audit = audit
         self._clock = clock
 
-    def create(self, document: TransferPolicyDocument) -> PolicyRecord:
+    def create(self, document: TransferPolicyDocument, audit: AuditContext) -> PolicyRecord:
         now = self._clock.now()
         row = TransferPolicyRow(
             id=str(uuid.uuid4()),
@@ -55,6 +62,7 @@ class PolicyStore:
         )
         with self._db.transaction() as session:
             session.add(row)
+            self._audit.append(session, audit, AuditEvent("policy.create", "success", row.id, _summary(document)))
         return _record(row)
 
     def get(self, policy_id: str) -> PolicyRecord:
@@ -77,7 +85,7 @@ class PolicyStore:
         cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
         return [_record(row) for row in rows], cursor
 
-    def replace(self, policy_id: str, document: TransferPolicyDocument) -> PolicyRecord:
+    def replace(self, policy_id: str, document: TransferPolicyDocument, audit: AuditContext) -> PolicyRecord:
         with self._db.transaction() as session:
             row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
             if row is None:
@@ -87,9 +95,10 @@ class PolicyStore:
             row.document = document.model_dump(mode="json", exclude_none=True)
             row.immutable = document.immutable
             row.updated_at = self._clock.now()
+            self._audit.append(session, audit, AuditEvent("policy.update", "success", policy_id, _summary(document)))
             return _record(row)
 
-    def delete(self, policy_id: str) -> None:
+    def delete(self, policy_id: str, audit: AuditContext) -> None:
         in_use = Conflict(f"key transfer policy {policy_id} is referenced by at least one key", code="policy_in_use")
         try:
             with self._db.transaction() as session:
@@ -101,6 +110,8 @@ class PolicyStore:
                 if session.scalar(select(exists().where(KeyRow.transfer_policy_id == policy_id))):
                     raise in_use
                 session.delete(row)
+                session.flush()
+                self._audit.append(session, audit, AuditEvent("policy.delete", "success", policy_id, {}))
         except IntegrityError:
             # A key was attached between the check and the delete; the foreign key caught it.
             raise in_use from None

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from keybroker.api.deps import get_services, json_body, requires
+from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
 from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
 from keybroker.keys.models import Algorithm, PolicyId
@@ -26,6 +26,7 @@ async def create_key(
     request: Request,
     services: ServicesDep,
     body: Annotated[KeyCreateRequest, Depends(json_body(KeyCreateRequest))],
+    audit: AuditDep,
 ) -> KeyOut:
     new = body.to_new_key()
     await run_in_threadpool(services.keys.check_new, new)
@@ -36,7 +37,7 @@ async def create_key(
         material = await asyncio.get_running_loop().run_in_executor(executor, services.keys.make_material, new)
     else:
         material = await run_in_threadpool(services.keys.make_material, new)
-    record = await run_in_threadpool(services.keys.store, new, material)
+    record = await run_in_threadpool(services.keys.store, new, material, audit)
     return KeyOut.of(record, base_url(request, services))
 
 
@@ -76,12 +77,13 @@ def update_key(
     request: Request,
     services: ServicesDep,
     body: Annotated[KeyUpdateRequest, Depends(json_body(KeyUpdateRequest))],
+    audit: AuditDep,
 ) -> KeyOut:
-    record = services.keys.set_policy(key_id, PolicyId(body.transfer_policy_id))
+    record = services.keys.set_policy(key_id, PolicyId(body.transfer_policy_id), audit)
     return KeyOut.of(record, base_url(request, services))
 
 
 @router.delete("/{key_id}", status_code=204, dependencies=[requires("keys:delete")])
-def delete_key(key_id: str, services: ServicesDep) -> Response:
-    services.keys.delete(key_id)
+def delete_key(key_id: str, services: ServicesDep, audit: AuditDep) -> Response:
+    services.keys.delete(key_id, audit)
     return Response(status_code=204)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from keybroker.api.deps import get_services, json_body, requires
+from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query, set_next_page
 from keybroker.api.schemas import policy_out
 from keybroker.policy.model import TransferPolicyDocument
@@ -19,8 +19,8 @@ PolicyBody = Annotated[TransferPolicyDocument, Depends(json_body(TransferPolicyD
 
 
 @router.post("", status_code=201, dependencies=[requires("key_transfer_policies:create")])
-def create_policy(services: ServicesDep, body: PolicyBody) -> dict[str, Any]:
-    return policy_out(services.policies.create(body))
+def create_policy(services: ServicesDep, body: PolicyBody, audit: AuditDep) -> dict[str, Any]:
+    return policy_out(services.policies.create(body, audit))
 
 
 @router.get("", dependencies=[requires("key_transfer_policies:search")])
@@ -43,11 +43,11 @@ def get_policy(policy_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.put("/{policy_id}", dependencies=[requires("key_transfer_policies:update")])
-def replace_policy(policy_id: str, services: ServicesDep, body: PolicyBody) -> dict[str, Any]:
-    return policy_out(services.policies.replace(policy_id, body))
+def replace_policy(policy_id: str, services: ServicesDep, body: PolicyBody, audit: AuditDep) -> dict[str, Any]:
+    return policy_out(services.policies.replace(policy_id, body, audit))
 
 
 @router.delete("/{policy_id}", status_code=204, dependencies=[requires("key_transfer_policies:delete")])
-def delete_policy(policy_id: str, services: ServicesDep) -> Response:
-    services.policies.delete(policy_id)
+def delete_policy(policy_id: str, services: ServicesDep, audit: AuditDep) -> Response:
+    services.policies.delete(policy_id, audit)
     return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""The tamper-evident audit log: every admin action, every refusal and (later) every key transfer decision."""

@@ -1,0 +1,274 @@
+"""``keybroker token|role|audit|ca``: tokens and roles (the AAS role), the audit log, the service CA (CMS)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from keybroker.audit.chain import verify_chain
+from keybroker.cli import output
+from keybroker.cli.common import Addr, CaCert, CaPin, DataDir, OutputOpt, Token, connect, handled
+from keybroker.cli.http import DEFAULT_ADDR, AdminApi
+from keybroker.cli.output import Output
+
+token_app = typer.Typer(help="Issue, list and revoke API tokens.", no_args_is_help=True)
+role_app = typer.Typer(help="Roles: named sets of permissions.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
+ca_app = typer.Typer(help="The service CA: fingerprint, certificate, CSR signing.", no_args_is_help=True)
+
+TOKEN_COLUMNS = ("ID", "NAME", "ROLES", "CONTEXT", "EXPIRES", "REVOKED")
+
+
+def _token_row(token: dict[str, Any]) -> list[str]:
+    return [
+        token["id"],
+        token["name"],
+        ",".join(token["roles"]),
+        ",".join(token["context"]),
+        output.short_time(token.get("expires_at") or ""),
+        output.short_time(token.get("revoked_at") or ""),
+    ]
+
+
+@token_app.command("create")
+@handled
+def token_create(
+    name: Annotated[str, typer.Option("--name", help="What the token is for.")],
+    role: Annotated[list[str], typer.Option("--role", "-r", help="Role (repeatable): admin, key-manager, ...")],
+    context: Annotated[
+        list[str] | None, typer.Option("--context", "-c", help="Permission context value (repeatable), e.g. nginx")
+    ] = None,
+    ttl: Annotated[
+        str | None, typer.Option("--ttl", help="Lifetime: 30d, 12h, 15m, 90s (default from the server).")
+    ] = None,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Issue a token. Its secret is printed once (stdout); keybroker keeps only a hash."""
+    body: dict[str, Any] = {"name": name, "roles": role, "context": context or []}
+    if ttl is not None:
+        body["ttl_seconds"] = _seconds(ttl)
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        created = api.request("POST", "/kbs/v1/tokens", json=body).json()
+    if output_format is Output.JSON:
+        output.emit_json(created)
+        return
+    if output_format is Output.TABLE:
+        output.stderr.print(f"token {created['id']} ({created['name']}), expires {created['expires_at']}:")
+    typer.echo(created["token"])
+
+
+def _seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit() or int(number) <= 0:
+        raise typer.BadParameter("use a positive number with s, m, h or d, e.g. 30d", param_hint="--ttl")
+    return int(number) * units[unit]
+
+
+@token_app.command("list")
+@handled
+def token_list(
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """List tokens (never their secrets)."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        tokens = api.get_json("/kbs/v1/tokens")
+    output.emit(tokens, output_format, lambda: output.table(TOKEN_COLUMNS, [_token_row(t) for t in tokens]))
+
+
+@token_app.command("revoke")
+@handled
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="Token id (from 'token list').")],
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+) -> None:
+    """Revoke a token: it is refused from the next request on."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        api.request("DELETE", f"/kbs/v1/tokens/{token_id}")
+    output.stderr.print(f"revoked token {token_id}", highlight=False)
+
+
+@role_app.command("list")
+@handled
+def role_list(
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """List roles and their permissions."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        roles = api.get_json("/kbs/v1/roles")
+    for role in roles:
+        role.setdefault("id", role["name"])
+    output.emit(
+        roles,
+        output_format,
+        lambda: output.table(
+            ("ROLE", "BUILTIN", "PERMISSIONS"),
+            [[r["name"], "yes" if r["builtin"] else "no", " ".join(r["permissions"])] for r in roles],
+        ),
+    )
+
+
+@role_app.command("set")
+@handled
+def role_set(
+    name: Annotated[str, typer.Argument(help="Role name (created if new).")],
+    permission: Annotated[list[str], typer.Option("--permission", "-p", help="Permission (repeatable).")],
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Create a role or replace its permissions (applies to existing tokens at once)."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        role = api.request("PUT", f"/kbs/v1/roles/{name}", json={"permissions": permission}).json()
+    role["id"] = role["name"]
+    output.emit(role, output_format, lambda: output.details(role))
+
+
+@role_app.command("delete")
+@handled
+def role_delete(
+    name: Annotated[str, typer.Argument(help="Role name.")],
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+) -> None:
+    """Delete a custom role that no unrevoked token holds."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        api.request("DELETE", f"/kbs/v1/roles/{name}")
+    output.stderr.print(f"deleted role {name}", highlight=False)
+
+
+def _all_entries(api: AdminApi, params: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    entries: list[dict[str, Any]] = []
+    query = {**params, "after": 0}
+    head = ""
+    while True:
+        response = api.request("GET", "/kbs/v1/audit", params=query)
+        head = head or response.headers.get("x-audit-head", "")
+        page = response.json()
+        entries += page
+        cursor = response.headers.get("x-next-cursor")
+        if not cursor:
+            return entries, head
+        query["after"] = int(cursor)
+
+
+AUDIT_COLUMNS = ("SEQ", "AT", "ACTION", "OUTCOME", "TARGET", "ACTOR", "CLIENT")
+
+
+@audit_app.command("list")
+@handled
+def audit_list(
+    since: Annotated[datetime | None, typer.Option("--since", help="Only entries at or after (UTC).")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only entries about this key id.")] = None,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """List audit entries."""
+    params: dict[str, Any] = {}
+    if since is not None:
+        params["since"] = (since if since.tzinfo else since.replace(tzinfo=UTC)).isoformat()
+    if key is not None:
+        params["target"] = key
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        entries, _ = _all_entries(api, params)
+    for entry in entries:
+        entry.setdefault("id", entry["seq"])
+    output.emit(
+        entries,
+        output_format,
+        lambda: output.table(
+            AUDIT_COLUMNS,
+            [
+                [
+                    str(e["seq"]),
+                    e["at"],
+                    e["action"],
+                    e["outcome"],
+                    e["target"] or "",
+                    e["actor"] or "",
+                    e["client"] or "",
+                ]
+                for e in entries
+            ],
+        ),
+    )
+
+
+@audit_app.command("verify")
+@handled
+def audit_verify(
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+) -> None:
+    """Recompute the whole hash chain here, from the entries the server returns; exit 1 naming the first bad
+    entry if anything was edited, deleted, inserted or reordered."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        entries, head = _all_entries(api, {})
+    head_seq, _, head_hash = head.partition(":")
+    report = verify_chain(entries, int(head_seq or 0), head_hash)
+    if not report.ok:
+        output.stderr.print(f"[red]audit chain BROKEN[/red] at entry {report.first_bad_seq}: {report.reason}")
+        raise typer.Exit(1)
+    output.stderr.print(f"audit chain intact: {report.checked} entries, head {head_hash[:16]}…", highlight=False)
+
+
+@ca_app.command("fingerprint")
+@handled
+def ca_fingerprint_cmd(
+    data_dir: DataDir = Path(".data"),
+    cacert: Annotated[Path | None, typer.Option("--cacert", help="A CA file instead of DATA_DIR/ca.pem.")] = None,
+) -> None:
+    """Print the SHA-384 fingerprint of the service CA: clients pin it with --ca-fingerprint."""
+    from keybroker.ca import CA_CERT, fingerprint
+
+    path = cacert or data_dir / CA_CERT
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--cacert") from None
+    typer.echo(fingerprint(pem))
+
+
+@ca_app.command("issue")
+@handled
+def ca_issue(
+    csr: Annotated[Path, typer.Argument(help="PEM certificate signing request of the other service.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate chain (PEM).")],
+    days: Annotated[int, typer.Option("--days", help="Validity in days (1-825).")] = 365,
+    addr: Addr = DEFAULT_ADDR,
+    token: Token = None,
+    cacert: CaCert = None,
+    ca_fingerprint: CaPin = None,
+) -> None:
+    """Have the service CA sign a CSR (TLS server and client certificate for another service)."""
+    with connect(addr, token, cacert, ca_fingerprint) as api:
+        chain = api.request("POST", "/cms/v1/certificates", json={"csr": csr.read_text(), "days": days}).json()
+    out.write_text(chain["certificate"])
+    output.stderr.print(f"wrote {out}", highlight=False)

@@ -1,0 +1,71 @@
+"""Options and helpers shared by the CLI's command modules."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+
+from keybroker.cli import output
+from keybroker.cli.http import AdminApi, Connection
+from keybroker.cli.output import Output
+from keybroker.errors import ConfigurationError, KeybrokerError
+from keybroker_client import KeybrokerClientError, ProblemError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="KEYBROKER_DATA_DIR", help="Data directory (database, master key)."),
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML configuration file (default: DATA_DIR/keybroker.toml).")
+]
+Addr = Annotated[str, typer.Option("--addr", envvar="KEYBROKER_ADDR", help="keybroker URL.")]
+Token = Annotated[
+    str | None, typer.Option("--token", envvar="KEYBROKER_TOKEN", help="Bearer token.", show_default=False)
+]
+CaCert = Annotated[
+    str | None,
+    typer.Option("--cacert", envvar="KEYBROKER_CACERT", help="CA certificate to verify the server."),
+]
+CaPin = Annotated[
+    str | None,
+    typer.Option(
+        "--ca-fingerprint",
+        envvar="KEYBROKER_CA_FINGERPRINT",
+        help="Trust the server's CA only if its SHA-384 is this (see 'keybroker ca fingerprint').",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="table for people; json or id (ids only) for scripts.")
+]
+
+
+def handled(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn keybroker's and the server's errors into a readable message and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except ProblemError as exc:
+            output.stderr.print(f"[red]Error:[/red] {exc.problem.describe()}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+        except ConfigurationError as exc:
+            output.stderr.print(f"[red]Configuration error:[/red] {exc.detail}", highlight=False)
+            raise typer.Exit(2) from None
+        except (KeybrokerError, KeybrokerClientError) as exc:
+            output.stderr.print(f"[red]Error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def connect(addr: str, token: str | None, cacert: str | None, ca_fingerprint: str | None) -> AdminApi:
+    return AdminApi(Connection(addr=addr, token=token, cacert=cacert, ca_fingerprint=ca_fingerprint))
