@@ -13,8 +13,8 @@ from fastapi.routing import APIRoute
 from keybroker import errors
 from keybroker.api.app import api_routes, create_app
 from keybroker.api.deps import check_routes_declare_permissions, requires, route_permission
-from keybroker.auth.permissions import PERMISSIONS
 from keybroker.api.errors import STATUS_BY_ERROR, status_for
+from keybroker.auth.permissions import PERMISSIONS
 from keybroker.services import Services
 
 
