@@ -106,3 +106,50 @@ def test_config_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["config", "check", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "server.listen" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        ("UPDATE audit_events SET outcome = 'denied' WHERE seq = 3", "entry 3 was altered"),
+        ("DELETE FROM audit_events WHERE seq = 2", "entry 2 is missing"),
+    ],
+    ids=["edited", "deleted"],
+)
+def test_audit_verify_names_the_tampered_entry(
+    cli_env: dict[str, str], server: Server, tamper: str, named: str
+) -> None:
+    import sqlite3
+
+    policy = _ok("policy", "create", POLICY_FILE, "-o", "id").strip()
+    for _ in range(3):
+        _ok("key", "create", "-a", "AES", "-l", "256", "-p", policy)
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "audit chain intact: 5 entries" in result.stderr
+    with sqlite3.connect(server.data_dir / "keybroker.db") as db:
+        db.execute(tamper)
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 1
+    assert named in result.stderr
+
+
+def test_tokens_and_roles(cli_env: dict[str, str]) -> None:
+    secret = _ok("token", "create", "--name", "auditor-1", "--role", "auditor", "--ttl", "2h").strip()
+    tokens = json.loads(_ok("token", "list", "-o", "json"))
+    auditor = next(t for t in tokens if t["name"] == "auditor-1")
+    assert auditor["roles"] == ["auditor"]
+    assert "token" not in auditor
+    assert _ok("audit", "list", "--token", secret)  # the auditor may read the audit log...
+    result = runner.invoke(app, ["policy", "create", POLICY_FILE, "--token", secret])
+    assert result.exit_code == 1  # ...but not create policies
+    assert "forbidden, HTTP 403" in result.stderr
+    _ok("role", "set", "auditor", "-p", "audit:read", "-p", "key_transfer_policies:create")
+    assert _ok("policy", "create", POLICY_FILE, "--token", secret, "-o", "id")
+    _ok("token", "revoke", auditor["id"])
+    result = runner.invoke(app, ["audit", "list", "--token", secret])
+    assert "token_revoked, HTTP 401" in result.stderr
+    result = runner.invoke(app, ["token", "create", "--name", "x", "--role", "nobody"])
+    assert "unknown_role" in result.stderr
+    result = runner.invoke(app, ["token", "create", "--name", "x", "--role", "admin", "--ttl", "5y"])
+    assert result.exit_code == 2

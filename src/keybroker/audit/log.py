@@ -14,10 +14,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from keybroker.audit.chain import entry_hash
 from keybroker.clock import Clock
+from keybroker.errors import BackendUnavailable
 from keybroker.storage.db import Database
 from keybroker.storage.tables import AuditEventRow, AuditHeadRow
 
@@ -71,6 +73,14 @@ class AuditLog:
         self._lock = threading.Lock()  # spares SQLite's busy-wait between this process's own threads
 
     def append(self, session: Session, context: AuditContext, event: AuditEvent) -> int:
+        """Append ``event`` in ``session``'s transaction. Raises ``BackendUnavailable`` (``audit_unavailable``)
+        if the entry cannot be written; the caller's transaction then rolls back with it."""
+        try:
+            return self._append(session, context, event)
+        except SQLAlchemyError as exc:
+            raise BackendUnavailable("the audit log cannot be written", code="audit_unavailable") from exc
+
+    def _append(self, session: Session, context: AuditContext, event: AuditEvent) -> int:
         with self._lock:
             session.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(seq=AuditHeadRow.seq + 1))
             head = session.execute(select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)).one()
