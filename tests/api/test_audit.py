@@ -183,3 +183,22 @@ def test_audit_list_filters(api: TestClient) -> None:
     page = api.get("/kbs/v1/audit", params={"limit": 2})
     assert [e["seq"] for e in page.json()] == [1, 2]
     assert page.headers["x-next-cursor"] == "2"
+
+
+def test_readyz_reports_an_unreachable_backend(
+    api: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keybroker.errors import BackendUnavailable
+
+    assert api.get("/readyz").status_code == 200
+
+    def down() -> None:
+        raise BackendUnavailable("connection refused")
+
+    monkeypatch.setattr(services.keys.backends["embedded"], "check", down)
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "unavailable",
+        "checks": {"database": "ok", "backend:embedded": "backend_unavailable"},
+    }
