@@ -28,12 +28,12 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 stamp=.venv/.keybroker-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml client/pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing keybroker into .venv" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ./client -e '.[dev]' 2>&1 \
     | grep -v "^WARNING: Location 'file://" >&2 || true
-  .venv/bin/python -c 'import keybroker, fastapi, sqlalchemy' # fail here, not later, if pip failed
+  .venv/bin/python -c 'import keybroker, keybroker_client, fastapi, sqlalchemy' # fail here if pip failed
   echo "$want" > "$stamp"
 fi

@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 echo "== ruff" >&2
-.venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
-echo "== mypy --strict src" >&2
-.venv/bin/mypy src
+.venv/bin/ruff check src client/src tests bench
+.venv/bin/ruff format --check src client/src tests bench
+echo "== mypy --strict src client/src" >&2
+.venv/bin/mypy src client/src
 echo "== pytest" >&2
 exec .venv/bin/python -m pytest "$@"

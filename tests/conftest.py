@@ -17,7 +17,7 @@ from keybroker.api.app import create_app
 from keybroker.clock import FixedClock
 from keybroker.config import Settings, load_settings
 from keybroker.services import Services, build_services, initialise
-from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, TransferPolicyRow
+from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, RoleRow, TransferPolicyRow
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = json.loads((REPO / "examples" / "transfer-policy.json").read_text())
@@ -82,13 +82,19 @@ def snapshot(services: Services) -> dict[str, list[tuple[Any, ...]]]:
     """Every row keybroker stores, to prove that a refused request changed nothing."""
     with services.database.transaction() as session:
         return {
-            "keys": sorted((r.id, r.transfer_policy_id, r.backend_ref) for r in session.scalars(select(KeyRow))),
+            "keys": sorted(
+                (r.id, r.transfer_policy_id, r.backend_ref, r.label, r.usage, r.created_at, r.algorithm, r.key_length)
+                for r in session.scalars(select(KeyRow))
+            ),
             "policies": sorted(
                 (r.id, json.dumps(r.document, sort_keys=True), r.immutable)
                 for r in session.scalars(select(TransferPolicyRow))
             ),
-            "material": sorted((r.ref, r.ciphertext) for r in session.scalars(select(EmbeddedMaterialRow))),
-            "tokens": sorted((r.id, r.revoked_at) for r in session.scalars(select(ApiTokenRow))),
+            "material": sorted(
+                (r.ref, r.kek_id, r.wrapped_dek, r.ciphertext) for r in session.scalars(select(EmbeddedMaterialRow))
+            ),
+            "tokens": sorted((r.id, r.revoked_at, tuple(r.roles)) for r in session.scalars(select(ApiTokenRow))),
+            "roles": sorted((r.name, tuple(r.permissions)) for r in session.scalars(select(RoleRow))),
         }
 
 

@@ -7,6 +7,7 @@ resolved against the data directory. Nothing in keybroker reads configuration an
 
 from __future__ import annotations
 
+import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from keybroker.errors import ConfigurationError
 
@@ -191,8 +193,11 @@ class Settings(BaseSettings):
         return path if path.is_absolute() else self.data_dir / path
 
     def redacted(self) -> dict[str, Any]:
-        """The effective settings for display: secrets shown as ``**********``."""
-        return self.model_dump(mode="json")
+        """The effective settings for display: secrets shown as ``**********``, database passwords hidden."""
+        shown = self.model_dump(mode="json")
+        if self.database.url:
+            shown["database"]["url"] = make_url(self.database.url).render_as_string(hide_password=True)
+        return shown
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -222,6 +227,7 @@ def load_settings(
             raise ConfigurationError(f"configuration file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+    _check_environment_names()
     values = dict(overrides or {})
     if data_dir is not None:
         values["data_dir"] = data_dir
@@ -232,6 +238,27 @@ def load_settings(
         raise ConfigurationError(_describe(exc, path)) from None
     finally:
         _file_values.reset(token)
+
+
+# KEYBROKER_* variables that belong to the CLI, not to the service's settings.
+CLIENT_VARIABLES = frozenset({"KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_CACERT", "KEYBROKER_CA_FINGERPRINT"})
+
+
+def _check_environment_names() -> None:
+    """pydantic-settings ignores variables it has no field for; a misspelt KEYBROKER_SERVR__LISTEN must not fall back
+    to the default silently, so unknown top-level names are errors (nested typos are caught by validation)."""
+    known = set(Settings.model_fields)
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith("KEYBROKER_")
+        and name.upper() not in CLIENT_VARIABLES
+        and name[len("KEYBROKER_") :].split("__")[0].lower() not in known
+    )
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) in the environment: {', '.join(unknown)} (known sections: {', '.join(sorted(known))})"
+        )
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

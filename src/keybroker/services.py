@@ -15,6 +15,7 @@ from keybroker.audit.log import SYSTEM, AuditLog
 from keybroker.auth.roles import RoleStore
 from keybroker.auth.tokens import TokenStore
 from keybroker.backends import build_key_stores, service_wrapper
+from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.ca import ServiceCA
 from keybroker.clock import Clock, SystemClock
@@ -54,6 +55,15 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     policies = PolicyStore(database, audit, clock)
     stores = build_key_stores(settings, database, clock)
     keys = KeyService(database, stores, settings.keys.default_backend, policies, audit, clock)
+    for store in stores.values():
+        if isinstance(store, EmbeddedKeyStore):
+            foreign = store.kek_ids() - {store.wrapper.kek_id}
+            if foreign:
+                database.close()
+                raise ConfigurationError(
+                    f"backend {store.name!r} holds keys wrapped by KEK {', '.join(sorted(foreign))}, but the "
+                    f"configured master key is {store.wrapper.kek_id}; refusing to start with the wrong master key"
+                )
     ca = ServiceCA(settings.data_dir, service_wrapper(settings))
     return Services(settings, clock, database, audit, roles, tokens, policies, keys, ca)
 
@@ -89,14 +99,22 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
     clock = clock or SystemClock()
     data_dir = settings.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for backend in settings.backends.values():
-        if isinstance(backend, EmbeddedBackendSettings) and backend.wrapper.master_key is None:
-            path = settings.resolve(backend.wrapper.master_key_file)
-            if not path.exists():
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                LocalKeyWrapper.create_file(path)
     database = Database.from_url(settings.database_url)
     try:
+        already = database.is_migrated()
+        for backend in settings.backends.values():
+            if isinstance(backend, EmbeddedBackendSettings) and backend.wrapper.master_key is None:
+                path = settings.resolve(backend.wrapper.master_key_file)
+                if path.exists():
+                    continue
+                if already:
+                    # A new KEK for an existing store would split it between two master keys: never do that.
+                    raise ConfigurationError(
+                        f"the master key file {path} is missing but {data_dir} is already initialised; restore it "
+                        "from your backup (or set the master key through the environment)"
+                    )
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                LocalKeyWrapper.create_file(path)
         database.migrate()
         audit = AuditLog(database, clock)
         roles = RoleStore(database, audit, clock)

@@ -127,3 +127,34 @@ def test_serve_refuses_an_uninitialised_data_directory(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "keybroker init" in result.stderr
+
+
+def test_a_body_cut_off_midway_is_never_acted_on(server: Server) -> None:
+    import socket
+    import ssl as ssl_module
+
+    with server.client() as client:
+        policy_id = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY).json()["id"]
+    body = json.dumps(
+        {
+            "key_information": {"algorithm": "AES", "key_length": 256},
+            "transfer_policy_id": policy_id,
+            "label": "truncated",
+        }
+    ).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    head = (
+        f"POST /kbs/v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body) + 500}\r\n\r\n"
+    ).encode()
+    context = ssl_module.create_default_context(cafile=str(server.ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(head + body)  # a complete JSON document, but 500 bytes short of what was announced
+        time.sleep(0.5)
+    time.sleep(0.5)
+    with server.client() as client:
+        assert client.get("/kbs/v1/keys").json() == []
+        assert client.get("/healthz").status_code == 200

@@ -81,3 +81,20 @@ def test_invalid_settings_are_named(
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         load_settings(data_dir=tmp_path, config_file=tmp_path / "absent.toml")
+
+
+def test_misspelt_environment_names_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYBROKER_SERVR__LISTEN", "127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match="KEYBROKER_SERVR__LISTEN"):
+        load_settings(data_dir=tmp_path)
+    monkeypatch.delenv("KEYBROKER_SERVR__LISTEN")
+    for client_variable in ("KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_CACERT", "KEYBROKER_CA_FINGERPRINT"):
+        monkeypatch.setenv(client_variable, "x")
+    assert load_settings(data_dir=tmp_path).server.listen == "127.0.0.1:9443"
+
+
+def test_database_password_is_not_displayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYBROKER_DATABASE__URL", "postgresql+psycopg://kbs:S3cretPW@db/kbs")
+    shown = load_settings(data_dir=tmp_path).redacted()
+    assert "S3cretPW" not in str(shown)
+    assert shown["database"]["url"] == "postgresql+psycopg://kbs:***@db/kbs"

@@ -11,9 +11,10 @@ from sqlalchemy import update
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import FixedClock
+from keybroker.config import Settings
 from keybroker.errors import ConfigurationError, NotFound, StoredKeyCorrupt
 from keybroker.keys.models import Algorithm, BackendRef, Curve, KeyId, KeyMaterial, KeySpec
-from keybroker.services import Services
+from keybroker.services import Services, build_services, initialise
 from keybroker.storage.tables import EmbeddedMaterialRow
 
 AES = KeySpec(Algorithm.AES, 256)
@@ -27,17 +28,17 @@ def test_round_trip_and_idempotent_delete(services: Services) -> None:
     store = _store(services)
     material = KeyMaterial(AES, os.urandom(32))
     ref = store.put(KeyId("k1"), material)
-    assert store.get(ref, AES) == material
+    assert store.get(KeyId("k1"), ref, AES) == material
     store.delete(ref)
     store.delete(ref)
     with pytest.raises(NotFound):
-        store.get(ref, AES)
+        store.get(KeyId("k1"), ref, AES)
 
 
 def test_a_different_kek_cannot_open_it(services: Services) -> None:
     ref = _store(services, b"a" * 32).put(KeyId("k1"), KeyMaterial(AES, os.urandom(32)))
     with pytest.raises(StoredKeyCorrupt, match="wrapped by KEK"):
-        _store(services, b"b" * 32).get(ref, AES)
+        _store(services, b"b" * 32).get(KeyId("k1"), ref, AES)
 
 
 def test_ciphertext_moved_to_another_row_does_not_open(services: Services) -> None:
@@ -54,7 +55,7 @@ def test_ciphertext_moved_to_another_row_does_not_open(services: Services) -> No
             .values(wrapped_dek=wrapped, ciphertext=ciphertext)
         )
     with pytest.raises(StoredKeyCorrupt):
-        store.get(BackendRef(second), AES)
+        store.get(KeyId("k2"), BackendRef(second), AES)
 
 
 @pytest.mark.parametrize("column", ["wrapped_dek", "ciphertext"])
@@ -68,14 +69,24 @@ def test_flipped_bit_is_detected(services: Services, column: str) -> None:
         value[-1] ^= 1
         setattr(row, column, bytes(value))
     with pytest.raises(StoredKeyCorrupt):
-        store.get(ref, AES)
+        store.get(KeyId("k1"), ref, AES)
+
+
+def test_material_is_bound_to_its_key_id(services: Services) -> None:
+    store = _store(services)
+    ref_a = store.put(KeyId("a"), KeyMaterial(AES, b"A" * 32))
+    store.put(KeyId("b"), KeyMaterial(AES, b"B" * 32))
+    # A key record for "b" pointed at "a"'s material (a database edit) must not yield "a"'s bytes.
+    with pytest.raises(StoredKeyCorrupt):
+        store.get(KeyId("b"), ref_a, AES)
+    assert store.get(KeyId("a"), ref_a, AES).secret == b"A" * 32
 
 
 def test_spec_is_authenticated_too(services: Services) -> None:
     store = _store(services)
     ref = store.put(KeyId("k1"), KeyMaterial(AES, b"1" * 32))
     with pytest.raises(StoredKeyCorrupt):
-        store.get(ref, KeySpec(Algorithm.EC, 256, Curve.P256))
+        store.get(KeyId("k1"), ref, KeySpec(Algorithm.EC, 256, Curve.P256))
 
 
 def test_master_key_file_checks(tmp_path: Path) -> None:
@@ -113,3 +124,20 @@ def test_store_uses_the_injected_clock(services: Services) -> None:
         row = session.get(EmbeddedMaterialRow, ref)
         assert row is not None
         assert row.created_at == clock.now()
+
+
+def test_init_never_replaces_a_lost_master_key(settings: Settings, services: Services) -> None:
+    (settings.data_dir / "master.key").unlink()
+    with pytest.raises(ConfigurationError, match=r"master key file .* is missing but .* is already initialised"):
+        initialise(settings)
+    assert not (settings.data_dir / "master.key").exists()
+
+
+def test_the_service_refuses_to_start_with_another_master_key(settings: Settings, services: Services) -> None:
+    _store_default = services.keys.backends["embedded"]
+    _store_default.put(KeyId("k1"), KeyMaterial(AES, b"1" * 32))
+    path = settings.data_dir / "master.key"
+    path.unlink()
+    LocalKeyWrapper.create_file(path)
+    with pytest.raises(ConfigurationError, match="refusing to start with the wrong master key"):
+        build_services(settings)

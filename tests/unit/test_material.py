@@ -144,7 +144,7 @@ def test_small_public_exponent_is_refused() -> None:
         ("RSA", 1024, None, "unsupported_key_length"),
         ("RSA", 8192, None, "unsupported_key_length"),
         ("RSA", 2048, "secp384r1", "unsupported_curve"),
-        ("EC", None, None, "unsupported_key_length"),
+        ("EC", None, None, "unsupported_curve"),
         ("EC", None, "secp256k1", "unsupported_curve"),
         ("EC", 384, "secp256r1", "unsupported_key_length"),
     ],

@@ -3,6 +3,7 @@ library stays light."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,15 @@ def test_keybroker_client_does_not_load_server_packages() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_keybroker_client_is_its_own_light_distribution() -> None:
+    import tomllib
+
+    from tests.conftest import REPO
+
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())
+    requirements = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower() for r in client["project"]["dependencies"]}
+    assert requirements <= {"httpx", "cryptography"}
+    server = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "keybroker-client" in server["project"]["dependencies"]

@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,7 +17,6 @@ from keybroker.api.deps import check_routes_declare_permissions
 from keybroker.api.errors import (
     http_error_handler,
     keybroker_error_handler,
-    problem,
     validation_error_handler,
 )
 from keybroker.api.metrics import Metrics
@@ -53,7 +51,14 @@ def create_app(services: Services) -> FastAPI:
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="keybroker", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="keybroker",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        redirect_slashes=False,  # a redirect would be built from the request's Host header
+    )
     app.state.services = services
     app.state.metrics = Metrics()
     check_routes_declare_permissions(api_routes())
@@ -63,21 +68,9 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(KeybrokerError, keybroker_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_exception_handler(Exception, _unexpected_error_handler)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=services.settings.server.max_body_bytes,
         metrics=app.state.metrics,
     )
     return app
-
-
-async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    # The exception type only: messages of third-party exceptions are not vetted for secrets.
-    log.error(
-        "unhandled_exception",
-        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        request_id=getattr(request.state, "request_id", None),
-        path=request.url.path,
-    )
-    return problem(request, 500, "internal_error", "Internal error", "an unexpected error occurred")

@@ -7,6 +7,7 @@ learns nothing about the schema.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any, TypeVar
 
@@ -113,6 +114,7 @@ def json_body(model: type[M]) -> Callable[[Request], Coroutine[Any, Any, M]]:
             raise UnsupportedMediaType("the request body must be application/json")
         if not body.strip():
             raise InvalidRequest("a JSON request body is required", code="invalid_json")
+        _reject_duplicate_members(body)
         try:
             return model.model_validate_json(body)
         except ValidationError as exc:
@@ -122,3 +124,29 @@ def json_body(model: type[M]) -> Callable[[Request], Coroutine[Any, Any, M]]:
             raise InvalidRequest("the request body does not match the schema", errors=found) from None
 
     return parse
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise _DuplicateMember(duplicate)
+    return dict(pairs)
+
+
+class _DuplicateMember(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _reject_duplicate_members(body: bytes) -> None:
+    """A member given twice would let two readers of one document see two different requests (the last one
+    wins in most parsers, the first in others): refuse it instead of choosing."""
+    try:
+        json.loads(body, object_pairs_hook=_no_duplicates)
+    except _DuplicateMember as exc:
+        name = exc.name if len(exc.name) <= 64 and exc.name.isprintable() else "(a member)"
+        raise InvalidRequest(f"the JSON member {name!r} appears more than once", code="duplicate_member") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None

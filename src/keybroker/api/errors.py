@@ -105,7 +105,7 @@ def _audit_refusal(request: Request, status: int, code: str) -> None:
         action="auth.refused" if denied else "request.failed",
         outcome="denied" if denied else "failure",
         target=f"{request.method} {path}",
-        details={"status": status, "code": code, "path": request.url.path},
+        details={"status": status, "code": code, "path": request.url.path[:256]},
     )
     try:
         request.app.state.services.audit.record(audit_context(request), event)

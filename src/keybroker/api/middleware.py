@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keybroker.api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 from keybroker.api.metrics import Metrics
 
+_DISCONNECTED = b"\0disconnected"  # sentinel (compared by identity)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 log = structlog.get_logger("keybroker.access")
 
@@ -54,10 +55,24 @@ class RequestContextMiddleware:
 
         try:
             body = await self._read_body(scope, receive)
+            if body is _DISCONNECTED:
+                return  # the client went away mid-body: nothing of a partial request may be acted on
             if body is None:
                 await _too_large(send_with_id, request_id, self.max_body_bytes)
                 return
-            await self.app(scope, _replay(body), send_with_id)
+            try:
+                await self.app(scope, _replay(body), send_with_id)
+            except Exception as exc:
+                # Handled here so that nothing (uvicorn's fallback logger included) prints a traceback whose
+                # frames or messages might hold request data. The type is enough to start an investigation.
+                log.error(
+                    "unhandled_exception",
+                    error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    request_id=request_id,
+                    path=scope["path"],
+                )
+                if status_holder["status"] == 0:
+                    await _internal_error(send_with_id, request_id)
         finally:
             elapsed = time.perf_counter() - started
             status = status_holder["status"]
@@ -89,7 +104,7 @@ class RequestContextMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return _DISCONNECTED
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -128,19 +143,29 @@ def _request_id(scope: Scope) -> str:
 
 
 async def _too_large(send: Send, request_id: str, limit: int) -> None:
+    await _problem(
+        send, request_id, 413, "payload_too_large", "Payload too large", f"the request body exceeds {limit} bytes"
+    )
+
+
+async def _internal_error(send: Send, request_id: str) -> None:
+    await _problem(send, request_id, 500, "internal_error", "Internal error", "an unexpected error occurred")
+
+
+async def _problem(send: Send, request_id: str, status: int, code: str, title: str, detail: str) -> None:
     body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + "payload_too_large",
-        "title": "Payload too large",
-        "status": 413,
-        "detail": f"the request body exceeds {limit} bytes",
-        "code": "payload_too_large",
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
         "request_id": request_id,
     }
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
                 (b"content-length", str(len(payload)).encode()),

@@ -5,16 +5,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from keybroker.errors import InvalidRequest
+from keybroker.ids import is_uuid4
 from keybroker.keys.models import KeyId, KeyRecord, PolicyId
 from keybroker.keys.service import NewKey, build_spec
 from keybroker.policy.model import Uuid
 from keybroker.policy.store import PolicyRecord
 
-Text = Annotated[str, Field(max_length=256)]
+# Free text for people: no control characters (they break logs, terminals and some databases).
+Text = Annotated[str, Field(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 StrictInt = Annotated[int, Field(strict=True)]
+
+
+def _uuid4(value: str) -> str:
+    if not is_uuid4(value):
+        raise ValueError("must be a UUIDv4 in canonical lowercase form")
+    return value
+
+
+Uuid4 = Annotated[str, Field(strict=True), AfterValidator(_uuid4)]
 
 
 class _Body(BaseModel):
@@ -25,9 +36,11 @@ class KeyInformationIn(_Body):
     algorithm: Annotated[str, Field(min_length=1, max_length=16)]
     key_length: StrictInt | None = None
     curve_type: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    key_string: Annotated[SecretStr, Field(min_length=1, max_length=65536)] | None = None
+    # 10,000 characters hold any accepted key (an RSA-7680 PEM is about 5,900); a larger input is refused before
+    # any parsing, so nobody can make the service validate a huge RSA key.
+    key_string: Annotated[SecretStr, Field(min_length=1, max_length=10_000)] | None = None
     kmip_key_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    id: Uuid | None = None  # the guide's body lets the caller choose the key id
+    id: Uuid4 | None = None  # the guide's body lets the caller choose the key id
 
 
 class KeyCreateRequest(_Body):

@@ -57,7 +57,7 @@ BUILTIN_ROLES: MappingProxyType[str, frozenset[str]] = MappingProxyType(
 
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 # A token's free permission context (the guide's PERMISSION="nginx,USA"): words without spaces or commas.
-CONTEXT_VALUE = re.compile(r"^[^\s,]{1,128}$")
+CONTEXT_VALUE = re.compile(r"^[!-+\--~]{1,128}$")  # printable ASCII without space or comma
 
 
 def validate_permissions(values: list[str]) -> frozenset[str]:

@@ -40,7 +40,8 @@ def _role(row: RoleRow) -> Role:
 
 
 def role_not_found(name: str) -> NotFound:
-    return NotFound(f"role {name!r} does not exist", code="role_not_found")
+    shown = repr(name) if ROLE_NAME.match(name) else "with that name"
+    return NotFound(f"role {shown} does not exist", code="role_not_found")
 
 
 class RoleStore:

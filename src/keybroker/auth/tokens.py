@@ -25,6 +25,7 @@ from keybroker.auth.permissions import CONTEXT_VALUE
 from keybroker.auth.roles import RoleStore
 from keybroker.clock import Clock
 from keybroker.errors import InvalidRequest, NotFound, Unauthenticated
+from keybroker.ids import canonical_uuid
 from keybroker.storage.db import Database
 from keybroker.storage.tables import ApiTokenRow, DeploymentRow
 
@@ -164,6 +165,8 @@ class TokenStore:
             return len(list(session.scalars(select(ApiTokenRow.id))))
 
     def revoke(self, token_id: str, audit: AuditContext) -> TokenInfo:
+        if canonical_uuid(token_id) is None:
+            raise NotFound("no token has that id", code="token_not_found")
         with self._db.transaction() as session:
             row = session.get(ApiTokenRow, token_id, with_for_update=True)
             if row is None:

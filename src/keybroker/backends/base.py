@@ -31,8 +31,11 @@ class KeyStore(Protocol):
         """Store ``material`` for ``key_id`` and return the backend's handle for it."""
         ...
 
-    def get(self, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
-        """Return the material stored under ``ref``. Raises ``NotFound`` if it is gone."""
+    def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
+        """Return the material of key ``key_id`` stored under ``ref``. Raises ``NotFound`` if it is gone.
+
+        Stores that can must bind the material to ``key_id`` (an authenticated context), so that a key record
+        pointed at another key's ``ref`` does not yield that other key's material."""
         ...
 
     def delete(self, ref: BackendRef) -> None:

@@ -1,14 +1,17 @@
 """The embedded ``KeyStore``: key material in keybroker's own database, envelope-encrypted.
 
 Each key gets a fresh 256-bit data key (DEK). The material is sealed with AES-256-GCM under the DEK, the DEK is
-wrapped by the ``KeyWrapper`` (the KEK holder). Both layers authenticate the row's reference as context, so a
-ciphertext moved to another row does not open.
+wrapped by the ``KeyWrapper`` (the KEK holder). Both layers authenticate the key id, the row's reference and the
+key type as context, so a ciphertext moved to another row, or a key record pointed at another key's row, does not
+open.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+
+from sqlalchemy import select
 
 from keybroker.backends.base import Capability, KeyWrapper
 from keybroker.clock import Clock
@@ -19,8 +22,8 @@ from keybroker.storage.db import Database
 from keybroker.storage.tables import EmbeddedMaterialRow
 
 
-def _context(ref: str, spec: KeySpec) -> bytes:
-    return f"keybroker/embedded/v1\0{ref}\0{spec.describe()}".encode()
+def _context(key_id: str, ref: str, spec: KeySpec) -> bytes:
+    return f"keybroker/embedded/v1\0{key_id}\0{ref}\0{spec.describe()}".encode()
 
 
 class EmbeddedKeyStore:
@@ -37,7 +40,7 @@ class EmbeddedKeyStore:
 
     def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
         ref = str(uuid.uuid4())
-        context = _context(ref, material.spec)
+        context = _context(key_id, ref, material.spec)
         dek = os.urandom(32)
         row = EmbeddedMaterialRow(
             ref=ref,
@@ -50,13 +53,13 @@ class EmbeddedKeyStore:
             session.add(row)
         return BackendRef(ref)
 
-    def get(self, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
+    def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
         with self._db.transaction() as session:
             row = session.get(EmbeddedMaterialRow, ref)
             if row is None:
                 raise NotFound("the key material is not in the embedded store", code="key_material_missing")
             kek_id, wrapped_dek, ciphertext = row.kek_id, row.wrapped_dek, row.ciphertext
-        context = _context(ref, spec)
+        context = _context(key_id, ref, spec)
         dek = self._wrapper.unwrap(wrapped_dek, context, kek_id)
         try:
             return KeyMaterial(spec, open_sealed(dek, ciphertext, context))
@@ -71,3 +74,12 @@ class EmbeddedKeyStore:
 
     def check(self) -> None:
         self._db.ping()
+
+    def kek_ids(self) -> set[str]:
+        """The KEKs that wrapped the stored data keys (to refuse starting with the wrong master key)."""
+        with self._db.transaction() as session:
+            return set(session.scalars(select(EmbeddedMaterialRow.kek_id).distinct()))
+
+    @property
+    def wrapper(self) -> KeyWrapper:
+        return self._wrapper

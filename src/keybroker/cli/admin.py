@@ -10,7 +10,7 @@ import typer
 
 from keybroker.audit.chain import verify_chain
 from keybroker.cli import output
-from keybroker.cli.common import Addr, CaCert, CaPin, DataDir, OutputOpt, Token, connect, handled
+from keybroker.cli.common import Addr, CaCert, CaPin, DataDir, OutputOpt, Token, connect, handled, segment
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
 
@@ -98,7 +98,7 @@ def token_revoke(
 ) -> None:
     """Revoke a token: it is refused from the next request on."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        api.request("DELETE", f"/kbs/v1/tokens/{token_id}")
+        api.request("DELETE", f"/kbs/v1/tokens/{segment(token_id)}")
     output.stderr.print(f"revoked token {token_id}", highlight=False)
 
 
@@ -139,7 +139,7 @@ def role_set(
 ) -> None:
     """Create a role or replace its permissions (applies to existing tokens at once)."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        role = api.request("PUT", f"/kbs/v1/roles/{name}", json={"permissions": permission}).json()
+        role = api.request("PUT", f"/kbs/v1/roles/{segment(name)}", json={"permissions": permission}).json()
     role["id"] = role["name"]
     output.emit(role, output_format, lambda: output.details(role))
 
@@ -155,7 +155,7 @@ def role_delete(
 ) -> None:
     """Delete a custom role that no unrevoked token holds."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        api.request("DELETE", f"/kbs/v1/roles/{name}")
+        api.request("DELETE", f"/kbs/v1/roles/{segment(name)}")
     output.stderr.print(f"deleted role {name}", highlight=False)
 
 

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import typer
 
@@ -69,3 +70,10 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
 
 def connect(addr: str, token: str | None, cacert: str | None, ca_fingerprint: str | None) -> AdminApi:
     return AdminApi(Connection(addr=addr, token=token, cacert=cacert, ca_fingerprint=ca_fingerprint))
+
+
+def segment(value: str) -> str:
+    """A path segment, escaped: an id like ``../key-transfer-policies/X`` must not reach another resource."""
+    if value in ("", ".", ".."):
+        raise typer.BadParameter(f"{value!r} is not an id")
+    return quote(value, safe="")

@@ -15,7 +15,7 @@ import typer
 from keybroker import __version__
 from keybroker.cli import output
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
-from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled
+from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled, segment
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
 from keybroker.config import Settings, load_settings
@@ -323,7 +323,7 @@ def key_show(
 ) -> None:
     """Show one key's metadata."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        key = api.get_json(f"/kbs/v1/keys/{key_id}")
+        key = api.get_json(f"/kbs/v1/keys/{segment(key_id)}")
     output.emit(key, output_format, lambda: output.details(key))
 
 
@@ -340,7 +340,7 @@ def key_set_policy(
 ) -> None:
     """Re-assign a key's transfer policy."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        key = api.request("PUT", f"/kbs/v1/keys/{key_id}", json={"transfer_policy_id": policy}).json()
+        key = api.request("PUT", f"/kbs/v1/keys/{segment(key_id)}", json={"transfer_policy_id": policy}).json()
     _show_key(key, output_format)
 
 
@@ -355,7 +355,7 @@ def key_delete(
 ) -> None:
     """Delete a key and its material in the backend."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        api.request("DELETE", f"/kbs/v1/keys/{key_id}")
+        api.request("DELETE", f"/kbs/v1/keys/{segment(key_id)}")
     output.stderr.print(f"deleted key {key_id}", highlight=False)
 
 
@@ -406,7 +406,9 @@ def policy_update(
 ) -> None:
     """Replace a (mutable) key transfer policy with the JSON file's content."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        policy = api.request("PUT", f"/kbs/v1/key-transfer-policies/{policy_id}", json=_read_policy(file)).json()
+        policy = api.request(
+            "PUT", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}", json=_read_policy(file)
+        ).json()
     _show_policy(policy, output_format)
 
 
@@ -443,7 +445,7 @@ def policy_show(
 ) -> None:
     """Show one key transfer policy."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{policy_id}"), output_format)
+        _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{segment(policy_id)}"), output_format)
 
 
 @policy_app.command("delete")
@@ -457,7 +459,7 @@ def policy_delete(
 ) -> None:
     """Delete a key transfer policy (refused while a key uses it, or if it is immutable)."""
     with connect(addr, token, cacert, ca_fingerprint) as api:
-        api.request("DELETE", f"/kbs/v1/key-transfer-policies/{policy_id}")
+        api.request("DELETE", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}")
     output.stderr.print(f"deleted policy {policy_id}", highlight=False)
 
 

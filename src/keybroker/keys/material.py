@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keybroker.errors import InvalidKeyMaterial
-from keybroker.keys.models import Algorithm, Curve, KeyMaterial, KeySpec
+from keybroker.keys.models import KEY_LENGTHS, Algorithm, Curve, KeyMaterial, KeySpec
 
 _EC_CURVES: dict[Curve, type[ec.EllipticCurve]] = {
     Curve.P256: ec.SECP256R1,
@@ -93,7 +93,13 @@ def _load_pem_private_key(key_string: str) -> object:
     if b"ENCRYPTED" in text:
         raise InvalidKeyMaterial("encrypted PEM private keys are not accepted; decrypt it first")
     try:
-        # ``from None``: the parser's message could describe the bytes it choked on.
-        return serialization.load_pem_private_key(text, password=None)
+        # ``from None``: the parser's message could describe the bytes it choked on. The RSA consistency checks
+        # are costly for large moduli, so they run only once the size is known to be one keybroker accepts.
+        key = serialization.load_pem_private_key(text, password=None, unsafe_skip_rsa_key_validation=True)
+        if isinstance(key, rsa.RSAPrivateKey):
+            if key.key_size > max(KEY_LENGTHS[Algorithm.RSA]):
+                raise InvalidKeyMaterial(f"RSA keys larger than {max(KEY_LENGTHS[Algorithm.RSA])} bits are refused")
+            key = serialization.load_pem_private_key(text, password=None)
+        return key
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise InvalidKeyMaterial("key_string does not parse as a PEM private key") from None

@@ -25,6 +25,7 @@ from keybroker.errors import (
     NotFound,
     UnknownReference,
 )
+from keybroker.ids import canonical_uuid
 from keybroker.keys import material as key_material
 from keybroker.keys.models import (
     CURVE_ALIASES,
@@ -90,7 +91,7 @@ def build_spec(algorithm: str, key_length: int | None, curve_type: str | None) -
     lengths = ", ".join(str(n) for n in KEY_LENGTHS[alg])
     if alg is Algorithm.EC:
         if curve_type is None:
-            raise InvalidRequest("EC keys need curve_type", code="unsupported_key_length")
+            raise InvalidRequest("EC keys need curve_type", code="unsupported_curve")
         curve = parse_curve(curve_type)
         if key_length is not None and key_length != curve.bits:
             raise InvalidRequest(
@@ -106,7 +107,8 @@ def build_spec(algorithm: str, key_length: int | None, curve_type: str | None) -
 
 
 def key_not_found(key_id: str) -> NotFound:
-    return NotFound(f"key {key_id} does not exist", code="key_not_found")
+    shown = canonical_uuid(key_id) or "with that id"
+    return NotFound(f"key {shown} does not exist", code="key_not_found")
 
 
 def _record(row: KeyRow) -> KeyRecord:
@@ -220,6 +222,8 @@ class KeyService:
         return _record(row)
 
     def get(self, key_id: str) -> KeyRecord:
+        if canonical_uuid(key_id) is None:
+            raise key_not_found(key_id)
         with self._db.transaction() as session:
             row = session.get(KeyRow, key_id)
             if row is None:
@@ -245,6 +249,8 @@ class KeyService:
         return [_record(row) for row in rows], cursor
 
     def set_policy(self, key_id: str, policy_id: PolicyId, audit: AuditContext) -> KeyRecord:
+        if canonical_uuid(key_id) is None:
+            raise key_not_found(key_id)
         try:
             with self._db.transaction() as session:
                 row = session.get(KeyRow, key_id, with_for_update=True)
@@ -270,7 +276,7 @@ class KeyService:
 
     def load_material(self, record: KeyRecord) -> KeyMaterial:
         """The key bytes, from the backend that holds them. Callers must have decided to release them."""
-        return self._stores[record.backend].get(record.backend_ref, record.spec)
+        return self._stores[record.backend].get(record.id, record.backend_ref, record.spec)
 
     def delete(self, key_id: str, audit: AuditContext) -> None:
         """Delete the record (with its audit entry), then the backend material.

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import re
-import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from keybroker.ids import canonical_uuid
 
 
 class TeeType(enum.StrEnum):
@@ -45,10 +46,10 @@ def _hex(n_chars: int) -> Callable[[str], str]:
 
 
 def _uuid(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ValueError("must be a UUID") from None
+    lowered = value.lower()
+    if canonical_uuid(lowered) is None:
+        raise ValueError("must be a UUID in canonical form (8-4-4-4-12 hexadecimal digits)")
+    return lowered
 
 
 Hex16 = Annotated[str, Field(strict=True), AfterValidator(_hex(16))]
@@ -58,7 +59,7 @@ Hex128 = Annotated[str, Field(strict=True), AfterValidator(_hex(128))]
 Uuid = Annotated[str, Field(strict=True), AfterValidator(_uuid)]
 U16 = Annotated[int, Field(ge=0, le=0xFFFF, strict=True)]
 U8 = Annotated[int, Field(ge=0, le=0xFF, strict=True)]
-AdvisoryId = Annotated[str, Field(pattern=r"^INTEL-(SA|DOC)-\d{5}$")]
+AdvisoryId = Annotated[str, Field(pattern=r"^INTEL-(SA|DOC)-[0-9]{5}$")]
 
 
 def _unique(values: list[Any] | None) -> list[Any] | None:
@@ -150,7 +151,8 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-Permission = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s,]+$")]
+# Printable ASCII without space or comma (the guide writes a context as PERMISSION="nginx,USA").
+Permission = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[!-+\--~]+$")]
 
 
 class TransferPolicyDocument(_Strict):

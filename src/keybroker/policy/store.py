@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.clock import Clock
 from keybroker.errors import Conflict, NotFound
+from keybroker.ids import canonical_uuid
 from keybroker.keys.models import PolicyId
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.storage.db import Database
@@ -38,7 +39,8 @@ def _record(row: TransferPolicyRow) -> PolicyRecord:
 
 
 def policy_not_found(policy_id: str) -> NotFound:
-    return NotFound(f"key transfer policy {policy_id} does not exist", code="policy_not_found")
+    shown = canonical_uuid(policy_id) or "with that id"
+    return NotFound(f"key transfer policy {shown} does not exist", code="policy_not_found")
 
 
 def _summary(document: TransferPolicyDocument) -> dict[str, Any]:
@@ -66,6 +68,8 @@ class PolicyStore:
         return _record(row)
 
     def get(self, policy_id: str) -> PolicyRecord:
+        if canonical_uuid(policy_id) is None:
+            raise policy_not_found(policy_id)
         with self._db.transaction() as session:
             row = session.get(TransferPolicyRow, policy_id)
             if row is None:
@@ -73,6 +77,8 @@ class PolicyStore:
             return _record(row)
 
     def exists(self, policy_id: str) -> bool:
+        if canonical_uuid(policy_id) is None:
+            return False
         with self._db.transaction() as session:
             return session.get(TransferPolicyRow, policy_id) is not None
 
@@ -86,6 +92,8 @@ class PolicyStore:
         return [_record(row) for row in rows], cursor
 
     def replace(self, policy_id: str, document: TransferPolicyDocument, audit: AuditContext) -> PolicyRecord:
+        if canonical_uuid(policy_id) is None:
+            raise policy_not_found(policy_id)
         with self._db.transaction() as session:
             row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
             if row is None:
@@ -99,6 +107,8 @@ class PolicyStore:
             return _record(row)
 
     def delete(self, policy_id: str, audit: AuditContext) -> None:
+        if canonical_uuid(policy_id) is None:
+            raise policy_not_found(policy_id)
         in_use = Conflict(f"key transfer policy {policy_id} is referenced by at least one key", code="policy_in_use")
         try:
             with self._db.transaction() as session:

@@ -11,13 +11,23 @@ from keybroker.services import Services
 
 
 def reject_unknown_query(request: Request, allowed: frozenset[str]) -> None:
-    """A misspelt filter must not silently widen a listing."""
-    unknown = sorted(set(request.query_params) - allowed)
+    """A misspelt, repeated or empty filter must not silently widen a listing."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - allowed)
     if unknown:
+        shown = ", ".join(name[:40] for name in unknown[:5])
         raise InvalidRequest(
-            f"unknown query parameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
+            f"unknown query parameter(s): {shown}; allowed: {', '.join(sorted(allowed))}",
             code="unknown_query_parameter",
         )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidRequest(
+            f"query parameter(s) given more than once: {', '.join(repeated)}", code="duplicate_query_parameter"
+        )
+    empty = sorted(name for name, value in request.query_params.multi_items() if value == "")
+    if empty:
+        raise InvalidRequest(f"query parameter(s) without a value: {', '.join(empty)}", code="invalid_request")
 
 
 def set_next_page(request: Request, response: Response, cursor: str | None) -> None:
@@ -30,6 +40,11 @@ def set_next_page(request: Request, response: Response, cursor: str | None) -> N
     response.headers["Link"] = f'<{request.url.path}?{urlencode(params)}>; rel="next"'
 
 
-def base_url(request: Request, services: Services) -> str:
-    configured = services.settings.server.public_url
-    return (configured or str(request.base_url)).rstrip("/")
+def base_url(services: Services) -> str:
+    """The service's base URL for links: configured, never taken from the request's Host header."""
+    server = services.settings.server
+    if server.public_url:
+        return server.public_url.rstrip("/")
+    scheme = "https" if services.settings.tls.enabled else "http"
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    return f"{scheme}://{host}:{server.port}"

@@ -30,15 +30,15 @@ async def create_key(
 ) -> KeyOut:
     new = body.to_new_key()
     await run_in_threadpool(services.keys.check_new, new)
-    if new.spec.algorithm is Algorithm.RSA and new.key_string is None:
-        # RSA generation takes up to seconds (7680 bits); a small dedicated pool keeps it from starving the
-        # threads that serve every other request.
+    if new.spec.algorithm is Algorithm.RSA:
+        # RSA generation takes up to seconds (7680 bits) and validating an imported RSA key is costly too; a small
+        # dedicated pool keeps them from starving the threads that serve every other request.
         executor = request.app.state.keygen_executor
         material = await asyncio.get_running_loop().run_in_executor(executor, services.keys.make_material, new)
     else:
         material = await run_in_threadpool(services.keys.make_material, new)
     record = await run_in_threadpool(services.keys.store, new, material, audit)
-    return KeyOut.of(record, base_url(request, services))
+    return KeyOut.of(record, base_url(services))
 
 
 @router.get("", dependencies=[requires("keys:search")])
@@ -47,10 +47,10 @@ def list_keys(
     response: Response,
     services: ServicesDep,
     algorithm: str | None = None,
-    key_length: Annotated[int | None, Query(alias="keyLength")] = None,
+    key_length: Annotated[int | None, Query(alias="keyLength", ge=1, le=65536)] = None,
     curve_type: Annotated[str | None, Query(alias="curveType")] = None,
     transfer_policy_id: Annotated[str | None, Query(alias="transferPolicyId", max_length=64)] = None,
-    limit: int | None = None,
+    limit: Annotated[int | None, Query(ge=-1, le=1_000_000)] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> list[KeyOut]:
     reject_unknown_query(request, _LIST_PARAMS)
@@ -62,13 +62,13 @@ def list_keys(
     )
     records, next_cursor = services.keys.list(key_filter, Page.parse(limit, cursor))
     set_next_page(request, response, next_cursor)
-    base = base_url(request, services)
+    base = base_url(services)
     return [KeyOut.of(record, base) for record in records]
 
 
 @router.get("/{key_id}", dependencies=[requires("keys:retrieve")])
 def get_key(key_id: str, request: Request, services: ServicesDep) -> KeyOut:
-    return KeyOut.of(services.keys.get(key_id), base_url(request, services))
+    return KeyOut.of(services.keys.get(key_id), base_url(services))
 
 
 @router.put("/{key_id}", dependencies=[requires("keys:update")])
@@ -80,7 +80,7 @@ def update_key(
     audit: AuditDep,
 ) -> KeyOut:
     record = services.keys.set_policy(key_id, PolicyId(body.transfer_policy_id), audit)
-    return KeyOut.of(record, base_url(request, services))
+    return KeyOut.of(record, base_url(services))
 
 
 @router.delete("/{key_id}", status_code=204, dependencies=[requires("keys:delete")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query, set_next_page
@@ -28,8 +28,8 @@ def list_policies(
     request: Request,
     response: Response,
     services: ServicesDep,
-    limit: int | None = None,
-    cursor: str | None = None,
+    limit: Annotated[int | None, Query(ge=-1, le=1_000_000)] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> list[dict[str, Any]]:
     reject_unknown_query(request, frozenset({"limit", "cursor"}))
     records, next_cursor = services.policies.list(Page.parse(limit, cursor))
