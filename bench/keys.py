@@ -32,6 +32,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -126,8 +127,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int]]:
-    """Init a data directory in a temp dir and serve it; yields (addr, admin token, server pid)."""
+def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int, str]]:
+    """Init a data directory in a temp dir and serve it (HTTPS, the service CA); yields (addr, admin token, server
+    pid, CA file)."""
     with tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp:
         data_dir, log_path = Path(tmp) / "data", Path(tmp) / "server.log"
         command = [sys.executable, "-m", "keybroker"]
@@ -138,7 +140,8 @@ def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int]]:
             raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
         token = (data_dir / "admin-token").read_text().strip()
         port = free_port()
-        addr = f"http://127.0.0.1:{port}"
+        addr = f"https://127.0.0.1:{port}"
+        ca_file = str(data_dir / "ca.pem")
         with log_path.open("wb") as log:
             server = subprocess.Popen(
                 [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
@@ -148,12 +151,12 @@ def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int]]:
             )
             try:
                 deadline = time.monotonic() + startup_timeout
-                while not healthy(addr):
+                while not healthy(addr, ca_file):
                     if server.poll() is not None or time.monotonic() > deadline:
                         tail = log_path.read_text(errors="replace")[-2000:]
                         raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
                     time.sleep(0.1)
-                yield addr, token, server.pid
+                yield addr, token, server.pid, ca_file
             finally:
                 server.terminate()
                 try:
@@ -163,9 +166,10 @@ def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int]]:
                     server.wait()
 
 
-def healthy(addr: str) -> bool:
+def healthy(addr: str, ca_file: str) -> bool:
     try:
-        return httpx.get(f"{addr}/healthz", timeout=1.0).status_code == 200
+        verify = ssl.create_default_context(cafile=ca_file)
+        return httpx.get(f"{addr}/healthz", timeout=1.0, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -236,7 +240,7 @@ def creator(body: dict[str, Any]) -> Callable[[httpx.Client, random.Random], htt
 
 
 def run(args: argparse.Namespace, addr: str, token: str, server_pid: int | None) -> list[Phase]:
-    verify: Any = args.cacert if args.cacert else True
+    verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
     headers = {"Authorization": f"Bearer {token}"}
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     with contextlib.ExitStack() as stack:
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 addr, token, pid = args.addr.rstrip("/"), args.token, None
             else:
                 print("starting a keybroker server ...", file=sys.stderr, flush=True)
-                addr, token, pid = stack.enter_context(own_server())
+                addr, token, pid, args.cacert = stack.enter_context(own_server())
             phases = run(args, addr, token, pid)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)

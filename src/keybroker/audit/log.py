@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, bindparam, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from keybroker.audit.chain import entry_hash
 from keybroker.clock import Clock
 from keybroker.errors import BackendUnavailable
-from keybroker.storage.db import Database
+from keybroker.storage.db import Database, UTCDateTime
 from keybroker.storage.tables import AuditEventRow, AuditHeadRow
 
 
@@ -44,6 +44,15 @@ class AuditEvent:
     outcome: str  # "success" | "denied" | "failure"
     target: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Built once: constructing and compiling ORM statements per call cost more than the writes themselves.
+_BUMP_HEAD = text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+_INSERT_EVENT = text(
+    "INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)"
+    " VALUES (:seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, :prev_hash, :hash)"
+).bindparams(bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON()))
+_SET_HEAD_HASH = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
 
 
 def format_time(at: datetime) -> str:
@@ -81,11 +90,13 @@ class AuditLog:
             raise BackendUnavailable("the audit log cannot be written", code="audit_unavailable") from exc
 
     def _append(self, session: Session, context: AuditContext, event: AuditEvent) -> int:
+        # Core statements, not ORM objects: this runs on every change and (later) every key transfer.
+        # The first statement writes, so the database's write lock is held before the head is read.
         with self._lock:
-            session.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(seq=AuditHeadRow.seq + 1))
-            head = session.execute(select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)).one()
+            head = session.execute(_BUMP_HEAD).one()
             seq, prev_hash = int(head.seq), str(head.hash)
             now = self._clock.now()
+            details = dict(event.details)
             entry: dict[str, Any] = {
                 "seq": seq,
                 "at": format_time(now),
@@ -95,26 +106,11 @@ class AuditLog:
                 "target": event.target,
                 "request_id": context.request_id,
                 "client": context.client,
-                "details": dict(event.details),
+                "details": details,
             }
             digest = entry_hash(prev_hash, entry)
-            session.add(
-                AuditEventRow(
-                    seq=seq,
-                    at=now,
-                    action=event.action,
-                    outcome=event.outcome,
-                    actor=context.actor,
-                    target=event.target,
-                    request_id=context.request_id,
-                    client=context.client,
-                    details=dict(event.details),
-                    prev_hash=prev_hash,
-                    hash=digest,
-                )
-            )
-            session.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=digest))
-            session.flush()
+            session.execute(_INSERT_EVENT, {**entry, "at": now, "prev_hash": prev_hash, "hash": digest})
+            session.execute(_SET_HEAD_HASH, {"hash": digest})
             return seq
 
     def record(self, context: AuditContext, event: AuditEvent) -> int:

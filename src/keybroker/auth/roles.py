@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import JSON, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
@@ -35,6 +35,13 @@ class Role:
         }
 
 
+_PERMISSIONS_OF = (
+    text("SELECT permissions FROM roles WHERE name IN :names")
+    .bindparams(bindparam("names", expanding=True))
+    .columns(permissions=JSON())
+)
+
+
 def _role(row: RoleRow) -> Role:
     return Role(row.name, tuple(sorted(row.permissions)), row.builtin, row.updated_at)
 
@@ -59,8 +66,8 @@ class RoleStore:
                 )
 
     def permissions_of(self, session: Session, roles: Sequence[str]) -> frozenset[str]:
-        rows = session.scalars(select(RoleRow).where(RoleRow.name.in_(list(roles))))
-        return frozenset(p for row in rows for p in row.permissions)
+        rows = session.execute(_PERMISSIONS_OF, {"names": list(roles)}).scalars()
+        return frozenset(p for permissions in rows for p in permissions)
 
     def require_existing(self, session: Session, roles: Sequence[str]) -> None:
         found = set(session.scalars(select(RoleRow.name).where(RoleRow.name.in_(list(roles)))))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, String, select, text
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.auth.permissions import CONTEXT_VALUE
@@ -26,7 +26,7 @@ from keybroker.auth.roles import RoleStore
 from keybroker.clock import Clock
 from keybroker.errors import InvalidRequest, NotFound, Unauthenticated
 from keybroker.ids import canonical_uuid
-from keybroker.storage.db import Database
+from keybroker.storage.db import Database, UTCDateTime
 from keybroker.storage.tables import ApiTokenRow, DeploymentRow
 
 TOKEN_PREFIX = "kb_"  # noqa: S105 - a public prefix, not a secret
@@ -69,6 +69,14 @@ class TokenInfo:
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
         }
+
+
+# Prepared once: authentication runs on every admin request.
+_BY_HASH = text(
+    "SELECT id, name, roles, context, expires_at, revoked_at FROM api_tokens WHERE token_hash = :token_hash"
+).columns(
+    id=String(), name=String(), roles=JSON(), context=JSON(), expires_at=UTCDateTime(), revoked_at=UTCDateTime()
+)
 
 
 def hash_token(token: str) -> str:
@@ -186,12 +194,13 @@ class TokenStore:
                 "the bearer token belongs to another keybroker deployment", code="token_wrong_deployment"
             )
         with self._db.transaction() as session:
-            row = session.scalar(select(ApiTokenRow).where(ApiTokenRow.token_hash == hash_token(token)))
+            row = session.execute(_BY_HASH, {"token_hash": hash_token(token)}).one_or_none()
             if row is None:
                 raise Unauthenticated("the bearer token is not valid", code="invalid_token")
             if row.revoked_at is not None:
                 raise Unauthenticated("the bearer token has been revoked", code="token_revoked")
             if row.expires_at is not None and row.expires_at <= self._clock.now():
                 raise Unauthenticated("the bearer token has expired", code="token_expired")
+            # Resolved at every request, so that a permission taken from a role stops working at once.
             permissions = self._roles.permissions_of(session, row.roles)
             return Principal(row.id, row.name, tuple(row.roles), permissions, tuple(row.context))
