@@ -118,7 +118,7 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
         database.migrate()
         audit = AuditLog(database, clock)
         roles = RoleStore(database, audit, clock)
-        with database.transaction() as session:
+        with database.transaction(write=True) as session:
             created = session.get(DeploymentRow, 1) is None
             if created:
                 session.add(DeploymentRow(id=1, deployment_id=uuid.uuid4().hex, created_at=clock.now()))

@@ -115,7 +115,7 @@ class AuditLog:
 
     def record(self, context: AuditContext, event: AuditEvent) -> int:
         """Append in a transaction of its own (refusals, which change nothing else)."""
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             return self.append(session, context, event)
 
     def head(self) -> tuple[int, str]:

@@ -111,7 +111,7 @@ class RoleStore:
             return _role(row)
 
     def delete(self, name: str, audit: AuditContext) -> None:
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             row = session.get(RoleRow, name, with_for_update=True)
             if row is None:
                 raise role_not_found(name)
@@ -128,5 +128,5 @@ class RoleStore:
             self._audit.append(session, audit, AuditEvent("role.delete", "success", name, {}))
 
     def count(self) -> int:
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             return int(session.scalar(select(func.count()).select_from(RoleRow)) or 0)

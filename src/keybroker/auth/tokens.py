@@ -143,7 +143,7 @@ class TokenStore:
             expires_at=now + ttl,
             revoked_at=None,
         )
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             self._roles.require_existing(session, roles)
             session.add(row)
             self._audit.append(
@@ -175,7 +175,7 @@ class TokenStore:
     def revoke(self, token_id: str, audit: AuditContext) -> TokenInfo:
         if canonical_uuid(token_id) is None:
             raise NotFound("no token has that id", code="token_not_found")
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             row = session.get(ApiTokenRow, token_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"token {token_id} does not exist", code="token_not_found")

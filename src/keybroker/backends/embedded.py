@@ -49,7 +49,7 @@ class EmbeddedKeyStore:
             ciphertext=seal(dek, material.secret, context),
             created_at=self._clock.now(),
         )
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             session.add(row)
         return BackendRef(ref)
 
@@ -67,7 +67,7 @@ class EmbeddedKeyStore:
             raise StoredKeyCorrupt("stored key material failed authentication") from None
 
     def delete(self, ref: BackendRef) -> None:
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             row = session.get(EmbeddedMaterialRow, ref)
             if row is not None:
                 session.delete(row)

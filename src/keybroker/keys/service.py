@@ -203,7 +203,7 @@ class KeyService:
             "label": new.label,
         }
         try:
-            with self._db.transaction() as session:
+            with self._db.transaction(write=True) as session:
                 session.add(row)
                 session.flush()  # the record's constraints are checked before the audit entry is written
                 self._audit.append(session, audit, AuditEvent("key.create", "success", key_id, details))
@@ -252,7 +252,7 @@ class KeyService:
         if canonical_uuid(key_id) is None:
             raise key_not_found(key_id)
         try:
-            with self._db.transaction() as session:
+            with self._db.transaction(write=True) as session:
                 row = session.get(KeyRow, key_id, with_for_update=True)
                 if row is None:
                     raise key_not_found(key_id)
@@ -291,7 +291,7 @@ class KeyService:
                 f"key {key_id} lives in backend {record.backend!r}, which is not configured",
                 code="backend_not_configured",
             )
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             row = session.get(KeyRow, key_id, with_for_update=True)
             if row is None:
                 raise key_not_found(key_id)

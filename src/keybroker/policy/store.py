@@ -62,7 +62,7 @@ class PolicyStore:
             created_at=now,
             updated_at=now,
         )
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             session.add(row)
             self._audit.append(session, audit, AuditEvent("policy.create", "success", row.id, _summary(document)))
         return _record(row)
@@ -94,7 +94,7 @@ class PolicyStore:
     def replace(self, policy_id: str, document: TransferPolicyDocument, audit: AuditContext) -> PolicyRecord:
         if canonical_uuid(policy_id) is None:
             raise policy_not_found(policy_id)
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
             row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
             if row is None:
                 raise policy_not_found(policy_id)
@@ -111,7 +111,7 @@ class PolicyStore:
             raise policy_not_found(policy_id)
         in_use = Conflict(f"key transfer policy {policy_id} is referenced by at least one key", code="policy_in_use")
         try:
-            with self._db.transaction() as session:
+            with self._db.transaction(write=True) as session:
                 row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
                 if row is None:
                     raise policy_not_found(policy_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -66,19 +67,29 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one writer at a time and resolves contention by sleeping (up to 100 ms a try). Writers of this
+        # process queue on a lock instead; other processes still meet SQLite's own locking.
+        self._write_lock: threading.RLock | None = threading.RLock() if engine.dialect.name == "sqlite" else None
 
     @classmethod
     def from_url(cls, url: str) -> Database:
         return cls(make_engine(url))
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, write: bool = False) -> Iterator[Session]:
+        """A unit of work. ``write=True`` for transactions that change data (it orders SQLite writers)."""
+        lock = self._write_lock if write else None
+        if lock is not None:
+            lock.acquire()
         try:
             with self._sessions.begin() as session:
                 yield session
         except OperationalError as exc:
             # Only connectivity/locking problems land here; integrity errors are handled by callers.
             raise BackendUnavailable("the database is unavailable") from exc
+        finally:
+            if lock is not None:
+                lock.release()
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent)."""
