@@ -74,9 +74,7 @@ class TokenInfo:
 # Prepared once: authentication runs on every admin request.
 _BY_HASH = text(
     "SELECT id, name, roles, context, expires_at, revoked_at FROM api_tokens WHERE token_hash = :token_hash"
-).columns(
-    id=String(), name=String(), roles=JSON(), context=JSON(), expires_at=UTCDateTime(), revoked_at=UTCDateTime()
-)
+).columns(id=String(), name=String(), roles=JSON(), context=JSON(), expires_at=UTCDateTime(), revoked_at=UTCDateTime())
 
 
 def hash_token(token: str) -> str:
