@@ -76,7 +76,9 @@ class Server:
         )
 
 
-def start_server(data_dir: Path) -> Server:
+def start_server(data_dir: Path, **env: str) -> Server:
+    """``keybroker init`` then ``serve`` on a free port; ``env`` adds KEYBROKER_* settings (plain HTTP with
+    ``KEYBROKER_TLS__ENABLED="false"``)."""
     subprocess.run(
         [sys.executable, "-m", "keybroker", "init", "--data-dir", str(data_dir)],
         check=True,
@@ -90,9 +92,10 @@ def start_server(data_dir: Path) -> Server:
             [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=clean_env(**env),
         )
-    url = f"https://127.0.0.1:{port}"
+    tls = env.get("KEYBROKER_TLS__ENABLED", "true") != "false"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         wait_until_serving(url, process, log, ssl.create_default_context(cafile=str(data_dir / "ca.pem")))
     except Exception:

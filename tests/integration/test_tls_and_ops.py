@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,7 @@ from typer.testing import CliRunner
 
 from keybroker.cli.main import app
 from tests.conftest import EXAMPLE_POLICY
-from tests.integration.conftest import Server, clean_env, free_port, stop, wait_until_serving
+from tests.integration.conftest import Server, start_server, stop
 
 runner = CliRunner()
 
@@ -92,27 +90,10 @@ def test_ca_issue_signs_a_csr(server: Server, tmp_path: Path, monkeypatch: pytes
 
 
 def test_plain_http_only_when_configured_and_with_a_warning(tmp_path: Path) -> None:
-    data_dir = tmp_path / ".data"
-    subprocess.run(
-        [sys.executable, "-m", "keybroker", "init", "--data-dir", str(data_dir)],
-        check=True,
-        capture_output=True,
-        env=clean_env(),
-    )
-    port = free_port()
-    log = tmp_path / "plain.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=clean_env(KEYBROKER_TLS__ENABLED="false"),
-        )
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}", process, log)
-    finally:
-        stop(process)
-    warnings = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    server = start_server(tmp_path / ".data", KEYBROKER_TLS__ENABLED="false")
+    stop(server.process)
+    assert server.url.startswith("http://")
+    warnings = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
     assert any(w["event"] == "tls_disabled" and w["level"] == "warning" for w in warnings)
 
 

@@ -47,6 +47,20 @@ def status_for(exc: errors.KeybrokerError) -> int:
     return 500
 
 
+def problem_body(status: int, code: str, title: str, detail: str, request_id: str | None) -> dict[str, Any]:
+    """The RFC 9457 body every refusal carries."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
 def problem(
     request: Request | None,
     status: int,
@@ -56,16 +70,8 @@ def problem(
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + code,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
     request_id = getattr(request.state, "request_id", None) if request is not None else None
-    if request_id:
-        body["request_id"] = request_id
+    body = problem_body(status, code, title, detail, request_id)
     if extra:
         body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=dict(headers or {}))

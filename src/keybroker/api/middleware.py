@@ -10,12 +10,11 @@ import json
 import re
 import time
 import uuid
-from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keybroker.api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from keybroker.api.errors import PROBLEM_CONTENT_TYPE, problem_body
 from keybroker.api.metrics import Metrics
 
 _DISCONNECTED = b"\0disconnected"  # sentinel (compared by identity)
@@ -153,15 +152,7 @@ async def _internal_error(send: Send, request_id: str) -> None:
 
 
 async def _problem(send: Send, request_id: str, status: int, code: str, title: str, detail: str) -> None:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + code,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-        "request_id": request_id,
-    }
-    payload = json.dumps(body).encode()
+    payload = json.dumps(problem_body(status, code, title, detail, request_id)).encode()
     await send(
         {
             "type": "http.response.start",

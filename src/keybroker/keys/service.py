@@ -41,7 +41,7 @@ from keybroker.keys.models import (
 )
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
-from keybroker.storage.pagination import Page, encode_cursor
+from keybroker.storage.pagination import Page
 from keybroker.storage.tables import KeyRow
 
 
@@ -242,10 +242,7 @@ class KeyService:
             query = query.where(KeyRow.transfer_policy_id == key_filter.transfer_policy_id)
         query = page.apply(query, KeyRow.created_at, KeyRow.id)
         with self._db.transaction() as session:
-            rows = list(session.scalars(query))
-        more = len(rows) > page.limit
-        rows = rows[: page.limit]
-        cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+            rows, cursor = page.cut(list(session.scalars(query)))
         return [_record(row) for row in rows], cursor
 
     def set_policy(self, key_id: str, policy_id: PolicyId, audit: AuditContext) -> KeyRecord:

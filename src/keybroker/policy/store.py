@@ -17,7 +17,7 @@ from keybroker.ids import canonical_uuid
 from keybroker.keys.models import PolicyId
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.storage.db import Database
-from keybroker.storage.pagination import Page, encode_cursor
+from keybroker.storage.pagination import Page
 from keybroker.storage.tables import KeyRow, TransferPolicyRow
 
 
@@ -85,10 +85,7 @@ class PolicyStore:
     def list(self, page: Page) -> tuple[list[PolicyRecord], str | None]:
         query = page.apply(select(TransferPolicyRow), TransferPolicyRow.created_at, TransferPolicyRow.id)
         with self._db.transaction() as session:
-            rows = list(session.scalars(query))
-        more = len(rows) > page.limit
-        rows = rows[: page.limit]
-        cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+            rows, cursor = page.cut(list(session.scalars(query)))
         return [_record(row) for row in rows], cursor
 
     def replace(self, policy_id: str, document: TransferPolicyDocument, audit: AuditContext) -> PolicyRecord:

@@ -7,7 +7,7 @@ import binascii
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute
@@ -16,6 +16,14 @@ from keybroker.errors import InvalidRequest
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+
+
+class _Listed(Protocol):
+    created_at: datetime
+    id: str
+
+
+R = TypeVar("R", bound=_Listed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,14 @@ class Page:
             query = query.where(or_(created_at > at, and_(created_at == at, ident > after_id)))
         # One extra row tells whether there is a next page.
         return query.order_by(created_at, ident).limit(self.limit + 1)
+
+    def cut(self, rows: list[R]) -> tuple[list[R], str | None]:
+        """This page's rows (``apply`` fetched one more) and the cursor of the next page, if there is one."""
+        if len(rows) <= self.limit:
+            return rows, None
+        rows = rows[: self.limit]
+        last = rows[-1]
+        return rows, encode_cursor(last.created_at, last.id)
 
 
 def encode_cursor(created_at: datetime, ident: str) -> str:
