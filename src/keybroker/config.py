@@ -135,6 +135,23 @@ class AuthSettings(_Section):
     admin_token_ttl_days: int = Field(default=365, ge=1, le=366)
 
 
+class AttestationSettings(_Section):
+    """The attestation service: trust anchors, nonce and token lifetimes, the collateral source."""
+
+    simulated_root: Path | None = Field(
+        default=None, description="trust quotes of the simulated TEE signed under this root (development only)"
+    )
+    nonce_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    token_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    upstream_url: str | None = Field(default=None, description="Intel PCS or a PCCS, for collateral not cached")
+    upstream_api_key: SecretStr | None = None
+    upstream_ca_file: Path | None = Field(default=None, description="CA to verify the upstream (default: system)")
+    upstream_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    refresh_before_seconds: int = Field(default=86400, ge=60, description="refresh items this long before expiry")
+    refresh_interval_seconds: int = Field(default=3600, ge=10)
+    url: str | None = Field(default=None, description="a separate attestation service, for a KBS-only process")
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -155,6 +172,7 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"embedded": EmbeddedBackendSettings()})
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
+    attestation: AttestationSettings = AttestationSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -7,14 +7,17 @@ status exactly once, in ``keybroker.api.errors``.
     KeybrokerError
     ├── InvalidRequest           400  malformed or inconsistent input
     │   ├── InvalidKeyMaterial   400  key_string does not parse or does not match the declared algorithm/length
+    │   ├── CollateralInvalid    400  collateral offered for import failed its checks
     │   ├── UnknownReference     400  a body names a policy/backend that does not exist
     │   ├── BackendUnsupported   400  the request needs a capability no configured backend has
     │   └── UnsupportedMediaType 415  a body that is not application/json
     ├── Unauthenticated          401  missing, unknown, expired or revoked bearer token
+    ├── AttestationFailed        401  evidence did not verify (``reasons`` says why); nonce problems too
     ├── Forbidden                403  authenticated but not allowed
     ├── NotFound                 404  unknown (or invisible) key or policy
     ├── Conflict                 409  policy in use, immutable policy, duplicate id
     ├── BackendUnavailable       503  the KMS backend holding the key cannot be reached
+    │   └── CollateralUnavailable 503 Intel collateral needed for a quote is neither cached nor fetchable
     ├── StoredKeyCorrupt         500  stored material failed authentication (tampering, wrong KEK)
     └── ConfigurationError       --   invalid settings; raised at start, never at request time
 """
@@ -61,6 +64,13 @@ class InvalidKeyMaterial(InvalidRequest):
     title = "Key material does not match the declared key"
 
 
+class CollateralInvalid(InvalidRequest):
+    """Collateral offered for import failed its checks (signature, issuer chain, identity, format)."""
+
+    code = "collateral_invalid"
+    title = "Collateral refused"
+
+
 class UnknownReference(InvalidRequest):
     code = "unknown_reference"
     title = "The request refers to something that does not exist"
@@ -81,6 +91,18 @@ class Unauthenticated(KeybrokerError):
     title = "Authentication required"
 
 
+class AttestationFailed(KeybrokerError):
+    """Evidence was refused. ``reason`` is the specific cause (``quote_signature_invalid``, ``debug_enclave``, ...),
+    sent as ``reasons: [{code, detail}]`` beside the stable ``code``."""
+
+    code = "attestation_failed"
+    title = "Attestation failed"
+
+    def __init__(self, detail: str, *, reason: str = "verification_failed", code: str | None = None) -> None:
+        super().__init__(detail, code=code, extra={"reasons": [{"code": reason, "detail": detail}]})
+        self.reason = reason
+
+
 class Forbidden(KeybrokerError):
     code = "forbidden"
     title = "Not allowed"
@@ -99,6 +121,11 @@ class Conflict(KeybrokerError):
 class BackendUnavailable(KeybrokerError):
     code = "backend_unavailable"
     title = "Key backend unavailable"
+
+
+class CollateralUnavailable(BackendUnavailable):
+    code = "collateral_unavailable"
+    title = "Collateral unavailable"
 
 
 class StoredKeyCorrupt(KeybrokerError):

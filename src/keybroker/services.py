@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
+from keybroker.attestation.appraisal import AppraisalPolicies
+from keybroker.attestation.nonce import NonceService
+from keybroker.attestation.pcs import PcsClient
+from keybroker.attestation.service import AttestationService
+from keybroker.attestation.store import CollateralStore
+from keybroker.attestation.tokens import TokenIssuer
+from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, intel_root_der
 from keybroker.audit.log import SYSTEM, AuditLog
 from keybroker.auth.roles import RoleStore
-from keybroker.auth.tokens import TokenStore
+from keybroker.auth.tokens import TokenStore, deployment_id
 from keybroker.backends import build_key_stores, service_wrapper
+from keybroker.backends.base import KeyWrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.ca import ServiceCA
@@ -24,7 +35,7 @@ from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
-from keybroker.storage.tables import DeploymentRow
+from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
 
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 
@@ -40,8 +51,13 @@ class Services:
     policies: PolicyStore
     keys: KeyService
     ca: ServiceCA
+    collateral: CollateralStore
+    attestation: AttestationService
+    upstream: PcsClient | None = None
 
     def close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
         self.database.close()
 
 
@@ -64,8 +80,69 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
                     f"backend {store.name!r} holds keys wrapped by KEK {', '.join(sorted(foreign))}, but the "
                     f"configured master key is {store.wrapper.kek_id}; refusing to start with the wrong master key"
                 )
-    ca = ServiceCA(settings.data_dir, service_wrapper(settings))
-    return Services(settings, clock, database, audit, roles, tokens, policies, keys, ca)
+    wrapper = service_wrapper(settings)
+    ca = ServiceCA(settings.data_dir, wrapper)
+    collateral = CollateralStore(database, clock)
+    anchors = trust_anchors(settings)
+    upstream = _upstream(settings, anchors, collateral)
+    verifier = QuoteVerifier(collateral, anchors, upstream.fetch_missing if upstream else None)
+    attestation = AttestationService(
+        verifier=verifier,
+        nonces=NonceService(
+            _service_secret(database, wrapper, "nonce-key"),
+            database,
+            clock,
+            timedelta(seconds=settings.attestation.nonce_ttl_seconds),
+        ),
+        tokens=TokenIssuer(
+            database,
+            wrapper,
+            audit,
+            clock,
+            timedelta(seconds=settings.attestation.token_ttl_seconds),
+            issuer=f"keybroker:{deployment_id(database)}",
+        ),
+        policies=AppraisalPolicies(database, audit, clock),
+        clock=clock,
+    )
+    return Services(
+        settings, clock, database, audit, roles, tokens, policies, keys, ca, collateral, attestation, upstream
+    )
+
+
+def trust_anchors(settings: Settings) -> TrustAnchors:
+    """Intel's root always; the simulated root only if configured (and then loudly)."""
+    simulated = None
+    if settings.attestation.simulated_root is not None:
+        path = settings.resolve(settings.attestation.simulated_root)
+        try:
+            simulated = x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"attestation.simulated_root {path}: {exc}") from None
+    return TrustAnchors(intel_root_der(), simulated)
+
+
+def _upstream(settings: Settings, anchors: TrustAnchors, store: CollateralStore) -> PcsClient | None:
+    config = settings.attestation
+    if not config.upstream_url:
+        return None
+    verify: object = True
+    if config.upstream_ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(settings.resolve(config.upstream_ca_file)))
+    key = config.upstream_api_key.get_secret_value() if config.upstream_api_key else None
+    return PcsClient(config.upstream_url, anchors.roots(), store, config.upstream_timeout_seconds, key, verify)
+
+
+def _service_secret(database: Database, wrapper: KeyWrapper, name: str) -> bytes:
+    """A 256-bit secret of the service, created once and kept wrapped by the KEK."""
+    context = f"keybroker/service-secret/v1\0{name}".encode()
+    with database.transaction(write=True) as session:
+        row = session.get(ServiceSecretRow, name)
+        if row is None:
+            secret = os.urandom(32)
+            session.add(ServiceSecretRow(name=name, kek_id=wrapper.kek_id, wrapped=wrapper.wrap(secret, context)))
+            return secret
+        return wrapper.unwrap(row.wrapped, context, row.kek_id)
 
 
 def _open_initialised(settings: Settings) -> Database:

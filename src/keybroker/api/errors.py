@@ -27,14 +27,17 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
     errors.InvalidRequest: 400,
     errors.InvalidKeyMaterial: 400,
+    errors.CollateralInvalid: 400,
     errors.UnknownReference: 400,
     errors.BackendUnsupported: 400,
     errors.UnsupportedMediaType: 415,
     errors.Unauthenticated: 401,
+    errors.AttestationFailed: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.BackendUnavailable: 503,
+    errors.CollateralUnavailable: 503,
     errors.StoredKeyCorrupt: 500,
     errors.ConfigurationError: 500,
 }

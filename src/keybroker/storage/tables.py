@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from keybroker.storage.db import UTCDateTime
@@ -121,3 +121,63 @@ class AuditEventRow(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_audit_events_at", "at"), Index("ix_audit_events_target", "target"))
+
+
+class CollateralRow(Base):
+    """Intel collateral, every version kept: a quote is verified with the version valid at its ``now``."""
+
+    __tablename__ = "collateral_items"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issue_date: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    next_update: Mapped[datetime] = mapped_column(UTCDateTime)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    issuer_chain: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(256))
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UsedNonceRow(Base):
+    """Nonces already used, per purpose ("attest", "transfer"), until they expire anyway."""
+
+    __tablename__ = "used_nonces"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_used_nonces_expires", "expires_at"),)
+
+
+class SigningKeyRow(Base):
+    """Attestation token signing keys; the private key is wrapped by the KEK."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(8))
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(128))
+    public_jwk: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AppraisalPolicyRow(Base):
+    __tablename__ = "appraisal_policies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    rego: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ServiceSecretRow(Base):
+    """keybroker's own secrets (the nonce key), wrapped by the KEK."""
+
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(128))
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)

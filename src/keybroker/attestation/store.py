@@ -1,0 +1,104 @@
+"""The collateral cache in the database, with an in-memory index in front of it.
+
+Every version of an item is kept; a quote is verified with the newest version valid at its ``now`` (so a quote
+from the past still verifies with the collateral of its time). Verification reads memory only: the index is
+reloaded when this process imports collateral, and at most every ``reload_seconds`` to see other replicas'
+imports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from keybroker.attestation.collateral import CollateralItem
+from keybroker.clock import Clock
+from keybroker.storage.db import Database
+from keybroker.storage.tables import CollateralRow
+
+
+@dataclass(frozen=True, slots=True)
+class ItemStatus:
+    key: str
+    issue_date: datetime
+    next_update: datetime
+    source: str
+
+
+class CollateralStore:
+    def __init__(self, database: Database, clock: Clock, reload_seconds: float = 60.0) -> None:
+        self._db = database
+        self._clock = clock
+        self._reload_seconds = reload_seconds
+        self._lock = threading.Lock()
+        self._index: dict[str, list[CollateralItem]] = {}
+        self._loaded_at = -1e9
+        self.generation = 0  # bumps on every reload; verifiers key their caches on it
+
+    def put(self, items: Iterable[CollateralItem], source: str) -> int:
+        """Store checked items; versions already present are left alone. Returns how many were new."""
+        added = 0
+        with self._db.transaction(write=True) as session:
+            for item in items:
+                if session.get(CollateralRow, (item.key, item.issue_date)) is None:
+                    session.add(
+                        CollateralRow(
+                            key=item.key,
+                            issue_date=item.issue_date,
+                            next_update=item.next_update,
+                            body=item.body,
+                            issuer_chain=item.issuer_chain,
+                            source=source,
+                            imported_at=self._clock.now(),
+                        )
+                    )
+                    added += 1
+        self.reload()
+        return added
+
+    def reload(self) -> None:
+        with self._db.transaction() as session:
+            rows = list(session.scalars(select(CollateralRow).order_by(CollateralRow.key, CollateralRow.issue_date)))
+            index: dict[str, list[CollateralItem]] = {}
+            for row in rows:
+                index.setdefault(row.key, []).append(
+                    CollateralItem(row.key, row.body, row.issuer_chain, row.issue_date, row.next_update)
+                )
+        with self._lock:
+            self._index = index
+            self._loaded_at = time.monotonic()
+            self.generation += 1
+
+    def _fresh_index(self) -> dict[str, list[CollateralItem]]:
+        if time.monotonic() - self._loaded_at > self._reload_seconds:
+            self.reload()
+        return self._index
+
+    def select(self, key: str, now: datetime) -> CollateralItem | None:
+        """The newest version valid at ``now``; else the newest issued before ``now`` (expired: verification will
+        say so); else the oldest (not yet valid). None if the item was never imported."""
+        versions = self._fresh_index().get(key)
+        if not versions:
+            return None
+        issued = [v for v in versions if v.issue_date <= now]
+        valid = [v for v in issued if now < v.next_update]
+        if valid:
+            return valid[-1]
+        return issued[-1] if issued else versions[0]
+
+    def status(self) -> list[ItemStatus]:
+        with self._db.transaction() as session:
+            rows = session.scalars(select(CollateralRow).order_by(CollateralRow.key, CollateralRow.issue_date))
+            return [ItemStatus(r.key, r.issue_date, r.next_update, r.source) for r in rows]
+
+    def newest(self, key: str) -> CollateralItem | None:
+        versions = self._fresh_index().get(key)
+        return versions[-1] if versions else None
+
+    def keys(self) -> list[str]:
+        return sorted(self._fresh_index())
