@@ -21,19 +21,28 @@ from keybroker.api.errors import (
 )
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
-from keybroker.api.routes import admin, cms, keys, meta, ops, policies
+from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 
 log = structlog.get_logger("keybroker.api")
-ROUTERS: tuple[APIRouter, ...] = (
-    meta.router,
-    ops.router,
-    keys.router,
-    policies.router,
-    admin.router,
-    cms.router,
-)
+# Which routers each deployment role serves: everything in one process by default, or the attestation service
+# alone (``keybroker serve --role attestation``) with a KBS elsewhere pointed at it.
+ROLES: dict[str, tuple[APIRouter, ...]] = {
+    "all": (
+        meta.router,
+        ops.router,
+        keys.router,
+        policies.router,
+        admin.router,
+        cms.router,
+        attestation.router,
+        collateral.router,
+    ),
+    "kbs": (meta.router, ops.router, keys.router, policies.router, admin.router, cms.router),
+    "attestation": (meta.router, ops.router, admin.router, cms.router, attestation.router, collateral.router),
+}
+ROUTERS = ROLES["all"]
 
 
 def api_routes() -> list[APIRoute]:
@@ -41,7 +50,7 @@ def api_routes() -> list[APIRoute]:
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: Services, role: str = "all") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
@@ -62,7 +71,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     app.state.metrics = Metrics()
     check_routes_declare_permissions(api_routes())
-    for router in ROUTERS:
+    for router in ROLES[role]:
         app.include_router(router)
 
     app.add_exception_handler(KeybrokerError, keybroker_error_handler)

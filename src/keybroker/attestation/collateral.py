@@ -211,6 +211,19 @@ def is_bundle(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _BUNDLE_FILES)
 
 
+def bundle_keys(folder: Path) -> list[str]:
+    """The item keys of a bundle folder, in the order tcb, qe, pckcrl, rootcacrl."""
+    tcb_inner, _ = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
+    tcb = json.loads(tcb_inner)
+    tee = "TDX" if tcb.get("id") == "TDX" else "SGX"
+    return [
+        tcb_key(tee, tcb["fmspc"]),
+        qe_key(tee),
+        pck_crl_key(_pck_ca((folder / "pck_crl.der").read_bytes())),
+        ROOT_CRL_KEY,
+    ]
+
+
 def read_bundle(folder: Path, roots: Sequence[bytes]) -> list[CollateralItem]:
     """The four items of one bundle folder, each checked. Raises ``CollateralInvalid`` naming the file."""
     missing = [name for name in _BUNDLE_FILES if not (folder / name).is_file()]
@@ -246,14 +259,30 @@ def _pck_ca(der: bytes) -> str:
     return "platform" if "Platform" in issuer else "processor"
 
 
-def write_bundle(
-    folder: Path, tcb: CollateralItem, qe: CollateralItem, pck_crl: CollateralItem, root_crl: CollateralItem
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tcb_info.json").write_bytes(tcb.body)
-    (folder / "tcb_info_issuer_chain.pem").write_text(tcb.issuer_chain)
-    (folder / "qe_identity.json").write_bytes(qe.body)
-    (folder / "qe_identity_issuer_chain.pem").write_text(qe.issuer_chain)
-    (folder / "pck_crl.der").write_bytes(pck_crl.body)
-    (folder / "pck_crl_issuer_chain.pem").write_text(pck_crl.issuer_chain)
-    (folder / "root_ca_crl.der").write_bytes(root_crl.body)
+def write_bundle_files(folder: Path, items: Sequence[tuple[str, bytes, str]]) -> list[Path]:
+    """Write one bundle folder per TCB info and PCK CA (``<tee>-<fmspc>-<ca>``): the TCB info, the QE identity of
+    its TEE, that CA's PCK CRL and the root CA CRL. (A TCB info does not say which PCK CA its platforms use, so
+    each CA whose CRL is cached gets a bundle.) Returns the folders written."""
+    by_key = {key: (body, chain) for key, body, chain in items}
+    written = []
+    for key in sorted(k for k in by_key if k.startswith("tcb:")):
+        _, tee, fmspc = key.split(":")
+        for ca in ("processor", "platform"):
+            qe, crl, root = by_key.get(qe_key(tee)), by_key.get(pck_crl_key(ca)), by_key.get(ROOT_CRL_KEY)
+            if qe is None or crl is None or root is None:
+                continue
+            out = folder / f"{tee.lower()}-{fmspc.lower()}-{ca}"
+            out.mkdir(parents=True, exist_ok=True)
+            files = {
+                "tcb_info.json": by_key[key][0],
+                "tcb_info_issuer_chain.pem": by_key[key][1].encode(),
+                "qe_identity.json": qe[0],
+                "qe_identity_issuer_chain.pem": qe[1].encode(),
+                "pck_crl.der": crl[0],
+                "pck_crl_issuer_chain.pem": crl[1].encode(),
+                "root_ca_crl.der": root[0],
+            }
+            for name, content in files.items():
+                (out / name).write_bytes(content)
+            written.append(out)
+    return written

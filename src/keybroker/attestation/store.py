@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import select
 
@@ -20,6 +21,38 @@ from keybroker.attestation.collateral import CollateralItem
 from keybroker.clock import Clock
 from keybroker.storage.db import Database
 from keybroker.storage.tables import CollateralRow
+
+
+class CollateralLookup(Protocol):
+    def select(self, key: str, now: datetime) -> CollateralItem | None:
+        """The version of item ``key`` to verify with at ``now`` (see ``choose``); None if there is none."""
+        ...
+
+
+def choose(versions: list[CollateralItem] | None, now: datetime) -> CollateralItem | None:
+    """The newest version valid at ``now``; else the newest issued before ``now`` (expired: verification will say
+    so); else the oldest (not yet valid). ``versions`` are sorted by issue date."""
+    if not versions:
+        return None
+    issued = [v for v in versions if v.issue_date <= now]
+    valid = [v for v in issued if now < v.next_update]
+    if valid:
+        return valid[-1]
+    return issued[-1] if issued else versions[0]
+
+
+class MemoryCollateral:
+    """Items held in memory: offline verification from bundle folders (no database, no server)."""
+
+    def __init__(self, items: Iterable[CollateralItem]) -> None:
+        self._index: dict[str, list[CollateralItem]] = {}
+        for item in sorted(items, key=lambda i: (i.key, i.issue_date)):
+            versions = self._index.setdefault(item.key, [])
+            if not any(v.issue_date == item.issue_date for v in versions):
+                versions.append(item)
+
+    def select(self, key: str, now: datetime) -> CollateralItem | None:
+        return choose(self._index.get(key), now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +113,7 @@ class CollateralStore:
         return self._index
 
     def select(self, key: str, now: datetime) -> CollateralItem | None:
-        """The newest version valid at ``now``; else the newest issued before ``now`` (expired: verification will
-        say so); else the oldest (not yet valid). None if the item was never imported."""
-        versions = self._fresh_index().get(key)
-        if not versions:
-            return None
-        issued = [v for v in versions if v.issue_date <= now]
-        valid = [v for v in issued if now < v.next_update]
-        if valid:
-            return valid[-1]
-        return issued[-1] if issued else versions[0]
+        return choose(self._fresh_index().get(key), now)
 
     def status(self) -> list[ItemStatus]:
         with self._db.transaction() as session:
@@ -100,5 +124,5 @@ class CollateralStore:
         versions = self._fresh_index().get(key)
         return versions[-1] if versions else None
 
-    def keys(self) -> list[str]:
+    def item_keys(self) -> list[str]:
         return sorted(self._fresh_index())

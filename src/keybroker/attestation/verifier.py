@@ -31,7 +31,7 @@ from keybroker.attestation.collateral import (
     tcb_key,
 )
 from keybroker.attestation.quote import Quote, SgxReport, TdReport, parse_quote
-from keybroker.attestation.store import CollateralStore
+from keybroker.attestation.store import CollateralLookup
 from keybroker.errors import AttestationFailed, CollateralUnavailable
 
 INTEL_ROOT_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
@@ -190,7 +190,7 @@ class _Assembled:
 class QuoteVerifier:
     def __init__(
         self,
-        store: CollateralStore,
+        store: CollateralLookup,
         anchors: TrustAnchors,
         fetch_missing: Callable[[Quote, list[str]], None] | None = None,
     ) -> None:

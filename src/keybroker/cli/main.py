@@ -15,6 +15,7 @@ import typer
 from keybroker import __version__
 from keybroker.cli import output
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
+from keybroker.cli.attestation import attestation_app, collateral_app
 from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled, segment
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
@@ -37,6 +38,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(role_app, name="role")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ca_app, name="ca")
+app.add_typer(attestation_app, name="attestation")
+app.add_typer(collateral_app, name="collateral")
 
 
 def _version(value: bool) -> None:
@@ -90,6 +93,9 @@ def serve(
     data_dir: DataDir = Path(".data"),
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:9443).")] = None,
     config: ConfigFile = None,
+    role: Annotated[
+        str, typer.Option("--role", help="all (default), kbs, or attestation (the attestation service alone).")
+    ] = "all",
 ) -> None:
     """Serve the API."""
     import uvicorn
@@ -99,6 +105,8 @@ def serve(
     from keybroker.services import build_services
 
     os.umask(0o077)
+    if role not in ("all", "kbs", "attestation"):
+        raise typer.BadParameter("use all, kbs or attestation", param_hint="--role")
     overrides: dict[str, Any] = {"server": {"listen": listen}} if listen else {}
     settings = load_settings(data_dir=data_dir, config_file=config, overrides=overrides)
     configure_logging(settings.logging)
@@ -113,7 +121,7 @@ def serve(
             )
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(services),
+                create_app(services, role),
                 host=settings.server.host,
                 port=settings.server.port,
                 log_config=None,
