@@ -167,6 +167,13 @@ _REASONS: Sequence[tuple[str, str]] = (
 )
 
 
+def _split_message(message: str) -> tuple[str, str]:
+    """dcap-qvl's 'Verification failed: <headline>\n\nCaused by:\n    <cause>' as (headline, cause)."""
+    headline, _, rest = message.removeprefix("Verification failed: ").partition("\n")
+    cause = " ".join(line.strip() for line in rest.replace("Caused by:", "").splitlines() if line.strip())
+    return headline.strip(), cause[:300]
+
+
 def reason_for(message: str) -> str:
     for fragment, reason in _REASONS:
         if fragment in message:
@@ -214,8 +221,11 @@ class QuoteVerifier:
         try:
             report = dcap_qvl.verify_with_root_ca(quote.raw, assembled.collateral, root, int(now.timestamp()))
         except (ValueError, TypeError) as exc:
-            message = str(exc).removeprefix("Verification failed: ").split("\n")[0]
-            raise AttestationFailed(f"the quote did not verify: {message}", reason=reason_for(message)) from None
+            headline, cause = _split_message(str(exc))
+            # The cause (CrlExpired, CertRevoked, ...) is more specific than the headline when there is one.
+            reason = reason_for(cause) if cause and reason_for(cause) != "verification_failed" else reason_for(headline)
+            detail = f"{headline} ({cause})" if cause else headline
+            raise AttestationFailed(f"the quote did not verify: {detail}", reason=reason) from None
         if quote.report.debug:  # dcap-qvl refuses these too; never rely on one check for this
             raise AttestationFailed("debug enclaves and TDs are never trusted", reason="debug_enclave")
         status = str(report.status)
