@@ -222,7 +222,7 @@ def test_pccs_endpoints_serve_the_bytes_as_imported(api: TestClient, clock: Fixe
     response = api.get("/sgx/certification/v4/pckcrl", params={"ca": "platform", "encoding": "der"})
     assert response.content == (tdx.folder / "pck_crl.der").read_bytes()
     assert "sgx-pck-crl-issuer-chain" in response.headers
-    assert api.get("/sgx/certification/v4/rootcacrl").content == (tdx.folder / "root_ca_crl.der").read_bytes()
+    assert api.get("/sgx/certification/v4/rootcacrl").text == (tdx.folder / "root_ca_crl.der").read_bytes().hex()
     assert_problem(api.get("/sgx/certification/v4/tcb", params={"fmspc": "FFFFFFFFFFFF"}), 404, "collateral_not_found")
     assert_problem(api.get("/sgx/certification/v4/tcb", params={"fmspc": "xyz"}), 400, "invalid_request")
     status = api.get("/collateral/v1/status").json()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import structlog
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import __version__
@@ -22,6 +25,7 @@ from keybroker.api.errors import (
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies
+from keybroker.attestation.pcs import refresh_due
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 
@@ -45,6 +49,26 @@ ROLES: dict[str, tuple[APIRouter, ...]] = {
 ROUTERS = ROLES["all"]
 
 
+async def _refresh_collateral(services: Services) -> None:
+    """Fetch collateral from the upstream before it expires, every ``refresh_interval_seconds``."""
+    config = services.settings.attestation
+    assert services.upstream is not None
+    while True:
+        try:
+            fetched = await run_in_threadpool(
+                refresh_due,
+                services.upstream,
+                services.collateral,
+                services.clock.now(),
+                timedelta(seconds=config.refresh_before_seconds),
+            )
+            if fetched:
+                log.info("collateral_refreshed", items=fetched)
+        except Exception as exc:  # a failed round must not end the loop
+            log.warning("collateral_refresh_failed", error_type=type(exc).__name__)
+        await asyncio.sleep(config.refresh_interval_seconds)
+
+
 def api_routes() -> list[APIRoute]:
     """Every route the service has (paths include their router prefix)."""
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
@@ -55,9 +79,12 @@ def create_app(services: Services, role: str = "all") -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
         app.state.keygen_executor = executor
+        refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(

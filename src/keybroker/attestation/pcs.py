@@ -7,6 +7,7 @@ import binascii
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from urllib.parse import unquote
 
 import httpx
@@ -102,3 +103,18 @@ class PcsClient:
                     break  # a 404 will not change by asking again
             time.sleep(min(2.0, 0.2 * 2**attempt))
         raise CollateralUnavailable(f"the upstream {self._base} did not provide {path}: {last}")
+
+
+def refresh_due(client: PcsClient, store: CollateralStore, now: datetime, before: timedelta) -> list[str]:
+    """Fetch every cached item whose newest version expires within ``before``; returns the keys fetched. Failures
+    are left for the next round (the cached version stays usable until its own nextUpdate)."""
+    fetched = []
+    for key in store.item_keys():
+        newest = store.newest(key)
+        if newest is not None and newest.next_update - now <= before:
+            try:
+                client.fetch(key)
+                fetched.append(key)
+            except CollateralUnavailable:
+                continue
+    return fetched

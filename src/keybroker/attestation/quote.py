@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 import dcap_qvl
 from cryptography import x509
@@ -138,7 +139,7 @@ def _td(body: bytes) -> TdReport:
     )
 
 
-def parse_quote(data: bytes) -> Quote:  # noqa: PLR0912 - one check per layout rule, in order
+def parse_quote(data: bytes) -> Quote:
     """Parse ``data`` or raise ``QuoteMalformed`` naming what is wrong."""
     if len(data) > MAX_QUOTE_BYTES:
         raise QuoteMalformed(f"a quote is at most {MAX_QUOTE_BYTES} bytes", code="quote_too_large")
@@ -179,18 +180,10 @@ def parse_quote(data: bytes) -> Quote:  # noqa: PLR0912 - one check per layout r
     report: SgxReport | TdReport = _sgx(body) if tee_type == TEE_SGX else _td(body)
     try:
         parsed = dcap_qvl.parse_quote(raw)
-        fmspc, pck_ca = parsed.fmspc(), parsed.ca()
         pem_chain = parsed.cert_chain_pem_bytes()
-        certificates = x509.load_pem_x509_certificates(pem_chain)
     except (ValueError, TypeError) as exc:
         raise QuoteMalformed(f"the quote's signature data does not parse: {exc}", code="quote_malformed") from None
-    chain = tuple(cert.public_bytes(serialization.Encoding.PEM) for cert in certificates)
-    if len(chain) < 2:
-        raise QuoteMalformed("the quote carries no PCK certificate chain", code="quote_malformed")
-    # PEM tolerates variations no signature covers (other whitespace, for one); quoting enclaves write the
-    # canonical form, so anything else is refused rather than silently normalised.
-    if pem_chain != b"".join(chain):
-        raise QuoteMalformed("the quote's PCK certificate chain is not canonical PEM", code="quote_malformed")
+    fmspc, pck_ca, chain = _chain_facts(pem_chain)
     return Quote(
         raw=raw,
         version=version,
@@ -202,3 +195,27 @@ def parse_quote(data: bytes) -> Quote:  # noqa: PLR0912 - one check per layout r
         pck_ca=pck_ca,
         cert_chain=chain,
     )
+
+
+@lru_cache(maxsize=1024)
+def _chain_facts(pem_chain: bytes) -> tuple[str, str, tuple[bytes, ...]]:
+    """FMSPC, PCK CA type and certificates of a quote's PCK chain. A platform sends the same chain with every
+    quote, and reading it costs more than the rest of parsing, so the answer is cached by the chain's bytes."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem_chain)
+        extension = dcap_qvl.parse_pck_extension_from_pem(pem_chain)
+        fmspc = bytes(extension.fmspc).hex().upper()
+    except (ValueError, TypeError) as exc:
+        raise QuoteMalformed(f"the quote's PCK certificate chain does not parse: {exc}") from None
+    chain = tuple(cert.public_bytes(serialization.Encoding.PEM) for cert in certificates)
+    if len(chain) < 2:
+        raise QuoteMalformed("the quote carries no PCK certificate chain")
+    # PEM tolerates variations no signature covers (other whitespace, for one); quoting enclaves write the
+    # canonical form, so anything else is refused rather than silently normalised.
+    if pem_chain != b"".join(chain):
+        raise QuoteMalformed("the quote's PCK certificate chain is not canonical PEM")
+    issuer = certificates[0].issuer.rfc4514_string()
+    pck_ca = "platform" if "Platform CA" in issuer else "processor" if "Processor CA" in issuer else ""
+    if not pck_ca:
+        raise QuoteMalformed("the PCK certificate is not issued by a PCK Platform or Processor CA")
+    return fmspc, pck_ca, chain

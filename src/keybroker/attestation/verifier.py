@@ -57,10 +57,7 @@ class TrustAnchors:
 
     def classify(self, root_pem: bytes) -> bool:
         """True if ``root_pem`` is the simulated root, False for Intel's; refuses any other root."""
-        try:
-            der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
-        except ValueError:
-            raise AttestationFailed("the quote's root certificate does not parse", reason="quote_malformed") from None
+        der = _der(root_pem)
         if der == self.intel:
             return False
         if self.simulated is not None and der == self.simulated:
@@ -181,6 +178,15 @@ def reason_for(message: str) -> str:
     return "verification_failed"
 
 
+@lru_cache(maxsize=64)
+def _der(pem: bytes) -> bytes:
+    try:
+        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise AttestationFailed("the quote's root certificate does not parse", reason="quote_malformed") from None
+
+
+@lru_cache(maxsize=64)
 def _root_key_id(root_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(root_pem)
     raw = cert.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)

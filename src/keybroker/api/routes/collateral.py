@@ -133,4 +133,6 @@ def pck_crl(
 
 @router.get("/sgx/certification/v4/rootcacrl", dependencies=[public()])
 def root_ca_crl(services: ServicesDep) -> Response:
-    return _serve(services, ROOT_CRL_KEY, None, "application/pkix-crl")
+    """As Intel's PCCS serves it (and its clients expect): the DER, hex-encoded."""
+    response = _serve(services, ROOT_CRL_KEY, None, "application/pkix-crl")
+    return Response(bytes(response.body).hex(), media_type="text/plain")
