@@ -52,8 +52,9 @@ class TdxMeasurements:
     mrownerconfig: bytes = bytes(48)
     td_attributes: bytes = TD_ATTRIBUTES_DEFAULT
     xfam: bytes = XFAM_DEFAULT
-    mrseam: bytes = bytes.fromhex("5b38e33a6487958b72c3c12a938eaa5e3fd4510c51aeeab58c7d5ecee41d7c436489d6c8e4f92f16"
-                                  "0b7cad34207b00c1")
+    mrseam: bytes = bytes.fromhex(
+        "5b38e33a6487958b72c3c12a938eaa5e3fd4510c51aeeab58c7d5ecee41d7c436489d6c8e4f92f160b7cad34207b00c1"
+    )
     debug: bool = False
 
 
@@ -70,8 +71,17 @@ class Platform:
     tee_tcb_svn: bytes
 
 
-def _sgx_report(cpusvn: bytes, attributes: bytes, mrenclave: bytes, mrsigner: bytes, isvprodid: int, isvsvn: int,
-                report_data: bytes, config_id: bytes = bytes(64), config_svn: int = 0) -> bytes:
+def _sgx_report(
+    cpusvn: bytes,
+    attributes: bytes,
+    mrenclave: bytes,
+    mrsigner: bytes,
+    isvprodid: int,
+    isvsvn: int,
+    report_data: bytes,
+    config_id: bytes = bytes(64),
+    config_svn: int = 0,
+) -> bytes:
     body = bytearray(384)
     body[0:16] = cpusvn
     body[48:64] = attributes
@@ -107,8 +117,15 @@ def _td_report(m: TdxMeasurements, tee_tcb_svn: bytes, report_data: bytes, v15: 
 def _qe_report(platform: Platform, tdx: bool) -> tuple[bytes, bytes]:
     ak_public = raw_public_key(platform.ak)
     report_data = hashlib.sha256(ak_public + QE_AUTH_DATA).digest() + bytes(32)
-    report = _sgx_report(platform.cpusvn, QE_ATTRIBUTES, bytes(32), TD_QE_MRSIGNER if tdx else QE_MRSIGNER,
-                         2 if tdx else 1, platform.qe_svn, report_data)
+    report = _sgx_report(
+        platform.cpusvn,
+        QE_ATTRIBUTES,
+        bytes(32),
+        TD_QE_MRSIGNER if tdx else QE_MRSIGNER,
+        2 if tdx else 1,
+        platform.qe_svn,
+        report_data,
+    )
     return report, raw_signature(platform.pck_key, report)
 
 
@@ -141,8 +158,17 @@ def build_quote(
         m = sgx or SgxMeasurements()
         attributes = bytearray(m.attributes or bytes.fromhex("07000000000000000700000000000000"))
         attributes[0] = (attributes[0] | 0x02) if m.debug else (attributes[0] & ~0x02)
-        body = _sgx_report(platform.cpusvn, bytes(attributes), m.mrenclave, m.mrsigner, m.isvprodid, m.isvsvn,
-                           report_data, m.config_id, m.config_svn)
+        body = _sgx_report(
+            platform.cpusvn,
+            bytes(attributes),
+            m.mrenclave,
+            m.mrsigner,
+            m.isvprodid,
+            m.isvsvn,
+            report_data,
+            m.config_id,
+            m.config_svn,
+        )
     signed = header + body
     isv_signature = raw_signature(signing_key or platform.ak, signed)
     qe_report, qe_signature = _qe_report(platform, is_tdx)

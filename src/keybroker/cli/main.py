@@ -19,6 +19,7 @@ from keybroker.cli.attestation import attestation_app, collateral_app
 from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled, segment
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
+from keybroker.cli.sim import sim_app
 from keybroker.config import Settings, load_settings
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(ca_app, name="ca")
 app.add_typer(attestation_app, name="attestation")
 app.add_typer(collateral_app, name="collateral")
+app.add_typer(sim_app, name="sim")
 
 
 def _version(value: bool) -> None:
@@ -111,6 +113,12 @@ def serve(
     settings = load_settings(data_dir=data_dir, config_file=config, overrides=overrides)
     configure_logging(settings.logging)
     services = build_services(settings)
+    if settings.attestation.simulated_root is not None:
+        structlog.get_logger("keybroker").warning(
+            "simulated_tee_trusted",
+            detail="quotes of the simulated TEE are accepted (attestation.simulated_root); never in production",
+            root=str(settings.resolve(settings.attestation.simulated_root)),
+        )
     try:
         tls: dict[str, Any] = {}
         if settings.tls.enabled:

@@ -52,13 +52,17 @@ def _crl(pki: SimPki, issuer_role: str, serials: list[int], this_update: datetim
         .last_update(this_update)
         .next_update(this_update + timedelta(days=days))
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.key(issuer_role).public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.key(issuer_role).public_key()), critical=False
+        )
     )
     for serial in serials:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this_update)
-            .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False).build()
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(this_update)
+            .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
+            .build()
         )
     return builder.sign(pki.key(issuer_role), hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
@@ -75,33 +79,49 @@ def make_collateral(pki: SimPki, out: Path, spec: CollateralSpec, now: datetime)
     tee_tcb_svn = bytes.fromhex(str(info["tee_tcb_svn"]))
     ca = str(info["ca"])
     pck_serial = x509.load_pem_x509_certificate(
-        (pki.directory / "platforms" / spec.platform / "pck.pem").read_bytes()).serial_number
+        (pki.directory / "platforms" / spec.platform / "pck.pem").read_bytes()
+    ).serial_number
     pem = {role: pki.pem(role).decode() for role in ("root", "tcbsign", ca)}
     written = []
     for tee in ("SGX", "TDX"):
         level: dict[str, object] = {"sgxtcbcomponents": [{"svn": b} for b in cpusvn], "pcesvn": info["pcesvn"]}
         tcb_info: dict[str, object] = {
-            "id": tee, "version": 3, "issueDate": issue, "nextUpdate": next_update, "fmspc": info["fmspc"],
-            "pceId": "0000", "tcbType": 0, "tcbEvaluationDataNumber": spec.tcb_evaluation_data_number,
+            "id": tee,
+            "version": 3,
+            "issueDate": issue,
+            "nextUpdate": next_update,
+            "fmspc": info["fmspc"],
+            "pceId": "0000",
+            "tcbType": 0,
+            "tcbEvaluationDataNumber": spec.tcb_evaluation_data_number,
         }
         if tee == "TDX":
             level["tdxtcbcomponents"] = [{"svn": b} for b in tee_tcb_svn]
             module = {"mrsigner": "00" * 48, "attributes": "0000000000000000", "attributesMask": "FFFFFFFFFFFFFFFF"}
             tcb_info["tdxModule"] = module
-            tcb_info["tdxModuleIdentities"] = [{
-                "id": f"TDX_{tee_tcb_svn[1]:02X}", **module,
-                "tcbLevels": [{"tcb": {"isvsvn": tee_tcb_svn[0]}, "tcbDate": issue, "tcbStatus": "UpToDate"}],
-            }]
+            tcb_info["tdxModuleIdentities"] = [
+                {
+                    "id": f"TDX_{tee_tcb_svn[1]:02X}",
+                    **module,
+                    "tcbLevels": [{"tcb": {"isvsvn": tee_tcb_svn[0]}, "tcbDate": issue, "tcbStatus": "UpToDate"}],
+                }
+            ]
         tcb_level: dict[str, object] = {"tcb": level, "tcbDate": issue, "tcbStatus": status.value}
         if spec.advisories:
             tcb_level["advisoryIDs"] = list(spec.advisories)
         tcb_info["tcbLevels"] = [tcb_level]
         mrsigner = spec.qe_mrsigner or (TD_QE_MRSIGNER if tee == "TDX" else QE_MRSIGNER).hex().upper()
         qe_identity = {
-            "id": "TD_QE" if tee == "TDX" else "QE", "version": 2, "issueDate": issue, "nextUpdate": next_update,
-            "tcbEvaluationDataNumber": spec.tcb_evaluation_data_number, "miscselect": "00000000",
-            "miscselectMask": "FFFFFFFF", "attributes": "11000000000000000000000000000000",
-            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000", "mrsigner": mrsigner,
+            "id": "TD_QE" if tee == "TDX" else "QE",
+            "version": 2,
+            "issueDate": issue,
+            "nextUpdate": next_update,
+            "tcbEvaluationDataNumber": spec.tcb_evaluation_data_number,
+            "miscselect": "00000000",
+            "miscselectMask": "FFFFFFFF",
+            "attributes": "11000000000000000000000000000000",
+            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
+            "mrsigner": mrsigner,
             "isvprodid": 2 if tee == "TDX" else 1,
             "tcbLevels": [{"tcb": {"isvsvn": info["qe_svn"]}, "tcbDate": issue, "tcbStatus": "UpToDate"}],
         }

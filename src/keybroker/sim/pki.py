@@ -30,13 +30,15 @@ _KEY_USAGE_CA = x509.KeyUsage(False, False, False, False, False, True, True, Fal
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker simulated TEE"),
-        x509.NameAttribute(NameOID.LOCALITY_NAME, "Nowhere"),
-        x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "NA"),
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "ZZ"),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker simulated TEE"),
+            x509.NameAttribute(NameOID.LOCALITY_NAME, "Nowhere"),
+            x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "NA"),
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "ZZ"),
+        ]
+    )
 
 
 NAMES = {
@@ -55,8 +57,9 @@ def _write(path: Path, data: bytes, secret: bool = False) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -66,10 +69,17 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _certificate(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-                 issuer_key: ec.EllipticCurvePrivateKey, not_before: datetime, days: int,
-                 ca_path_length: int | None, key_usage: x509.KeyUsage,
-                 extra: list[x509.ExtensionType] | None = None) -> x509.Certificate:
+def _certificate(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    not_before: datetime,
+    days: int,
+    ca_path_length: int | None,
+    key_usage: x509.KeyUsage,
+    extra: list[x509.ExtensionType] | None = None,
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -78,8 +88,7 @@ def _certificate(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x5
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_before + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca_path_length is not None, path_length=ca_path_length),
-                       critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca_path_length is not None, path_length=ca_path_length), critical=True)
         .add_extension(key_usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
@@ -116,8 +125,9 @@ def init_pki(directory: Path, now: datetime) -> SimPki:
     certs = {"root": root}
     for ca in ("platform", "processor"):
         certs[ca] = _certificate(NAMES[ca], keys[ca], NAMES["root"], keys["root"], start, 365 * 15, 0, _KEY_USAGE_CA)
-    certs["tcbsign"] = _certificate(NAMES["tcbsign"], keys["tcbsign"], NAMES["root"], keys["root"], start, 365 * 7,
-                                    None, _KEY_USAGE_SIGN)
+    certs["tcbsign"] = _certificate(
+        NAMES["tcbsign"], keys["tcbsign"], NAMES["root"], keys["root"], start, 365 * 7, None, _KEY_USAGE_SIGN
+    )
     for role, key in keys.items():
         _write(directory / "pki" / f"{role}.key", _key_pem(key), secret=True)
         if role != "root":
@@ -168,15 +178,37 @@ def add_platform(pki: SimPki, spec: PlatformSpec, now: datetime) -> Path:
         return folder
     pck_key, ak = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ppid = secrets.token_bytes(16)
-    pck = _certificate(_name("Simulated SGX PCK Certificate"), pck_key, NAMES[spec.ca], pki.key(spec.ca),
-                       now - timedelta(days=1), 365 * 7, None, _KEY_USAGE_SIGN, [_sgx_extension(spec, ppid)])
+    pck = _certificate(
+        _name("Simulated SGX PCK Certificate"),
+        pck_key,
+        NAMES[spec.ca],
+        pki.key(spec.ca),
+        now - timedelta(days=1),
+        365 * 7,
+        None,
+        _KEY_USAGE_SIGN,
+        [_sgx_extension(spec, ppid)],
+    )
     _write(folder / "pck.key", _key_pem(pck_key), secret=True)
     _write(folder / "ak.key", _key_pem(ak), secret=True)
     _write(folder / "pck.pem", pck.public_bytes(serialization.Encoding.PEM))
-    _write(folder / "platform.json", json.dumps({
-        "name": spec.name, "fmspc": spec.fmspc.upper(), "ca": spec.ca, "cpusvn": spec.cpusvn, "pcesvn": spec.pcesvn,
-        "qe_svn": spec.qe_svn, "tee_tcb_svn": spec.tee_tcb_svn, "sgx_type": spec.sgx_type, "ppid": ppid.hex(),
-    }, indent=2).encode())
+    _write(
+        folder / "platform.json",
+        json.dumps(
+            {
+                "name": spec.name,
+                "fmspc": spec.fmspc.upper(),
+                "ca": spec.ca,
+                "cpusvn": spec.cpusvn,
+                "pcesvn": spec.pcesvn,
+                "qe_svn": spec.qe_svn,
+                "tee_tcb_svn": spec.tee_tcb_svn,
+                "sgx_type": spec.sgx_type,
+                "ppid": ppid.hex(),
+            },
+            indent=2,
+        ).encode(),
+    )
     return folder
 
 

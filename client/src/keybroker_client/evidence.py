@@ -1,0 +1,152 @@
+"""Evidence providers: how a workload gets a DCAP quote over 64 bytes of report data.
+
+Three implementations, selected by configuration:
+
+- ``SimulatedEvidence(directory)``: the simulated TEE of ``keybroker sim init`` (development and CI; accepted only
+  by a keybroker configured with the simulated root).
+- ``TdxEvidence()``: a TDX guest through Linux configfs-tsm (kernel 6.7+). Needs configfs mounted at
+  ``/sys/kernel/config`` and write access to ``/sys/kernel/config/tsm/report`` (root, or a group granted it); the
+  provider file must read ``tdx_guest``.
+- ``GramineSgxEvidence()``: an SGX enclave under Gramine with remote attestation enabled
+  (``sgx.remote_attestation = "dcap"``): writes ``/dev/attestation/user_report_data`` (64 bytes), reads
+  ``/dev/attestation/quote``. Both paths exist only inside the enclave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from keybroker_client._errors import KeybrokerClientError
+
+
+class EvidenceError(KeybrokerClientError):
+    """The TEE could not produce a quote."""
+
+
+class EvidenceProvider(Protocol):
+    tee_type: str  # "SGX" or "TDX"
+
+    def quote(self, report_data: bytes) -> bytes:
+        """A DCAP quote whose REPORTDATA is ``report_data`` (exactly 64 bytes)."""
+        ...
+
+
+def _check(report_data: bytes) -> None:
+    if len(report_data) != 64:
+        raise ValueError("report data is exactly 64 bytes")
+
+
+class SimulatedEvidence:
+    """Quotes from a simulated platform. ``measurements`` are SgxMeasurements/TdxMeasurements fields."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        tee: str = "sgx",
+        *,
+        platform: str = "default",
+        version: int | None = None,
+        td_report_15: bool = False,
+        **measurements: object,
+    ) -> None:
+        from keybroker_client._quote import SgxMeasurements, TdxMeasurements
+        from keybroker_client._sim import load_platform
+
+        self.tee_type = tee.upper()
+        if self.tee_type not in ("SGX", "TDX"):
+            raise ValueError("tee is 'sgx' or 'tdx'")
+        self._platform = load_platform(directory, platform)
+        self._version = version
+        self._td_report_15 = td_report_15
+        self._sgx = SgxMeasurements(**measurements) if self.tee_type == "SGX" else None  # type: ignore[arg-type]
+        self._tdx = TdxMeasurements(**measurements) if self.tee_type == "TDX" else None  # type: ignore[arg-type]
+
+    def quote(self, report_data: bytes) -> bytes:
+        from keybroker_client._quote import build_quote
+
+        _check(report_data)
+        return build_quote(
+            self._platform,
+            report_data,
+            sgx=self._sgx,
+            tdx=self._tdx,
+            version=self._version,
+            td_report_15=self._td_report_15,
+        )
+
+
+class TdxEvidence:
+    tee_type = "TDX"
+
+    def __init__(self, tsm_root: str | Path = "/sys/kernel/config/tsm/report") -> None:
+        self._root = Path(tsm_root)
+
+    def quote(self, report_data: bytes) -> bytes:
+        _check(report_data)
+        entry = self._root / f"keybroker-{secrets.token_hex(8)}"
+        try:
+            entry.mkdir()
+        except OSError as exc:
+            raise EvidenceError(f"cannot create a configfs-tsm report under {self._root}: {exc.strerror}") from None
+        try:
+            provider = (entry / "provider").read_text().strip() if (entry / "provider").exists() else "tdx_guest"
+            if provider != "tdx_guest":
+                raise EvidenceError(f"the configfs-tsm provider is {provider!r}, not tdx_guest")
+            generation = _read_int(entry / "generation")
+            (entry / "inblob").write_bytes(report_data)
+            quote = (entry / "outblob").read_bytes()
+            # Another writer between our write and read bumps the generation: the quote is not ours then.
+            if _read_int(entry / "generation") != generation + 1:
+                raise EvidenceError("the configfs-tsm report changed while it was read; try again")
+            if not quote:
+                raise EvidenceError("configfs-tsm returned an empty quote")
+            return quote
+        finally:
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        raise EvidenceError(f"{path} does not hold a number") from None
+
+
+class GramineSgxEvidence:
+    tee_type = "SGX"
+
+    def __init__(self, attestation_dir: str | Path = "/dev/attestation") -> None:
+        self._dir = Path(attestation_dir)
+
+    def quote(self, report_data: bytes) -> bytes:
+        _check(report_data)
+        try:
+            with open(self._dir / "user_report_data", "wb") as handle:
+                handle.write(report_data)
+            quote = (self._dir / "quote").read_bytes()
+        except OSError as exc:
+            raise EvidenceError(f"Gramine's {self._dir} is not usable (outside an enclave?): {exc.strerror}") from None
+        if not quote:
+            raise EvidenceError("Gramine returned an empty quote")
+        return quote
+
+
+def from_spec(spec: str) -> EvidenceProvider:
+    """``sim:DIR[:sgx|tdx]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's ``--evidence``)."""
+    if spec.startswith("sim:"):
+        directory, _, tee = spec[4:].partition(":")
+        return SimulatedEvidence(directory, tee or "sgx")
+    if spec == "tdx":
+        return TdxEvidence()
+    if spec == "sgx-gramine":
+        return GramineSgxEvidence()
+    raise ValueError(f"unknown evidence {spec!r}: use sim:DIR[:sgx|tdx], tdx or sgx-gramine")
+
+
+__all__ = ["EvidenceError", "EvidenceProvider", "GramineSgxEvidence", "SimulatedEvidence", "TdxEvidence", "from_spec"]
