@@ -81,25 +81,30 @@ class SimulatedEvidence:
 class TdxEvidence:
     tee_type = "TDX"
 
-    def __init__(self, tsm_root: str | Path = "/sys/kernel/config/tsm/report") -> None:
+    def __init__(self, tsm_root: str | Path = "/sys/kernel/config/tsm/report", entry_name: str | None = None) -> None:
         self._root = Path(tsm_root)
+        self._entry_name = entry_name  # tests lay out a fake entry beforehand; the kernel creates its files itself
 
     def quote(self, report_data: bytes) -> bytes:
         _check(report_data)
-        entry = self._root / f"keybroker-{secrets.token_hex(8)}"
+        entry = self._root / (self._entry_name or f"keybroker-{secrets.token_hex(8)}")
         try:
-            entry.mkdir()
+            entry.mkdir(exist_ok=self._entry_name is not None)
         except OSError as exc:
             raise EvidenceError(f"cannot create a configfs-tsm report under {self._root}: {exc.strerror}") from None
         try:
             provider = (entry / "provider").read_text().strip() if (entry / "provider").exists() else "tdx_guest"
             if provider != "tdx_guest":
                 raise EvidenceError(f"the configfs-tsm provider is {provider!r}, not tdx_guest")
+            has_generation = (entry / "generation").exists()
             generation = _read_int(entry / "generation")
             (entry / "inblob").write_bytes(report_data)
-            quote = (entry / "outblob").read_bytes()
+            try:
+                quote = (entry / "outblob").read_bytes()
+            except OSError as exc:
+                raise EvidenceError(f"configfs-tsm gave no quote: {exc.strerror}") from None
             # Another writer between our write and read bumps the generation: the quote is not ours then.
-            if _read_int(entry / "generation") != generation + 1:
+            if has_generation and _read_int(entry / "generation") != generation + 1:
                 raise EvidenceError("the configfs-tsm report changed while it was read; try again")
             if not quote:
                 raise EvidenceError("configfs-tsm returned an empty quote")

@@ -133,6 +133,7 @@ _REASONS: Sequence[tuple[str, str]] = (
     ("QE Identity expired", "collateral_expired"),
     ("TCBInfo expired", "collateral_expired"),
     ("not yet valid", "collateral_not_yet_valid"),
+    ("in the future", "collateral_not_yet_valid"),
     ("CrlExpired", "crl_expired"),
     ("expired", "collateral_expired"),
     ("CertRevoked", "certificate_revoked"),
