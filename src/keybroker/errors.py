@@ -14,6 +14,7 @@ status exactly once, in ``keybroker.api.errors``.
     ├── Unauthenticated          401  missing, unknown, expired or revoked bearer token
     ├── AttestationFailed        401  evidence did not verify (``reasons`` says why); nonce problems too
     ├── Forbidden                403  authenticated but not allowed
+    │   └── PolicyDenied         403  a transfer policy refused verified evidence (``reasons``)
     ├── NotFound                 404  unknown (or invisible) key or policy
     ├── Conflict                 409  policy in use, immutable policy, duplicate id
     ├── BackendUnavailable       503  the KMS backend holding the key cannot be reached
@@ -106,6 +107,13 @@ class AttestationFailed(KeybrokerError):
 class Forbidden(KeybrokerError):
     code = "forbidden"
     title = "Not allowed"
+
+
+class PolicyDenied(Forbidden):
+    """The key's transfer policy refused verified evidence; ``reasons`` lists every failing rule."""
+
+    code = "policy_denied"
+    title = "The key's transfer policy refused the request"
 
 
 class NotFound(KeybrokerError):

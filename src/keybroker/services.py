@@ -36,6 +36,7 @@ from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
+from keybroker.transfer.service import TransferService
 
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 
@@ -53,6 +54,7 @@ class Services:
     ca: ServiceCA
     collateral: CollateralStore
     attestation: AttestationService
+    transfer: TransferService
     upstream: PcsClient | None = None
 
     def close(self) -> None:
@@ -105,8 +107,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         policies=AppraisalPolicies(database, audit, clock),
         clock=clock,
     )
+    transfer = TransferService(keys, policies, attestation, audit, simulated_trusted=anchors.simulated is not None)
     return Services(
-        settings, clock, database, audit, roles, tokens, policies, keys, ca, collateral, attestation, upstream
+        settings, clock, database, audit, roles, tokens, policies, keys, ca, collateral, attestation, transfer,
+        upstream,
     )
 
 

@@ -104,6 +104,37 @@ _JSON_TYPES = ("application/json",)
 M = TypeVar("M", bound=BaseModel)
 
 
+async def json_object(request: Request) -> dict[str, Any] | None:
+    """The body as a JSON object (same rules as ``json_body``), or None when the body is empty."""
+    body = await request.body()
+    if not body.strip():
+        return None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+        raise UnsupportedMediaType("the request body must be application/json")
+    _reject_duplicate_members(body)
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_request")
+    return value
+
+
+def optional_principal(request: Request) -> Principal | None:
+    """The bearer token's principal if the request carries one (refused if it is not valid), else None."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'", code="unauthorized")
+    principal = get_services(request).tokens.authenticate(token.strip())
+    request.state.principal = principal
+    return principal
+
+
 def json_body(model: type[M]) -> Callable[[Request], Coroutine[Any, Any, M]]:
     """A dependency that parses the body as ``model`` strictly: JSON content type, no unknown fields."""
 

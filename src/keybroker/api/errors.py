@@ -34,6 +34,7 @@ STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
     errors.Unauthenticated: 401,
     errors.AttestationFailed: 401,
     errors.Forbidden: 403,
+    errors.PolicyDenied: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.BackendUnavailable: 503,

@@ -1,0 +1,174 @@
+"""TransferService: the only place a key leaves keybroker.
+
+Order of checks (each refusal audited with its reason before the response): the key and its policy exist; the
+request is well formed (Attestation-Type, user_data an RSA 3072/4096 SPKI); the nonce is ours and fresh; the
+evidence verifies (quote, or our own attestation token); the TEE type matches the header; REPORTDATA (or the
+token's held data) binds nonce and user_data; the nonce is consumed (once, across replicas); the policy engine
+passes. Only then is the key read from its backend, wrapped, the decision audited, and the response sent: if the
+audit write fails, nothing is released.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from keybroker.attestation.nonce import Nonce, parse_nonce
+from keybroker.attestation.service import AttestationService, b64decode, check_binding
+from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
+from keybroker.auth.tokens import Principal
+from keybroker.crypto.transfer import Wrapped, decode_user_data, workload_public_key, wrap_for_workload
+from keybroker.errors import AttestationFailed, Forbidden, InvalidRequest, KeybrokerError, PolicyDenied
+from keybroker.keys.models import KeyRecord
+from keybroker.keys.service import KeyService
+from keybroker.policy.model import TransferPolicyDocument
+from keybroker.policy.store import PolicyStore
+from keybroker.transfer.engine import RequestContext, evaluate
+
+_MEASUREMENTS = (
+    "sgx_mrenclave",
+    "sgx_mrsigner",
+    "sgx_isvprodid",
+    "sgx_isvsvn",
+    "tdx_mrtd",
+    "tdx_mrseam",
+    "tdx_rtmr0",
+    "tdx_rtmr1",
+    "tdx_rtmr2",
+    "tdx_rtmr3",
+    "tdx_seamsvn",
+)
+
+
+@dataclass(frozen=True)
+class TransferService:
+    keys: KeyService
+    policies: PolicyStore
+    attestation: AttestationService
+    audit: AuditLog
+    simulated_trusted: bool
+
+    def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
+        record = self.keys.get(key_id)
+        document = self.policies.get(record.transfer_policy_id).document
+        return record, [t.value for t in document.attestation_type]
+
+    def nonce(self, key_id: str) -> tuple[Nonce, list[str]]:
+        """Step 1: a fresh nonce, and the TEE types the key's policy accepts (the Attestation-Type header)."""
+        _, types = self.attestation_types(key_id)
+        return self.attestation.nonces.issue(), types
+
+    def transfer(
+        self,
+        key_id: str,
+        header_type: str | None,
+        body: dict[str, Any],
+        principal: Principal | None,
+        audit: AuditContext,
+    ) -> Wrapped:
+        record = self.keys.get(key_id)
+        details: dict[str, Any] = {
+            "transfer_policy_id": record.transfer_policy_id,
+            "mode": "passport" if "attestation_token" in body else "background",
+        }
+        try:
+            wrapped = self._transfer(record, header_type, body, principal, details)
+        except KeybrokerError as exc:
+            details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
+            outcome = "denied" if isinstance(exc, AttestationFailed | Forbidden) else "failure"
+            self.audit.record(audit, AuditEvent("key.transfer", outcome, key_id, details))
+            raise
+        # Audited before the response; if this write fails the key is not released (503 audit_unavailable).
+        self.audit.record(audit, AuditEvent("key.transfer", "allowed", key_id, details))
+        return wrapped
+
+    def _transfer(
+        self,
+        record: KeyRecord,
+        header_type: str | None,
+        body: dict[str, Any],
+        principal: Principal | None,
+        details: dict[str, Any],
+    ) -> Wrapped:
+        document: TransferPolicyDocument = self.policies.get(record.transfer_policy_id).document
+        allowed_types = {t.value for t in document.attestation_type}
+        if "attestation_token" in body:
+            claims, nonce, user_data = self._passport(body)
+        else:
+            claims, nonce, user_data = self._background(body, header_type, allowed_types)
+        details.update(
+            tee=claims.get("attester_type"),
+            tcb_status=claims.get("attester_tcb_status"),
+            advisory_ids=claims.get("attester_advisory_ids"),
+            simulated=claims.get("keybroker_simulated"),
+            measurements={k: claims[k] for k in _MEASUREMENTS if k in claims},
+        )
+        if header_type is not None and header_type.upper() != claims.get("attester_type"):
+            raise AttestationFailed(
+                f"Attestation-Type says {header_type} but the evidence is {claims.get('attester_type')}",
+                reason="attestation_type_mismatch",
+            )
+        public_key = workload_public_key(user_data)
+        self.attestation.nonces.consume(nonce, "transfer")
+        section = document.sgx if claims.get("attester_type") == "SGX" else document.tdx
+        policy_ids = list(section.policy_ids or []) if section is not None else []
+        matched = self._appraise(policy_ids, claims)
+        context = RequestContext(
+            client_permissions=frozenset(principal.context) if principal else frozenset(),
+            token_may_transfer=principal is not None and "keys:transfer" in principal.permissions,
+            policy_ids_matched=frozenset(matched),
+        )
+        decision = evaluate(document, claims, context, self.simulated_trusted)
+        if not decision.allowed:
+            reasons = [reason.as_dict() for reason in decision.reasons]
+            raise PolicyDenied(
+                f"{len(reasons)} rule(s) of the key's transfer policy failed",
+                code="policy_denied",
+                extra={"reasons": reasons},
+            )
+        material = self.keys.load_material(record)  # read only now that everything agreed
+        return wrap_for_workload(material.secret, public_key)
+
+    def _background(
+        self, body: dict[str, Any], header_type: str | None, allowed_types: set[str]
+    ) -> tuple[dict[str, Any], Nonce, bytes]:
+        unknown = set(body) - {"quote", "nonce", "user_data"}
+        if unknown or not {"quote", "nonce", "user_data"} <= set(body):
+            raise InvalidRequest(
+                "a background-check transfer body has exactly quote, nonce and user_data", code="invalid_request"
+            )
+        if header_type is None or header_type.upper() not in ("SGX", "TDX"):
+            raise InvalidRequest(
+                "a transfer with evidence needs the header Attestation-Type: SGX or TDX", code="invalid_request"
+            )
+        if not isinstance(body["quote"], str) or not isinstance(body["user_data"], str):
+            raise InvalidRequest("quote and user_data are base64 strings", code="invalid_request")
+        user_data = decode_user_data(body["user_data"])
+        workload_public_key(user_data)  # refuse a bad key before any costly verification
+        nonce = parse_nonce(body["nonce"])
+        self.attestation.nonces.check(nonce)
+        quote = b64decode(body["quote"], "quote")
+        verified = self.attestation.verifier.verify(quote, self.attestation.clock.now())
+        check_binding(verified, nonce, user_data)
+        return verified.claims(), nonce, user_data
+
+    def _passport(self, body: dict[str, Any]) -> tuple[dict[str, Any], Nonce, bytes]:
+        if set(body) != {"attestation_token"} or not isinstance(body["attestation_token"], str):
+            raise InvalidRequest("a passport transfer body has exactly attestation_token", code="invalid_request")
+        claims = self.attestation.tokens.verify(body["attestation_token"])
+        if "verifier_nonce" not in claims or "attester_held_data" not in claims:
+            raise AttestationFailed(
+                "the token binds no nonce and no held data; attest with a nonce", reason="token_not_bound"
+            )
+        nonce = parse_nonce(claims["verifier_nonce"])
+        self.attestation.nonces.check(nonce)
+        user_data = base64.b64decode(str(claims["attester_held_data"]))
+        workload_public_key(user_data)
+        return claims, nonce, user_data
+
+    def _appraise(self, policy_ids: list[str], claims: dict[str, Any]) -> list[str]:
+        if not policy_ids:
+            return []
+        matched, _ = self.attestation.policies.evaluate(policy_ids, claims)
+        return matched
