@@ -40,6 +40,7 @@ import json
 import multiprocessing
 import os
 import pstats
+import queue
 import statistics
 import sys
 import tempfile
@@ -229,13 +230,27 @@ def measure_parallel(directory: Path, variant_name: str, processes: int, duratio
     ]
     for worker in workers:
         worker.start()
-    outcomes = []
+    outcomes: list[tuple[int, str, Any, float, float]] = []
+    give_up = time.monotonic() + duration + 300
     try:
-        for _ in workers:
-            outcomes.append(results.get(timeout=duration + 180))
+        while len(outcomes) < processes:
+            try:
+                outcomes.append(results.get(timeout=0.5))
+                continue
+            except queue.Empty:
+                pass
+            reported = {index for index, *_ in outcomes}
+            died = [i for i, w in enumerate(workers) if w.exitcode is not None and i not in reported]
+            if died or time.monotonic() > give_up:
+                barrier.abort()  # the others stop waiting for the dead one
+                what = f"exited with status {workers[died[0]].exitcode}" if died else "did not finish in time"
+                raise RuntimeError(f"a worker process {what} ({variant_name}); see its output above")
     finally:
         for worker in workers:
             worker.join(timeout=10)
+            if worker.exitcode is None:
+                worker.terminate()  # only our own workers, by handle
+                worker.join(timeout=5)
     failures = [detail for _, status, detail, _, _ in outcomes if status != "ok"]
     if failures:
         raise RuntimeError(f"a worker failed ({variant_name}):\n{failures[0]}")

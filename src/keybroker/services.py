@@ -109,7 +109,18 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
     transfer = TransferService(keys, policies, attestation, audit, simulated_trusted=anchors.simulated is not None)
     return Services(
-        settings, clock, database, audit, roles, tokens, policies, keys, ca, collateral, attestation, transfer,
+        settings,
+        clock,
+        database,
+        audit,
+        roles,
+        tokens,
+        policies,
+        keys,
+        ca,
+        collateral,
+        attestation,
+        transfer,
         upstream,
     )
 

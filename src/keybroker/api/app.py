@@ -24,7 +24,7 @@ from keybroker.api.errors import (
 )
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
-from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies
+from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
 from keybroker.attestation.pcs import refresh_due
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
@@ -36,6 +36,7 @@ ROLES: dict[str, tuple[APIRouter, ...]] = {
     "all": (
         meta.router,
         ops.router,
+        transfer.router,
         keys.router,
         policies.router,
         admin.router,
@@ -43,7 +44,7 @@ ROLES: dict[str, tuple[APIRouter, ...]] = {
         attestation.router,
         collateral.router,
     ),
-    "kbs": (meta.router, ops.router, keys.router, policies.router, admin.router, cms.router),
+    "kbs": (meta.router, ops.router, transfer.router, keys.router, policies.router, admin.router, cms.router),
     "attestation": (meta.router, ops.router, admin.router, cms.router, attestation.router, collateral.router),
 }
 ROUTERS = ROLES["all"]

@@ -59,6 +59,10 @@ class TransferService:
         _, types = self.attestation_types(key_id)
         return self.attestation.nonces.issue(), types
 
+    def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
+        """Audit a transfer refused before it reached the service (an invalid bearer token)."""
+        self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, {"status_code": error.instance_code}))
+
     def transfer(
         self,
         key_id: str,

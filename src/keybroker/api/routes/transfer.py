@@ -27,7 +27,11 @@ async def transfer(key_id: str, request: Request, services: ServicesDep, audit: 
         nonce, types = await run_in_threadpool(services.transfer.nonce, key_id)
         return JSONResponse(nonce.as_json(), headers={"Attestation-Type": ",".join(types)})
     try:
-        principal = await run_in_threadpool(optional_principal, request)
+        try:
+            principal = await run_in_threadpool(optional_principal, request)
+        except KeybrokerError as exc:
+            await run_in_threadpool(services.transfer.refused_before, key_id, exc, audit)
+            raise
         wrapped = await run_in_threadpool(services.transfer.transfer, key_id, header, body or {}, principal, audit)
     except KeybrokerError as exc:
         metrics.transfer_decisions.labels(exc.instance_code).inc()
