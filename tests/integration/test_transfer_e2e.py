@@ -218,3 +218,19 @@ def test_workload_cli(setup: Setup, tmp_path: Path) -> None:
     assert "policy_denied" in result.stderr
     assert "mrenclave_mismatch" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_demo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "keybroker", "demo", "--dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "decrypted 'the launch codes are 0000' (AES-GCM) and 'the launch codes are 0000' (RSA-OAEP)" in result.stdout
+    assert "was refused: policy_denied (mrenclave_mismatch" in result.stdout
+    assert '["key.transfer", "allowed"], ["key.transfer", "denied"]' in result.stdout
+    log = (tmp_path / "demo" / "server.log").read_text()
+    assert "simulated_tee_trusted" in log  # the start-up warning

@@ -17,6 +17,7 @@ from keybroker.cli import output
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
 from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled, segment
+from keybroker.cli.demo import demo
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi
 from keybroker.cli.output import Output
 from keybroker.cli.sim import sim_app
@@ -42,6 +43,7 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(attestation_app, name="attestation")
 app.add_typer(collateral_app, name="collateral")
 app.add_typer(sim_app, name="sim")
+app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:
@@ -136,6 +138,7 @@ def serve(
                 access_log=False,
                 server_header=False,
                 date_header=True,
+                timeout_graceful_shutdown=10,
                 **tls,
             )
         )

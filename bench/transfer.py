@@ -1,0 +1,862 @@
+"""Complete attested key transfers per second (simulated SGX workloads), with a bare ``dcap_qvl`` verify loop to compare.
+
+Usage (from the repository root, with the project's venv):
+
+    .venv/bin/python bench/transfer.py                  # own server in a temp dir, 32 workloads, 10 s per phase
+    .venv/bin/python bench/transfer.py --json           # JSON document on stdout, the table on stderr
+    .venv/bin/python bench/transfer.py --duration 3 --concurrency 8 --requests 2000
+    .venv/bin/python bench/transfer.py --profile /tmp/kb-prof [--py-spy /path/to/py-spy]   # py-spy the server
+    .venv/bin/python bench/transfer.py --addr https://127.0.0.1:9443 --token "$KEYBROKER_TOKEN" \\
+        --cacert DATA/ca.pem --sim-dir SIMDIR [--server-pid PID]   # a running server that trusts SIMDIR/root-ca.pem
+
+Setup (not timed): a simulated TEE (test PKI, platform ``default``, UpToDate collateral) in a temp dir; without
+``--addr``, ``keybroker init`` and ``keybroker serve`` on a free 127.0.0.1 port (HTTPS, the service CA) with
+``KEYBROKER_ATTESTATION__SIMULATED_ROOT`` set; the collateral imported (POST /collateral/v1/items, as
+``keybroker collateral import``); a transfer policy allowing the simulated SGX enclave and an imported AES-256 key
+(known bytes, so the released key can be checked); ``--workload-keys`` RSA-3072 workload key pairs, reused.
+
+Measured, in this order, in one run:
+
+* ``bare verify``: ``dcap_qvl.verify_with_root_ca`` of one simulated quote in a loop, single-threaded, server idle;
+* ``quote build``: ``build_quote`` (the simulated quoting enclave) single-threaded: µs per quote;
+* ``complete``: ``--concurrency`` workloads (threads, one keep-alive ``httpx.Client`` each, no bearer token) do
+  whole transfers back to back: POST /kbs/v1/keys/{id}/transfer ``{}`` (the nonce), REPORTDATA = SHA-512(val ‖ iat
+  ‖ SPKI), ``build_quote``, POST the transfer (``Attestation-Type: SGX``). Latency = from the nonce request to the
+  parsed transfer response, quote generation included. Every ``--check-every``-th released key is unwrapped after
+  the latency is taken and compared with the imported bytes (a mismatch is an error);
+* ``nonce step only``: the same workloads fetch nonces back to back for the next phase;
+* ``transfer step only``: quotes for those nonces are built before the window (reported as client quotes/s), then
+  the workloads POST only the prebuilt transfers (nonces stay valid 300 s).
+
+Per phase: transfers (or requests) per second, p50/p99 latency, errors, server CPU seconds (utime+stime of
+/proc/<pid>/stat; ``n/a`` for an external server without ``--server-pid``) per transfer and as a multiple of one
+bare verification, client CPU (this process, all threads). Client and server share the machine's CPUs (the
+client's load is part of the numbers): compare versions on one machine.
+
+``--profile DIR`` runs ``py-spy record`` on the server during each load phase (DIR/<phase>.txt, collapsed stacks)
+and prints the top functions by own and by inclusive samples; the profiler slows the server a little, so take
+throughput from a run without it. Every loop is bounded by ``--duration`` and ``--requests`` (default cap
+1,000,000). Only loopback targets. Exit status: 0 if every transfer succeeded, 1 if any failed, 2 on setup errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import importlib.metadata
+import ipaddress
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dcap_qvl
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keybroker.attestation.collateral import bundle_keys, inner_object
+from keybroker.sim.collateral import CollateralSpec, make_collateral
+from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
+from keybroker_client._client import unwrap
+from keybroker_client._quote import Platform, SgxMeasurements, build_quote
+from keybroker_client._sim import load_platform
+
+MRENCLAVE = bytes.fromhex("5a" * 32)
+MRSIGNER = bytes.fromhex("a5" * 32)
+ISVPRODID, ISVSVN = 1, 2
+MEASUREMENTS = SgxMeasurements(mrenclave=MRENCLAVE, mrsigner=MRSIGNER, isvprodid=ISVPRODID, isvsvn=ISVSVN)
+SAFETY_MAX_REQUESTS = 1_000_000  # the count bound when --requests is not given
+MAX_PREBUILT = 60_000  # at most this many nonces fetched and quotes prebuilt for the transfer-step-only phase
+NONCE_TTL_S = 300.0
+TRANSFER_HEADERS = {"Attestation-Type": "SGX"}
+JSON_HEADERS = {"Attestation-Type": "SGX", "Content-Type": "application/json"}
+TARGET_RATE, TARGET_P99_MS, TARGET_CONCURRENCY, TARGET_CPU_RATIO = 300.0, 100.0, 32, 2.0
+COLLATERAL_FILES = {
+    "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
+    "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
+    "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
+    "rootcacrl": ("root_ca_crl.der", None),
+}
+
+
+class SetupError(Exception):
+    """The benchmark cannot run (bad arguments, server not starting, setup request refused)."""
+
+
+# --- measurement helpers (as bench/keys.py) ---------------------------------------------------------------------
+
+
+def percentile(ordered: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)], 2)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
+
+
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def healthy(addr: str, ca_file: str) -> bool:
+    try:
+        verify = ssl.create_default_context(cafile=ca_file)
+        return httpx.get(f"{addr}/healthz", timeout=1.0, verify=verify).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# --- setup ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Simulator:
+    directory: Path  # made by init_pki / add_platform (or `keybroker sim init`)
+    collateral: Path  # OUT with OUT/sgx and OUT/tdx bundles
+    platform: Platform
+    root_der: bytes
+
+
+def make_simulator(tmp: Path, existing: Path | None) -> Simulator:
+    """A simulated TEE (``existing``, or a new one in ``tmp``) and fresh UpToDate collateral for it in ``tmp``."""
+    now = datetime.now(UTC)
+    start = now - timedelta(days=1)  # a margin for clocks and certificate second granularity
+    if existing is not None:
+        if not (existing / "root-ca.pem").is_file():
+            raise SetupError(f"{existing} is not a simulator directory (no root-ca.pem); run 'keybroker sim init'")
+        directory, pki = existing, SimPki(existing)
+    else:
+        directory = tmp / "sim"
+        pki = init_pki(directory, start)
+        add_platform(pki, PlatformSpec(name="default"), start)
+    out = tmp / "coll"
+    make_collateral(pki, out, CollateralSpec(platform="default", valid_from=start), now)
+    root_pem = (directory / "root-ca.pem").read_bytes()
+    root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
+    return Simulator(directory, out, load_platform(directory, "default"), root_der)
+
+
+@contextlib.contextmanager
+def own_server(tmp: Path, simulated_root: Path, startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int, str]]:
+    """Init a data directory in ``tmp`` and serve it (HTTPS, the service CA) trusting the simulated root; yields
+    (addr, admin token, server pid, CA file). The server is stopped (terminate, wait) on the way out."""
+    data_dir, log_path = tmp / "data", tmp / "server.log"
+    command = [sys.executable, "-m", "keybroker"]
+    init = subprocess.run(
+        [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if init.returncode != 0:
+        raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
+    token = (data_dir / "admin-token").read_text().strip()
+    port = free_port()
+    addr = f"https://127.0.0.1:{port}"
+    ca_file = str(data_dir / "ca.pem")
+    env = {**os.environ, "KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(simulated_root)}
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not healthy(addr, ca_file):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
+                time.sleep(0.1)
+            yield addr, token, server.pid, ca_file
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
+    if response.status_code != status:
+        raise SetupError(f"{what}: HTTP {response.status_code} {response.text[:400]}")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def import_collateral(admin: httpx.Client, out: Path) -> None:
+    """POST each bundle's items to /collateral/v1/items, as ``keybroker collateral import`` does."""
+    for bundle in (out / "sgx", out / "tdx"):
+        items = []
+        for key in bundle_keys(bundle):
+            body_file, chain_file = COLLATERAL_FILES[key.split(":")[0]]
+            items.append(
+                {
+                    "key": key,
+                    "body": base64.b64encode((bundle / body_file).read_bytes()).decode(),
+                    "issuer_chain": (bundle / chain_file).read_text() if chain_file else "",
+                }
+            )
+        response = admin.post("/collateral/v1/items", json={"items": items, "source": f"bench {bundle.name}"})
+        expect(response, 200, f"collateral import of {bundle}")
+
+
+def create_key(admin: httpx.Client, secret: bytes) -> str:
+    """A transfer policy for the simulated enclave and an AES-256 key with ``secret`` as material; the key id."""
+    document = {
+        "attestation_type": ["SGX"],
+        "sgx": {
+            "attributes": {
+                "mrenclave": [MRENCLAVE.hex()],
+                "mrsigner": [MRSIGNER.hex()],
+                "isvprodid": [ISVPRODID],
+                "isvsvn": ISVSVN,
+            }
+        },
+        "allow_simulated": True,
+    }
+    policy = expect(admin.post("/kbs/v1/key-transfer-policies", json=document), 201, "transfer policy create")
+    info = {"algorithm": "AES", "key_length": 256, "key_string": base64.b64encode(secret).decode()}
+    body = {"key_information": info, "transfer_policy_id": policy["id"], "label": "bench-transfer"}
+    return str(expect(admin.post("/kbs/v1/keys", json=body), 201, "key import")["id"])
+
+
+@dataclass(frozen=True)
+class WorkloadKey:
+    private: rsa.RSAPrivateKey
+    spki: bytes  # DER SubjectPublicKeyInfo: the transfer's user_data
+    spki_b64: str
+
+
+def workload_keys(count: int) -> list[WorkloadKey]:
+    keys = []
+    for _ in range(count):
+        private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        spki = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        keys.append(WorkloadKey(private, spki, base64.b64encode(spki).decode()))
+    return keys
+
+
+def report_data(nonce: dict[str, str], spki: bytes) -> bytes:
+    return hashlib.sha512(base64.b64decode(nonce["val"]) + base64.b64decode(nonce["iat"]) + spki).digest()
+
+
+# --- single-threaded reference loops ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loop:
+    name: str
+    calls: int
+    seconds: float
+
+    @property
+    def us_per_call(self) -> float:
+        return self.seconds * 1e6 / self.calls
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "calls": self.calls,
+            "seconds": round(self.seconds, 3),
+            "us_per_call": round(self.us_per_call, 1),
+            "per_second": round(self.calls / self.seconds, 1),
+        }
+
+
+def timed_loop(name: str, call: Callable[[], object], duration: float, max_calls: int) -> Loop:
+    """Call ``call`` until ``duration`` seconds passed or ``max_calls`` calls were made (checked every 10 calls)."""
+    call()  # warm up
+    calls, started = 0, time.perf_counter()
+    deadline = started + duration
+    while calls < max_calls and time.perf_counter() < deadline:
+        for _ in range(min(10, max_calls - calls)):
+            call()
+        calls += min(10, max_calls - calls)
+    return Loop(name, calls, time.perf_counter() - started)
+
+
+def bare_verify_loop(sim: Simulator, duration: float, max_calls: int) -> Loop:
+    """``dcap_qvl.verify_with_root_ca`` of one simulated quote with the bundle's collateral (parsed once)."""
+    folder = sim.collateral / "sgx"
+    tcb, tcb_sig = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
+    qe, qe_sig = inner_object((folder / "qe_identity.json").read_text(), "enclaveIdentity")
+    collateral = dcap_qvl.QuoteCollateralV3(
+        (folder / "pck_crl_issuer_chain.pem").read_text(),
+        (folder / "root_ca_crl.der").read_bytes(),
+        (folder / "pck_crl.der").read_bytes(),
+        (folder / "tcb_info_issuer_chain.pem").read_text(),
+        tcb,
+        tcb_sig,
+        (folder / "qe_identity_issuer_chain.pem").read_text(),
+        qe,
+        qe_sig,
+    )
+    quote = build_quote(sim.platform, os.urandom(64), sgx=MEASUREMENTS)
+    now = int(time.time())
+    status = str(dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, now).status)
+    if status != "UpToDate":
+        raise SetupError(f"the simulated quote verifies as {status}, not UpToDate")
+    return timed_loop(
+        "bare dcap_qvl verify",
+        lambda: dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, now),
+        duration,
+        max_calls,
+    )
+
+
+# --- load phases --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    name: str
+    unit: str  # what one counted operation is
+    seconds: float = 0.0
+    server_cpu_s: float | None = None
+    client_cpu_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    steps_ms: dict[str, list[float]] = field(default_factory=dict)  # per-step client latencies
+    errors: list[str] = field(default_factory=list)
+    checked: int = 0  # released keys unwrapped and compared
+    note: str = ""
+
+    def summary(self, bare_us: float) -> dict[str, Any]:
+        ok = len(self.latencies_ms)
+        ordered = sorted(self.latencies_ms)
+        cpu = self.server_cpu_s
+        cpu_ms = None if cpu is None or ok == 0 else cpu * 1000 / ok
+        return {
+            "phase": self.name,
+            "unit": self.unit,
+            "count": ok + len(self.errors),
+            "errors": len(self.errors),
+            "seconds": round(self.seconds, 3),
+            "per_second": round(ok / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "p50_ms": percentile(ordered, 50),
+            "p99_ms": percentile(ordered, 99),
+            "max_ms": round(ordered[-1], 2) if ordered else None,
+            "steps_p50_ms": {name: percentile(sorted(v), 50) for name, v in self.steps_ms.items()},
+            "server_cpu_s": None if cpu is None else round(cpu, 2),
+            "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
+            "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
+            "client_cpu_s": round(self.client_cpu_s, 2),
+            "client_cpu_ms_per_op": round(self.client_cpu_s * 1000 / ok, 3) if ok else None,
+            "released_keys_checked": self.checked,
+            "note": self.note,
+            "error_samples": [f"{n}x {text}" for text, n in Counter(self.errors).most_common(5)],
+        }
+
+
+class Profiler:
+    """``py-spy record`` on the server during one phase (collapsed stacks); stopped with SIGINT."""
+
+    def __init__(self, py_spy: str | None, out_dir: Path | None, pid: int | None, gil: bool) -> None:
+        self.py_spy, self.out_dir, self.pid, self.gil = py_spy, out_dir, pid, gil
+        self.files: dict[str, Path] = {}
+
+    @contextlib.contextmanager
+    def record(self, phase: str, duration: float) -> Iterator[None]:
+        if self.py_spy is None or self.out_dir is None or self.pid is None:
+            yield
+            return
+        out = self.out_dir / f"{phase.replace(' ', '-')}.txt"
+        command = [self.py_spy, "record", "--pid", str(self.pid), "--format", "raw", "--nolineno", "--rate", "200"]
+        command += ["--duration", str(math.ceil(duration) + 60), "--output", str(out)]
+        command += ["--gil"] if self.gil else []
+        spy = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # let it attach
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                _, err = spy.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, err = spy.communicate()
+            if out.is_file():
+                self.files[phase] = out
+            else:
+                print(f"py-spy wrote no profile for {phase}: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+
+
+def top_functions(collapsed: Path, limit: int) -> dict[str, Any]:
+    """Own (leaf) and inclusive samples per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [shorten(frame) for frame in stack.split(";")[1:]]  # the first frame names the thread
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def ranked(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": name, "samples": n, "percent": round(100 * n / total, 1)}
+            for name, n in counter.most_common(limit)
+        ]
+
+    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
+
+
+def shorten(frame: str) -> str:
+    """``func (/long/path/site-packages/pkg/mod.py)`` -> ``pkg/mod.py:func``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/src/", "/lib/python3"):
+        if marker in where:
+            where = where.rsplit(marker, 1)[1]
+            break
+    return f"{where}:{name}" if where else name
+
+
+class Load:
+    """Threads, one keep-alive ``httpx.Client`` each, sharing a bounded supply of work."""
+
+    def __init__(self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | None) -> None:
+        self.clients, self.stop, self.server_pid = clients, stop, server_pid
+
+    def run(
+        self,
+        phase: Phase,
+        work: Callable[[int, int, Phase, dict[str, list[float]]], float | None],
+        limit: int,
+        duration: float,
+    ) -> Phase:
+        """``work(worker, sequence, phase, steps)`` returns the latency in ms, or None after recording an error.
+        Runs until ``limit`` operations were claimed or ``duration`` seconds passed."""
+        lock = threading.Lock()
+        issued = 0
+        deadline = time.perf_counter() + duration
+
+        def claim() -> int | None:
+            nonlocal issued
+            with lock:
+                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
+                    return None
+                issued += 1
+                return issued - 1
+
+        def worker(index: int) -> None:
+            latencies: list[float] = []
+            steps: dict[str, list[float]] = {}
+            local = Phase(phase.name, phase.unit)
+            while (sequence := claim()) is not None:
+                try:
+                    elapsed = work(index, sequence, local, steps)
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                    local.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                if elapsed is not None:
+                    latencies.append(elapsed)
+            with lock:
+                phase.latencies_ms += latencies
+                phase.errors += local.errors
+                phase.checked += local.checked
+                for name, values in steps.items():
+                    phase.steps_ms.setdefault(name, []).extend(values)
+
+        server_cpu = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        client_cpu, started = time.process_time(), time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
+        phase.server_cpu_s = cpu_seconds(self.server_pid) - server_cpu if self.server_pid else None
+        return phase
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    sim: Simulator
+    key_id: str
+    secret: bytes
+    keys: list[WorkloadKey]
+    load: Load
+
+    @property
+    def path(self) -> str:
+        return f"/kbs/v1/keys/{self.key_id}/transfer"
+
+    def check(self, released: dict[str, Any], key: WorkloadKey, phase: Phase) -> bool:
+        """Unwrap a released key and compare it with the imported bytes; a mismatch is recorded as an error."""
+        phase.checked += 1
+        try:
+            got = unwrap(
+                base64.b64decode(released["wrapped_key"]), base64.b64decode(released["wrapped_swk"]), key.private
+            )
+        except Exception as exc:  # UnwrapError, binascii.Error, KeyError
+            phase.errors.append(f"unwrap failed: {type(exc).__name__}: {exc}")
+            return False
+        if got != self.secret:
+            phase.errors.append("the released key differs from the imported key")
+            return False
+        return True
+
+    def complete(self, worker: int, sequence: int, phase: Phase, steps: dict[str, list[float]]) -> float | None:
+        """One whole transfer: nonce, quote, transfer; unwrap and compare every --check-every-th."""
+        client, key = self.load.clients[worker], self.keys[worker % len(self.keys)]
+        started = time.perf_counter()
+        response = client.post(self.path, json={})
+        if response.status_code != 200:
+            phase.errors.append(f"nonce: HTTP {response.status_code}: {response.text[:200]}")
+            return None
+        nonce = response.json()
+        got_nonce = time.perf_counter()
+        quote = build_quote(self.sim.platform, report_data(nonce, key.spki), sgx=MEASUREMENTS)
+        body = {"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": key.spki_b64}
+        built = time.perf_counter()
+        response = client.post(self.path, json=body, headers=TRANSFER_HEADERS)
+        if response.status_code != 200:
+            phase.errors.append(f"transfer: HTTP {response.status_code}: {response.text[:200]}")
+            return None
+        released = response.json()
+        done = time.perf_counter()
+        steps.setdefault("nonce request", []).append((got_nonce - started) * 1000)
+        steps.setdefault("quote build", []).append((built - got_nonce) * 1000)
+        steps.setdefault("transfer request", []).append((done - built) * 1000)
+        if sequence % self.args.check_every == 0 and not self.check(released, key, phase):
+            return None
+        return (done - started) * 1000
+
+    def run(self, profiler: Profiler) -> tuple[list[Phase], dict[str, Any]]:
+        args, limit = self.args, self.args.requests or SAFETY_MAX_REQUESTS
+        phases: list[Phase] = []
+        extra: dict[str, Any] = {}
+
+        print(f"warm-up: {2 * len(self.load.clients)} complete transfers ...", file=sys.stderr, flush=True)
+        warm = self.load.run(Phase("warm-up", "transfer"), self.complete, 2 * len(self.load.clients), 120.0)
+        if warm.errors or warm.checked == 0:
+            warm.name = "warm-up (failed)"
+            return [warm], extra
+
+        print(f"measuring complete transfers for {args.duration} s ...", file=sys.stderr, flush=True)
+        with profiler.record("complete", args.duration):
+            phase = self.load.run(Phase("complete", "transfer"), self.complete, limit, args.duration)
+        phase.note = "nonce + quote build + transfer; latency includes quote generation"
+        phases.append(phase)
+        if args.skip_prebuilt or self.load.stop.is_set():
+            return phases, extra
+        if args.duration > NONCE_TTL_S / 2:
+            phase.note += f"; transfer-step-only skipped (nonces live {NONCE_TTL_S:.0f} s)"
+            return phases, extra
+
+        # Enough prebuilt transfers for the window at twice the complete rate, within the caps.
+        rate = len(phase.latencies_ms) / phase.seconds if phase.seconds else 0.0
+        wanted = min(limit, MAX_PREBUILT, max(len(self.load.clients) * 4, math.ceil(2 * rate * args.duration)))
+        nonces: list[dict[str, str] | None] = [None] * wanted
+
+        def fetch(worker: int, sequence: int, p: Phase, steps: dict[str, list[float]]) -> float | None:
+            started = time.perf_counter()
+            response = self.load.clients[worker].post(self.path, json={})
+            if response.status_code != 200:
+                p.errors.append(f"nonce: HTTP {response.status_code}: {response.text[:200]}")
+                return None
+            nonces[sequence] = response.json()
+            return (time.perf_counter() - started) * 1000
+
+        print(f"fetching {wanted} nonces ...", file=sys.stderr, flush=True)
+        with profiler.record("nonce", args.duration):
+            nonce_phase = self.load.run(Phase("nonce step only", "nonce"), fetch, wanted, NONCE_TTL_S / 4)
+        nonce_phase.note = "POST .../transfer {} only, prefetched for the next phase"
+        phases.append(nonce_phase)
+
+        print("building quotes for them ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        bodies: list[tuple[int, bytes]] = []
+        for sequence, nonce in enumerate(nonces):
+            if nonce is None:
+                continue
+            index = sequence % len(self.keys)
+            quote = build_quote(self.sim.platform, report_data(nonce, self.keys[index].spki), sgx=MEASUREMENTS)
+            body = {"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": self.keys[index].spki_b64}
+            bodies.append((index, json.dumps(body).encode()))
+        prebuild = Loop("quote build + body (prebuilt)", max(1, len(bodies)), time.perf_counter() - started)
+        extra["prebuild"] = prebuild.summary()
+
+        def transfer(worker: int, sequence: int, p: Phase, steps: dict[str, list[float]]) -> float | None:
+            index, body = bodies[sequence]
+            started = time.perf_counter()
+            response = self.load.clients[worker].post(self.path, content=body, headers=JSON_HEADERS)
+            if response.status_code != 200:
+                p.errors.append(f"transfer: HTTP {response.status_code}: {response.text[:200]}")
+                return None
+            released = response.json()
+            elapsed = (time.perf_counter() - started) * 1000
+            if sequence % self.args.check_every == 0 and not self.check(released, self.keys[index], p):
+                return None
+            return elapsed
+
+        print(f"measuring the transfer step only ({len(bodies)} prebuilt) ...", file=sys.stderr, flush=True)
+        with profiler.record("transfer", args.duration):
+            step = self.load.run(Phase("transfer step only", "transfer"), transfer, len(bodies), args.duration)
+        step.note = "POST prebuilt quote + nonce only"
+        if len(step.latencies_ms) + len(step.errors) >= len(bodies) and step.seconds < args.duration * 0.95:
+            step.note += f"; ran out of prebuilt transfers after {step.seconds:.1f} s"
+        phases.append(step)
+        return phases, extra
+
+
+# --- reporting ----------------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    columns = (
+        ("phase", "phase"), ("count", "count"), ("errors", "errors"), ("per_second", "per s"),
+        ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("server_cpu_ms_per_op", "srv CPU ms/op"),
+        ("server_cpu_x_bare_verify", "x bare verify"), ("server_cpu_s", "srv CPU s"),
+        ("client_cpu_ms_per_op", "cli CPU ms/op"), ("client_cpu_s", "cli CPU s"),
+    )  # fmt: skip
+    cells = [[label for _, label in columns]] + [[fmt(row[key]) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in cells
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
+    """Issue #6's targets, judged on the complete-transfer phase."""
+    complete = next((row for row in rows if row["phase"] == "complete"), None)
+    if complete is None:
+        return []
+    ratio = complete["server_cpu_x_bare_verify"]
+    p99 = complete["p99_ms"]
+    return [
+        {
+            "target": f"complete transfers/s >= {TARGET_RATE:.0f}",
+            "measured": complete["per_second"],
+            "met": complete["per_second"] >= TARGET_RATE,
+        },
+        {
+            "target": f"p99 <= {TARGET_P99_MS:.0f} ms at {TARGET_CONCURRENCY} workloads",
+            "measured": p99,
+            "met": None if concurrency != TARGET_CONCURRENCY or p99 is None else p99 <= TARGET_P99_MS,
+        },
+        {
+            "target": f"server CPU per transfer <= {TARGET_CPU_RATIO:.0f}x one bare verify",
+            "measured": ratio,
+            "met": None if ratio is None else ratio <= TARGET_CPU_RATIO,
+        },
+    ]
+
+
+def report_text(document: dict[str, Any]) -> str:
+    lines = [table(document["results"]), ""]
+    for name in ("bare_verify", "quote_build"):
+        loop = document[name]
+        lines.append(f"{loop['name']:<32} {loop['us_per_call']:>9.1f} µs/call  {loop['per_second']:>9.1f}/s (1 thread)")
+    if "prebuild" in document:
+        loop = document["prebuild"]
+        lines.append(f"{loop['name']:<32} {loop['us_per_call']:>9.1f} µs/call  {loop['per_second']:>9.1f}/s (1 thread)")
+    for row in document["results"]:
+        if row["steps_p50_ms"]:
+            steps = ", ".join(f"{name} {value} ms" for name, value in row["steps_p50_ms"].items())
+            lines.append(f"{row['phase']}: p50 per step: {steps}")
+        if row["note"]:
+            lines.append(f"{row['phase']}: {row['note']}")
+    lines.append("")
+    for target in document["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
+        lines.append(f"target {target['target']:<48} measured {target['measured']}: {verdict}")
+    lines.append(
+        f"{document['cpus']} CPUs, concurrency {document['concurrency']}, client and server on the same machine"
+    )
+    for phase, top in document.get("profiles", {}).items():
+        lines.append("")
+        lines.append(f"py-spy, server, phase {phase}: {top['samples']} samples ({top['file']})")
+        for kind in ("own", "inclusive"):
+            lines.append(f"  top by {kind} samples:")
+            lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in top[kind]]
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--addr", help="URL of a running server (loopback only); default: start one")
+    parser.add_argument("--token", default=os.environ.get("KEYBROKER_TOKEN"), help="admin bearer token (with --addr)")
+    parser.add_argument("--cacert", help="CA certificate to verify an https server (with --addr)")
+    parser.add_argument("--sim-dir", type=Path, help="simulator directory the server trusts (needed with --addr)")
+    parser.add_argument("--server-pid", type=int, help="with --addr: the server's pid, for CPU accounting")
+    parser.add_argument("--concurrency", type=int, default=32, help="workloads, one connection each (default 32)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase (default 10)")
+    parser.add_argument("--requests", type=int, help="also stop each load phase after this many transfers")
+    parser.add_argument("--workload-keys", type=int, default=32, help="RSA-3072 workload key pairs (default 32)")
+    parser.add_argument("--check-every", type=int, default=50, help="unwrap and compare every Nth key (default 50)")
+    parser.add_argument("--verify-seconds", type=float, default=3.0, help="bare verify loop length (default 3)")
+    parser.add_argument("--skip-prebuilt", action="store_true", help="skip the nonce/transfer-step-only phases")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
+    parser.add_argument("--profile", type=Path, help="py-spy the server during each load phase into this directory")
+    parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable (default: from PATH)")
+    parser.add_argument("--top", type=int, default=15, help="functions listed per profile (default 15)")
+    parser.add_argument("--json", action="store_true", help="JSON results on stdout (the table goes to stderr)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.duration <= 0 or (args.requests is not None and args.requests < 1):
+        parser.error("--concurrency and --requests must be >= 1, --duration > 0")
+    if args.workload_keys < 1 or args.check_every < 1 or not 0 < args.verify_seconds <= 60:
+        parser.error("--workload-keys and --check-every must be >= 1, 0 < --verify-seconds <= 60")
+    if args.duration > 600:
+        parser.error("--duration is at most 600 s")
+    if args.addr:
+        if not is_loopback(args.addr):
+            parser.error(f"{args.addr} is not a loopback address")
+        if not args.token:
+            parser.error("--addr needs --token (or KEYBROKER_TOKEN)")
+        if args.sim_dir is None:
+            parser.error("--addr needs --sim-dir: the simulator whose root-ca.pem the server trusts")
+    elif args.server_pid is not None:
+        parser.error("--server-pid is for --addr")
+    if args.profile is not None and not args.py_spy:
+        parser.error("--profile needs py-spy: put it on PATH or pass --py-spy")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is stopped on SIGTERM too
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="keybroker-bench-transfer-")))
+            print("creating the simulated TEE ...", file=sys.stderr, flush=True)
+            sim = make_simulator(tmp, args.sim_dir)
+            if args.addr:
+                addr, token, pid = args.addr.rstrip("/"), args.token, args.server_pid
+            else:
+                print("starting a keybroker server ...", file=sys.stderr, flush=True)
+                addr, token, pid, args.cacert = stack.enter_context(own_server(tmp, sim.directory / "root-ca.pem"))
+            verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
+            timeout = httpx.Timeout(args.timeout, connect=10.0)
+            admin = stack.enter_context(
+                httpx.Client(base_url=addr, headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=timeout)
+            )
+            import_collateral(admin, sim.collateral)
+            secret = os.urandom(32)
+            key_id = create_key(admin, secret)
+            print(f"generating {args.workload_keys} RSA-3072 workload keys ...", file=sys.stderr, flush=True)
+            keys = workload_keys(args.workload_keys)
+
+            print(f"bare dcap_qvl verify loop ({args.verify_seconds} s) ...", file=sys.stderr, flush=True)
+            bare = bare_verify_loop(sim, args.verify_seconds, 100_000)
+            data = os.urandom(64)
+            quote_loop = timed_loop(
+                "build_quote (SGX)", lambda: build_quote(sim.platform, data, sgx=MEASUREMENTS), 1.0, 20_000
+            )
+
+            clients = [
+                stack.enter_context(httpx.Client(base_url=addr, verify=verify, timeout=timeout))
+                for _ in range(args.concurrency)
+            ]
+            stop = threading.Event()
+            stack.callback(stop.set)  # runs first on the way out: workers of an interrupted phase stop claiming
+            for client in clients:  # open every keep-alive connection before measuring
+                client.get("/healthz").raise_for_status()
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(args.py_spy, args.profile, pid, args.profile_gil)
+            bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid))
+            phases, extra = bench.run(profiler)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    rows = [phase.summary(bare.us_per_call) for phase in phases]
+    document: dict[str, Any] = {
+        "target": addr if args.addr else "own server",
+        "cpus": os.cpu_count(),
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "max_requests": args.requests,
+        "workload_keys": args.workload_keys,
+        "check_every": args.check_every,
+        "python": sys.version.split()[0],
+        "httpx": httpx.__version__,
+        "dcap_qvl": importlib.metadata.version("dcap-qvl"),
+        "bare_verify": bare.summary(),
+        "quote_build": quote_loop.summary(),
+        **extra,
+        "results": rows,
+        "errors": sum(row["errors"] for row in rows),
+        "targets": targets(rows, args.concurrency),
+    }
+    if profiler.files:
+        document["profiles"] = {
+            phase: {**top_functions(path, args.top), "file": str(path)} for phase, path in profiler.files.items()
+        }
+    print(report_text(document), file=sys.stderr if args.json else sys.stdout)
+    for row in rows:
+        for sample in row["error_samples"]:
+            print(f"{row['phase']}: {sample}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    return 1 if document["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
