@@ -1,4 +1,4 @@
-"""Complete attested key transfers per second (simulated SGX workloads), with a bare ``dcap_qvl`` verify loop to compare.
+"""Complete attested key transfers per second (simulated SGX workloads), and a bare ``dcap_qvl`` verify to compare.
 
 Usage (from the repository root, with the project's venv):
 
@@ -399,7 +399,7 @@ class Profiler:
             yield
             return
         out = self.out_dir / f"{phase.replace(' ', '-')}.txt"
-        command = [self.py_spy, "record", "--pid", str(self.pid), "--format", "raw", "--nolineno", "--rate", "200"]
+        command = [self.py_spy, "record", "--pid", str(self.pid), "--format", "raw", "--nolineno", "--rate", "100"]
         command += ["--duration", str(math.ceil(duration) + 60), "--output", str(out)]
         command += ["--gil"] if self.gil else []
         spy = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -787,9 +787,8 @@ def main(argv: list[str] | None = None) -> int:
                 addr, token, pid, args.cacert = stack.enter_context(own_server(tmp, sim.directory / "root-ca.pem"))
             verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
             timeout = httpx.Timeout(args.timeout, connect=10.0)
-            admin = stack.enter_context(
-                httpx.Client(base_url=addr, headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=timeout)
-            )
+            bearer = {"Authorization": f"Bearer {token}"}
+            admin = stack.enter_context(httpx.Client(base_url=addr, headers=bearer, verify=verify, timeout=timeout))
             import_collateral(admin, sim.collateral)
             secret = os.urandom(32)
             key_id = create_key(admin, secret)

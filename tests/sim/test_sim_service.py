@@ -7,7 +7,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,15 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("simdir")
     for args in (
         ["sim", "init", str(directory)],
-        ["sim", "collateral", str(directory), "--out", str(directory / "coll")],
+        [
+            "sim",
+            "collateral",
+            str(directory),
+            "--out",
+            str(directory / "coll"),
+            "--valid-from",
+            (NOW - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+        ],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
