@@ -63,6 +63,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,11 @@ def percentile(ordered: list[float], pct: float) -> float | None:
     return round(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)], 2)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads) in seconds, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
 
 
 def is_loopback(url: str) -> bool:
@@ -352,6 +354,7 @@ class Phase:
     unit: str  # what one counted operation is
     seconds: float = 0.0
     server_cpu_s: float | None = None
+    server_sys_s: float | None = None  # the kernel's share of server_cpu_s
     client_cpu_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     steps_ms: dict[str, list[float]] = field(default_factory=dict)  # per-step client latencies
@@ -376,6 +379,7 @@ class Phase:
             "max_ms": round(ordered[-1], 2) if ordered else None,
             "steps_p50_ms": {name: percentile(sorted(v), 50) for name, v in self.steps_ms.items()},
             "server_cpu_s": None if cpu is None else round(cpu, 2),
+            "server_sys_s": None if self.server_sys_s is None else round(self.server_sys_s, 2),
             "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
             "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
             "client_cpu_s": round(self.client_cpu_s, 2),
@@ -419,11 +423,25 @@ class Profiler:
                 print(f"py-spy wrote no profile for {phase}: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
 
 
+# Leaf frames where a sampled thread is waiting, not working (py-spy counts them as active): idle AnyIO workers, and
+# workers queued on keybroker's SQLite write lock (Database.transaction's own samples are its lock.acquire).
+WAITING_LEAVES = frozenset(
+    {
+        "threading.py:Condition.wait",
+        "queue.py:Queue.get",
+        "threading.py:Event.wait",
+        "keybroker/storage/db.py:Database.transaction",
+    }
+)
+
+
 def top_functions(collapsed: Path, limit: int) -> dict[str, Any]:
-    """Own (leaf) and inclusive samples per function from py-spy's collapsed stacks."""
+    """From py-spy's collapsed stacks: the share of samples waiting (by leaf), and among the other samples the top
+    functions by own (leaf) samples and the top keybroker functions by inclusive samples."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    waiting: Counter[str] = Counter()
+    total = working = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -433,17 +451,27 @@ def top_functions(collapsed: Path, limit: int) -> dict[str, Any]:
         if not frames:
             continue
         total += count
+        if frames[-1] in WAITING_LEAVES:
+            waiting[frames[-1]] += count
+            continue
+        working += count
         own[frames[-1]] += count
         for frame in set(frames):
-            inclusive[frame] += count
+            if frame.startswith("keybroker/") and not frame.startswith(("keybroker/cli/", "keybroker/__main__")):
+                inclusive[frame] += count
 
-    def ranked(counter: Counter[str]) -> list[dict[str, Any]]:
+    def ranked(counter: Counter[str], base: int) -> list[dict[str, Any]]:
         return [
-            {"function": name, "samples": n, "percent": round(100 * n / total, 1)}
+            {"function": name, "samples": n, "percent": round(100 * n / base, 1) if base else 0.0}
             for name, n in counter.most_common(limit)
         ]
 
-    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
+    return {
+        "samples": total,
+        "waiting": ranked(waiting, total),
+        "own": ranked(own, working),
+        "inclusive": ranked(inclusive, working),
+    }
 
 
 def shorten(frame: str) -> str:
@@ -503,7 +531,7 @@ class Load:
                 for name, values in steps.items():
                     phase.steps_ms.setdefault(name, []).extend(values)
 
-        server_cpu = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        user, system = cpu_times(self.server_pid) if self.server_pid else (0.0, 0.0)
         client_cpu, started = time.process_time(), time.perf_counter()
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
         for thread in threads:
@@ -511,7 +539,10 @@ class Load:
         for thread in threads:
             thread.join()
         phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
-        phase.server_cpu_s = cpu_seconds(self.server_pid) - server_cpu if self.server_pid else None
+        if self.server_pid:
+            user_after, system_after = cpu_times(self.server_pid)
+            phase.server_cpu_s = user_after - user + system_after - system
+            phase.server_sys_s = system_after - system
         return phase
 
 
@@ -647,6 +678,107 @@ class Bench:
         return phases, extra
 
 
+# --- in-process service profile ------------------------------------------------------------------------------
+
+
+def service_profile(
+    data_dir: Path, sim: Simulator, key_id: str, secret: bytes, keys: list[WorkloadKey], count: int, top: int
+) -> dict[str, Any]:
+    """Where the service layer's CPU goes, in this process, one thread, no HTTP, on the benchmark server's data
+    directory (the server is idle by now; SQLite WAL allows a second process).
+
+    ``count`` calls each of ``TransferService.nonce`` and ``TransferService.transfer``, then of the parts a transfer
+    consists of, each timed alone with CPU time (so no profiler overhead is in these numbers); then ``count``
+    transfers under cProfile for a ranking of functions by own time (shares of the profiled time: the profiler
+    inflates Python-heavy code against C calls such as dcap-qvl)."""
+    import cProfile
+    import pstats
+
+    from keybroker.attestation.nonce import parse_nonce
+    from keybroker.audit.log import AuditContext, AuditEvent
+    from keybroker.config import load_settings
+    from keybroker.crypto.transfer import workload_public_key, wrap_for_workload
+    from keybroker.services import build_services
+
+    settings = load_settings(
+        data_dir=data_dir, overrides={"attestation": {"simulated_root": str(sim.directory / "root-ca.pem")}}
+    )
+    services = build_services(settings)
+    audit = AuditContext(request_id="bench-transfer", client="127.0.0.1")
+    transfer, attestation = services.transfer, services.attestation
+
+    def bodies(n: int) -> list[tuple[dict[str, Any], WorkloadKey]]:
+        out = []
+        for i in range(n):
+            key = keys[i % len(keys)]
+            nonce = transfer.nonce(key_id)[0].as_json()
+            quote = build_quote(sim.platform, report_data(nonce, key.spki), sgx=MEASUREMENTS)
+            out.append(({"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": key.spki_b64}, key))
+        return out
+
+    def cpu_us(calls: list[Callable[[], object]]) -> float:
+        started = time.process_time()
+        for call in calls:
+            call()
+        return round((time.process_time() - started) * 1e6 / len(calls), 1)
+
+    try:
+        for body, _ in bodies(10):  # warm-up: caches, connection pool, first collateral load
+            transfer.transfer(key_id, "SGX", body, None, audit)
+        nonce_us = cpu_us([lambda: transfer.nonce(key_id)] * count)
+        work = bodies(count)
+        transfer_us = cpu_us([partial(transfer.transfer, key_id, "SGX", b, None, audit) for b, _ in work])
+        body, key = bodies(1)[0]
+        last = transfer.transfer(key_id, "SGX", body, None, audit).as_json()
+        released = unwrap(base64.b64decode(last["wrapped_key"]), base64.b64decode(last["wrapped_swk"]), key.private)
+
+        record = services.keys.get(key_id)
+        material = services.keys.load_material(record)
+        work = bodies(count)
+        quotes = [base64.b64decode(b["quote"]) for b, _ in work]
+        nonces = [parse_nonce(b["nonce"]) for b, _ in work]
+        event = AuditEvent("key.transfer", "allowed", key_id, {"bench": True})
+        now = attestation.clock.now()
+        parts: list[tuple[str, list[Callable[[], object]]]] = [
+            ("QuoteVerifier.verify", [partial(attestation.verifier.verify, q, now) for q in quotes]),
+            ("NonceService.consume (DB write)", [partial(attestation.nonces.consume, n, "transfer") for n in nonces]),
+            ("AuditLog.record (DB write)", [lambda: services.audit.record(audit, event)] * count),
+            ("KeyService.get (DB read)", [lambda: services.keys.get(key_id)] * count),
+            ("PolicyStore.get (DB read)", [lambda: services.policies.get(record.transfer_policy_id)] * count),
+            ("KeyService.load_material (DB read, unseal)", [lambda: services.keys.load_material(record)] * count),
+            (
+                "workload_public_key + wrap_for_workload",
+                [lambda: wrap_for_workload(material.secret, workload_public_key(keys[0].spki))] * count,
+            ),
+        ]
+        timed = [{"part": name, "us": cpu_us(calls)} for name, calls in parts]
+
+        work = bodies(count)
+        profile = cProfile.Profile()
+        profile.enable()
+        for body, _ in work:
+            transfer.transfer(key_id, "SGX", body, None, audit)
+        profile.disable()
+    finally:
+        services.close()
+    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    profiled = sum(v[2] for v in stats.values())
+    db = sum(v[2] for k, v in stats.items() if "sqlalchemy" in k[0] or "sqlite3" in k[2])
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return {
+        "transfers": count,
+        "released_key_matches": released == secret,
+        "nonce_us": nonce_us,
+        "transfer_us": transfer_us,
+        "parts": timed,
+        "profiled_db_percent": round(100 * db / profiled, 1),
+        "top": [
+            {"function": f"{shorten(f'{name} ({path})')}:{line}", "percent": round(100 * v[2] / profiled, 1)}
+            for (path, line, name), v in ranked
+        ],
+    }
+
+
 # --- reporting ----------------------------------------------------------------------------------------------------
 
 
@@ -710,6 +842,9 @@ def report_text(document: dict[str, Any]) -> str:
         if row["steps_p50_ms"]:
             steps = ", ".join(f"{name} {value} ms" for name, value in row["steps_p50_ms"].items())
             lines.append(f"{row['phase']}: p50 per step: {steps}")
+        if row["server_sys_s"] is not None and row["server_cpu_s"]:
+            share = 100 * row["server_sys_s"] / row["server_cpu_s"]
+            lines.append(f"{row['phase']}: server CPU {share:.0f}% in the kernel (stime)")
         if row["note"]:
             lines.append(f"{row['phase']}: {row['note']}")
     lines.append("")
@@ -721,10 +856,31 @@ def report_text(document: dict[str, Any]) -> str:
     )
     for phase, top in document.get("profiles", {}).items():
         lines.append("")
-        lines.append(f"py-spy, server, phase {phase}: {top['samples']} samples ({top['file']})")
-        for kind in ("own", "inclusive"):
-            lines.append(f"  top by {kind} samples:")
+        lines.append(f"py-spy, server, phase {phase}: {top['samples']} thread samples ({top['file']})")
+        lines.append("  waiting (% of all samples, excluded below):")
+        lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in top["waiting"]]
+        for kind, title in (("own", "own samples"), ("inclusive", "inclusive samples, keybroker functions")):
+            lines.append(f"  top by {title} (% of the other samples):")
             lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in top[kind]]
+    service = document.get("service_profile")
+    if service:
+        lines.append("")
+        lines.append(
+            f"in-process service layer, 1 thread, no HTTP ({service['transfers']} transfers, cProfile on CPU time):"
+        )
+        lines.append(f"  TransferService.nonce    {service['nonce_us']:>8.0f} µs CPU per call")
+        lines.append(
+            f"  TransferService.transfer {service['transfer_us']:>8.0f} µs CPU per call; its parts, each alone:"
+        )
+        lines += [f"    {item['us']:>8.0f} µs  {item['part']}" for item in service["parts"]]
+        if service.get("http_overhead_us") is not None:
+            lines.append(
+                f"  server CPU per complete transfer - (nonce + transfer) above: {service['http_overhead_us']:.0f} µs"
+                " (HTTP, TLS, ASGI, middleware, thread pool, GIL hand-offs)"
+            )
+        db_share = service["profiled_db_percent"]
+        lines.append(f"  cProfile of transfer, top own time (% of profiled; SQLAlchemy + sqlite3 own: {db_share}%):")
+        lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in service["top"]]
     return "\n".join(lines)
 
 
@@ -750,6 +906,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable (default: from PATH)")
     parser.add_argument("--top", type=int, default=15, help="functions listed per profile (default 15)")
+    parser.add_argument(
+        "--profile-service",
+        type=int,
+        default=0,
+        metavar="N",
+        help="afterwards, N transfers through TransferService in-process under cProfile (own server only)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON results on stdout (the table goes to stderr)")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.duration <= 0 or (args.requests is not None and args.requests < 1):
@@ -767,6 +930,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--addr needs --sim-dir: the simulator whose root-ca.pem the server trusts")
     elif args.server_pid is not None:
         parser.error("--server-pid is for --addr")
+    if args.profile_service and (args.addr or not 0 < args.profile_service <= 20_000):
+        parser.error("--profile-service needs the benchmark's own server (no --addr) and 1..20000 transfers")
     if args.profile is not None and not args.py_spy:
         parser.error("--profile needs py-spy: put it on PATH or pass --py-spy")
     return args
@@ -815,6 +980,14 @@ def main(argv: list[str] | None = None) -> int:
             profiler = Profiler(args.py_spy, args.profile, pid, args.profile_gil)
             bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid))
             phases, extra = bench.run(profiler)
+            if args.profile_service and not stop.is_set():
+                print(f"profiling {args.profile_service} in-process transfers ...", file=sys.stderr, flush=True)
+                try:
+                    extra["service_profile"] = service_profile(
+                        tmp / "data", sim, key_id, secret, keys, args.profile_service, args.top
+                    )
+                except Exception as exc:  # the profile is an extra: report and go on
+                    print(f"the in-process profile failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -844,6 +1017,16 @@ def main(argv: list[str] | None = None) -> int:
         "errors": sum(row["errors"] for row in rows),
         "targets": targets(rows, args.concurrency),
     }
+    service = document.get("service_profile")
+    if service is not None:
+        complete = next((row for row in rows if row["phase"] == "complete"), None)
+        per_op = complete["server_cpu_ms_per_op"] if complete else None
+        service["http_overhead_us"] = (
+            None if per_op is None else round(per_op * 1000 - service["nonce_us"] - service["transfer_us"], 1)
+        )
+        if not service["released_key_matches"]:
+            document["errors"] += 1
+            print("in-process profile: the released key differs from the imported key", file=sys.stderr)
     if profiler.files:
         document["profiles"] = {
             phase: {**top_functions(path, args.top), "file": str(path)} for phase, path in profiler.files.items()

@@ -119,7 +119,7 @@ def init_pki(directory: Path, now: datetime) -> SimPki:
     if (directory / "root-ca.pem").exists():
         return pki
     directory.mkdir(parents=True, exist_ok=True)
-    start = now - timedelta(days=1)
+    start = now - timedelta(days=365)  # room for collateral dated in the past (expiry tests)
     keys = {role: ec.generate_private_key(ec.SECP256R1()) for role in NAMES}
     root = _certificate(NAMES["root"], keys["root"], NAMES["root"], keys["root"], start, 365 * 30, 1, _KEY_USAGE_CA)
     certs = {"root": root}
@@ -183,7 +183,7 @@ def add_platform(pki: SimPki, spec: PlatformSpec, now: datetime) -> Path:
         pck_key,
         NAMES[spec.ca],
         pki.key(spec.ca),
-        now - timedelta(days=1),
+        now - timedelta(days=365),
         365 * 7,
         None,
         _KEY_USAGE_SIGN,
