@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's venv):
     .venv/bin/python bench/transfer.py --json           # JSON document on stdout, the table on stderr
     .venv/bin/python bench/transfer.py --duration 3 --concurrency 8 --requests 2000
     .venv/bin/python bench/transfer.py --profile /tmp/kb-prof [--py-spy /path/to/py-spy]   # py-spy the server
+    .venv/bin/python bench/transfer.py --profile-service 1000   # then the service layer's CPU, in-process
     .venv/bin/python bench/transfer.py --addr https://127.0.0.1:9443 --token "$KEYBROKER_TOKEN" \\
         --cacert DATA/ca.pem --sim-dir SIMDIR [--server-pid PID]   # a running server that trusts SIMDIR/root-ca.pem
 
@@ -19,9 +20,10 @@ Measured, in this order, in one run:
 
 * ``bare verify``: ``dcap_qvl.verify_with_root_ca`` of one simulated quote in a loop, single-threaded, server idle;
 * ``quote build``: ``build_quote`` (the simulated quoting enclave) single-threaded: µs per quote;
-* ``complete``: ``--concurrency`` workloads (threads, one keep-alive ``httpx.Client`` each, no bearer token) do
-  whole transfers back to back: POST /kbs/v1/keys/{id}/transfer ``{}`` (the nonce), REPORTDATA = SHA-512(val ‖ iat
-  ‖ SPKI), ``build_quote``, POST the transfer (``Attestation-Type: SGX``). Latency = from the nonce request to the
+* ``complete``: ``--concurrency`` workloads (threads, one keep-alive ``httpx.Client`` each, no bearer token; the
+  same rate as ``httpx.AsyncClient`` tasks for about half the client CPU) do whole transfers back to back: POST
+  /kbs/v1/keys/{id}/transfer ``{}`` (the nonce), REPORTDATA = SHA-512(val ‖ iat ‖ SPKI), ``build_quote``, POST the
+  transfer (``Attestation-Type: SGX``). Latency = from the nonce request to the
   parsed transfer response, quote generation included. Every ``--check-every``-th released key is unwrapped after
   the latency is taken and compared with the imported bytes (a mismatch is an error);
 * ``nonce step only``: the same workloads fetch nonces back to back for the next phase;
@@ -30,13 +32,20 @@ Measured, in this order, in one run:
 
 Per phase: transfers (or requests) per second, p50/p99 latency, errors, server CPU seconds (utime+stime of
 /proc/<pid>/stat; ``n/a`` for an external server without ``--server-pid``) per transfer and as a multiple of one
-bare verification, client CPU (this process, all threads). Client and server share the machine's CPUs (the
-client's load is part of the numbers): compare versions on one machine.
+bare verification, client CPU (this process, all threads), and the CPU other processes used meanwhile (from
+/proc/stat; flagged when above 0.1 CPU: the numbers are then perturbed). Client and server share the machine's
+CPUs (the client's load is part of the numbers): compare versions on one machine. The workloads are a closed loop
+(no think time), so mean latency = concurrency / rate (Little's law): p99 <= 100 ms at 32 workloads needs > 320/s.
 
 ``--profile DIR`` runs ``py-spy record`` on the server during each load phase (DIR/<phase>.txt, collapsed stacks)
-and prints the top functions by own and by inclusive samples; the profiler slows the server a little, so take
-throughput from a run without it. Every loop is bounded by ``--duration`` and ``--requests`` (default cap
-1,000,000). Only loopback targets. Exit status: 0 if every transfer succeeded, 1 if any failed, 2 on setup errors.
+and prints the share of samples waiting (idle pool threads, the SQLite write lock), then the top functions by own
+samples and the top keybroker functions by inclusive samples; it slows the server, so take throughput from a run
+without it. ``--profile-service N`` (own server only) then runs TransferService.nonce/.transfer and each part of a
+transfer N times in this process on the server's data directory, one thread, no HTTP, timed in CPU time, plus a
+cProfile ranking; server CPU per complete transfer minus the service layer's is the HTTP/TLS/ASGI share.
+
+Every loop is bounded by ``--duration`` and ``--requests`` (default cap 1,000,000). Only loopback targets.
+Exit status: 0 if every transfer succeeded, 1 if any failed, 2 on setup errors.
 """
 
 from __future__ import annotations
@@ -117,6 +126,13 @@ def cpu_times(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def is_loopback(url: str) -> bool:
@@ -356,6 +372,7 @@ class Phase:
     server_cpu_s: float | None = None
     server_sys_s: float | None = None  # the kernel's share of server_cpu_s
     client_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0  # every CPU of the machine, whoever used it
     latencies_ms: list[float] = field(default_factory=list)
     steps_ms: dict[str, list[float]] = field(default_factory=dict)  # per-step client latencies
     errors: list[str] = field(default_factory=list)
@@ -383,6 +400,10 @@ class Phase:
             "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
             "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
             "client_cpu_s": round(self.client_cpu_s, 2),
+            "machine_busy_s": round(self.machine_busy_s, 2),
+            "other_processes_cpu_s": (
+                None if cpu is None else round(max(0.0, self.machine_busy_s - cpu - self.client_cpu_s), 2)
+            ),
             "client_cpu_ms_per_op": round(self.client_cpu_s * 1000 / ok, 3) if ok else None,
             "released_keys_checked": self.checked,
             "note": self.note,
@@ -532,13 +553,14 @@ class Load:
                     phase.steps_ms.setdefault(name, []).extend(values)
 
         user, system = cpu_times(self.server_pid) if self.server_pid else (0.0, 0.0)
-        client_cpu, started = time.process_time(), time.perf_counter()
+        client_cpu, busy, started = time.process_time(), machine_busy_seconds(), time.perf_counter()
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
+        phase.machine_busy_s = machine_busy_seconds() - busy
         if self.server_pid:
             user_after, system_after = cpu_times(self.server_pid)
             phase.server_cpu_s = user_after - user + system_after - system
@@ -844,7 +866,12 @@ def report_text(document: dict[str, Any]) -> str:
             lines.append(f"{row['phase']}: p50 per step: {steps}")
         if row["server_sys_s"] is not None and row["server_cpu_s"]:
             share = 100 * row["server_sys_s"] / row["server_cpu_s"]
-            lines.append(f"{row['phase']}: server CPU {share:.0f}% in the kernel (stime)")
+            lines.append(
+                f"{row['phase']}: server CPU {share:.0f}% in the kernel (stime); machine busy "
+                f"{row['machine_busy_s']:.1f} CPU-s of {row['seconds'] * (os.cpu_count() or 1):.1f}, other processes "
+                f"{row['other_processes_cpu_s']:.1f} CPU-s"
+                + (" (OTHER LOAD: perturbed)" if row["other_processes_cpu_s"] > 0.1 * row["seconds"] else "")
+            )
         if row["note"]:
             lines.append(f"{row['phase']}: {row['note']}")
     lines.append("")
@@ -854,6 +881,9 @@ def report_text(document: dict[str, Any]) -> str:
     lines.append(
         f"{document['cpus']} CPUs, concurrency {document['concurrency']}, client and server on the same machine"
     )
+    if document.get("profiles"):
+        lines.append("py-spy was attached during the load phases: the rates, latencies and server CPU above include")
+        lines.append("its perturbation (it stops the server at each sample); take them from a run without --profile.")
     for phase, top in document.get("profiles", {}).items():
         lines.append("")
         lines.append(f"py-spy, server, phase {phase}: {top['samples']} thread samples ({top['file']})")
@@ -866,7 +896,7 @@ def report_text(document: dict[str, Any]) -> str:
     if service:
         lines.append("")
         lines.append(
-            f"in-process service layer, 1 thread, no HTTP ({service['transfers']} transfers, cProfile on CPU time):"
+            f"in-process service layer, 1 thread, no HTTP, CPU time per call ({service['transfers']} calls each):"
         )
         lines.append(f"  TransferService.nonce    {service['nonce_us']:>8.0f} µs CPU per call")
         lines.append(

@@ -109,7 +109,7 @@ def test_attest_refusals(api: TestClient, clock: FixedClock, imported: None, ser
     assert problem["reasons"][0]["code"] == "report_data_mismatch"
     forged = {**nonce, "signature": base64.b64encode(b"\x00" * 32).decode()}
     assert_problem(_attest(api, sgx, verifier_nonce=forged), 401, "nonce_invalid")
-    assert_problem(_attest(api, sgx, verifier_nonce={"val": "AA=="}), 401, "nonce_invalid")
+    assert_problem(_attest(api, sgx, verifier_nonce={"val": "AA=="}), 400, "invalid_request")  # malformed: bad input
     clock.advance(timedelta(seconds=301))
     assert_problem(_attest(api, sgx, verifier_nonce=nonce), 401, "nonce_expired")
 

@@ -24,21 +24,24 @@ def _measurements(real: RealQuote, claims: dict[str, object]) -> None:
         assert claims["sgx_report_data"] == m["report_data"]
         assert claims["sgx_is_debuggable"] is False
     else:
-        for ours, theirs in (
-            ("tdx_mrtd", "mr_td"),
-            ("tdx_mrseam", "mr_seam"),
-            ("tdx_rtmr0", "rt_mr0"),
-            ("tdx_rtmr1", "rt_mr1"),
-            ("tdx_rtmr2", "rt_mr2"),
-            ("tdx_rtmr3", "rt_mr3"),
-            ("tdx_td_attributes", "td_attributes"),
-            ("tdx_xfam", "xfam"),
-            ("tdx_report_data", "report_data"),
-            ("tdx_mrconfigid", "mr_config_id"),
-            ("tdx_tee_tcb_svn", "tee_tcb_svn"),
-        ):
-            if theirs in m:
-                assert claims[ours] == m[theirs], ours
+        pairs = {
+            "tdx_mrtd": "mr_td",
+            "tdx_mrseam": "mr_seam",
+            "tdx_rtmr0": "rtmr0",
+            "tdx_rtmr1": "rtmr1",
+            "tdx_rtmr2": "rtmr2",
+            "tdx_rtmr3": "rtmr3",
+            "tdx_td_attributes": "td_attributes",
+            "tdx_xfam": "xfam",
+            "tdx_report_data": "report_data",
+            "tdx_mrconfigid": "mr_config_id",
+            "tdx_mrowner": "mr_owner",
+            "tdx_mrownerconfig": "mr_owner_config",
+            "tdx_tee_tcb_svn": "tee_tcb_svn",
+        }
+        assert set(pairs.values()) == set(m)  # every expected measurement is compared, none skipped
+        for ours, theirs in pairs.items():
+            assert claims[ours] == m[theirs], ours
         assert claims["tdx_is_debuggable"] is False
 
 

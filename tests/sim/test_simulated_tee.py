@@ -214,3 +214,69 @@ def _qvl_intel(folder: Path, quote: bytes) -> None:
         qe_sig,
     )
     dcap_qvl.verify(quote, collateral, int(NOW.timestamp()))
+
+
+def test_collateral_conflicts_and_crls_of_the_wrong_ca(sim: Sim, tmp_path: Path, services: Any) -> None:
+    from keybroker.errors import Conflict
+
+    roots = sim.anchors().roots()
+    make_collateral(sim.pki, tmp_path / "a", CollateralSpec(valid_from=NOW), NOW)
+    make_collateral(sim.pki, tmp_path / "b", CollateralSpec(valid_from=NOW, revoked_pck=True), NOW)
+    store = services.collateral
+    store.put(read_bundle(tmp_path / "a" / "sgx", roots), "a")
+    store.put(read_bundle(tmp_path / "a" / "sgx", roots), "a again")  # same content: nothing new
+    with pytest.raises(Conflict) as caught:
+        store.put(read_bundle(tmp_path / "b" / "sgx", roots), "b")  # same date, a CRL that revokes more
+    assert caught.value.instance_code == "collateral_conflict"
+    # A CRL from the processor CA offered as the platform CA's is refused.
+    from keybroker.attestation.collateral import item_from_pcs
+
+    proc = tmp_path / "p"
+    make_collateral(sim.pki, proc, CollateralSpec(platform="proc"), NOW)
+    with pytest.raises(CollateralInvalid, match="not from the PCK platform CA"):
+        item_from_pcs(
+            "pckcrl:platform",
+            (proc / "sgx" / "pck_crl.der").read_bytes(),
+            (proc / "sgx" / "pck_crl_issuer_chain.pem").read_text(),
+            roots,
+        )
+
+
+def test_malformed_collateral_is_refused_not_crashed(sim: Sim) -> None:
+    from keybroker.attestation.collateral import item_from_pcs
+
+    for body in (b"\xff\xfe", b'{"tcbInfo":[1],"signature":"00"}', b'{"tcbInfo":{"issueDate":1},"signature":"zz"}'):
+        with pytest.raises(CollateralInvalid):
+            item_from_pcs("tcb:SGX:00906ED50000", body, "", sim.anchors().roots())
+
+
+def test_a_forged_pck_chain_fetches_nothing_upstream(sim: Sim, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.sim.pki import _KEY_USAGE_SIGN, NAMES, _certificate, _name, _sgx_extension
+
+    fetched: list[list[str]] = []
+    verifier = QuoteVerifier(MemoryCollateral([]), sim.anchors(), lambda _q, keys: fetched.append(keys))
+    platform = load_platform(sim.directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged_ca = ec.generate_private_key(ec.SECP256R1())
+    leaf = _certificate(
+        _name("Forged PCK"),
+        key,
+        NAMES["platform"],
+        forged_ca,
+        NOW - timedelta(days=1),
+        30,
+        None,
+        _KEY_USAGE_SIGN,
+        [_sgx_extension(PlatformSpec(fmspc="0000000000AB"), bytes(16))],
+    )
+    ca_pem = (sim.directory / "pki" / "platform.pem").read_bytes()
+    chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_pem + (sim.directory / "root-ca.pem").read_bytes()
+    from dataclasses import replace
+
+    forged = replace(platform, pck_key=key, pem_chain=chain)
+    with pytest.raises(AttestationFailed) as caught:
+        verifier.verify(build_quote(forged, bytes(64), **VARIANTS["sgx-v3"]), NOW)
+    assert caught.value.reason == "certificate_invalid"
+    assert fetched == []

@@ -367,3 +367,86 @@ def test_audit_failure_releases_nothing(world: World, monkeypatch: pytest.Monkey
     response = request_transfer(world, key_id, world.evidence("sgx"))
     assert_problem(response, 503, "audit_unavailable")
     assert "wrapped" not in response.text
+
+
+def test_passport_token_replay_and_nonce_cross_use(world: World) -> None:
+    import hashlib
+
+    key_id = world.key(world.policy())
+    path = f"/kbs/v1/keys/{key_id}/transfer"
+    user = cached_workload_key()[1]
+
+    def attest(nonce: dict[str, str]) -> Any:
+        quote = world.evidence("tdx").quote(
+            hashlib.sha512(base64.b64decode(nonce["val"]) + base64.b64decode(nonce["iat"]) + user).digest()
+        )
+        return world.api.post(
+            "/appraisal/v1/attest",
+            json={
+                "quote": base64.b64encode(quote).decode(),
+                "verifier_nonce": nonce,
+                "runtime_data": base64.b64encode(user).decode(),
+            },
+        )
+
+    nonce = world.api.post(path, json={}).json()
+    token = attest(nonce).json()["token"]
+    assert world.api.post(path, json={"attestation_token": token}).status_code == 200
+    _refused(world, world.api.post(path, json={"attestation_token": token}), 409, "nonce_replayed")
+    # A nonce used by a background transfer cannot be attested afterwards, and one attested cannot serve a
+    # background transfer: each nonce gives at most one key.
+    used = world.api.post(path, json={}).json()
+    assert request_transfer(world, key_id, world.evidence("tdx"), nonce=used).status_code == 200
+    assert_problem(attest(used), 409, "nonce_replayed")
+    attested = world.api.post(path, json={}).json()
+    assert attest(attested).status_code == 200
+    _refused(world, request_transfer(world, key_id, world.evidence("tdx"), nonce=attested), 409, "nonce_replayed")
+
+
+def test_a_token_attested_without_a_nonce_releases_nothing(world: World) -> None:
+    import hashlib
+
+    key_id = world.key(world.policy())
+    user = cached_workload_key()[1]
+    quote = world.evidence("tdx").quote(hashlib.sha512(user).digest())
+    response = world.api.post(
+        "/appraisal/v1/attest",
+        json={"quote": base64.b64encode(quote).decode(), "runtime_data": base64.b64encode(user).decode()},
+    )
+    assert response.status_code == 200, response.text
+    _refused(
+        world,
+        world.api.post(f"/kbs/v1/keys/{key_id}/transfer", json={"attestation_token": response.json()["token"]}),
+        401,
+        "attestation_failed",
+        "token_not_bound",
+    )
+
+
+def test_user_data_of_an_unknown_algorithm_is_bad_input(world: World) -> None:
+    key_id = world.key(world.policy())
+    unknown = bytes.fromhex("300c300506032a0304030300" + "0102")
+    _refused(world, request_transfer(world, key_id, world.evidence("sgx"), user_data=unknown), 400, "invalid_request")
+
+
+def test_transfer_policy_with_appraisal_policies(world: World) -> None:
+    rego = 'package policy\nimport rego.v1\ndefault allow := false\nallow if input.attester_tcb_status == "UpToDate"\n'
+    appraisal = world.api.post("/appraisal/v1/policies", json={"name": "fresh", "policy": rego}).json()["id"]
+    policy = world.policy(sgx={"attributes": {"mrenclave": ["11" * 32]}, "policy_ids": [appraisal]})
+    key_id = world.key(policy)
+    assert request_transfer(world, key_id, world.evidence("sgx")).status_code == 200
+    _refused(
+        world,
+        request_transfer(world, key_id, world.evidence("sgx", platform="outdated")),
+        403,
+        "policy_denied",
+        "appraisal_policy_unmatched",
+    )
+    # Attribute rules still apply when the appraisal policy matches.
+    _refused(
+        world,
+        request_transfer(world, key_id, world.evidence("sgx", mrenclave=b"\x99" * 32)),
+        403,
+        "policy_denied",
+        "mrenclave_mismatch",
+    )

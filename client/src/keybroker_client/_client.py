@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
@@ -112,8 +113,18 @@ class Client:
     ) -> ReleasedKey:
         """Attest and receive key ``key_id``. Raises ``ProblemError`` (server refusal: ``code``, ``reasons``),
         ``TransportError`` or ``UnwrapError``."""
-        path = f"/kbs/v1/keys/{key_id}/transfer"
+        path = f"/kbs/v1/keys/{quote(key_id, safe='')}/transfer"
+        try:
+            return self._fetch(path, key_id, evidence, mode, key_bits)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, KeybrokerClientError):
+                raise
+            raise TransportError(f"unexpected answer from {self.base_url}: {type(exc).__name__}") from None
+
+    def _fetch(self, path: str, key_id: str, evidence: EvidenceProvider, mode: str, key_bits: int) -> ReleasedKey:
         nonce = self._post(path, json={}).json()
+        if not isinstance(nonce, dict) or not all(isinstance(nonce.get(k), str) for k in ("val", "iat", "signature")):
+            raise TransportError(f"{self.base_url} did not answer with a nonce")
         private_key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
         user_data = private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -17,10 +17,18 @@ def _write(released: ReleasedKey, out: str, force: bool) -> None:
             raise SystemExit("refusing to print a key to stdout without --force")
         sys.stdout.buffer.write(released.key)
         return
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, even briefly
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(released.key)
-    os.chmod(out, 0o600)
+    # A new file (O_EXCL, never a symlink's target) with mode 0600 from the start, renamed into place: the key is
+    # never in a file that others can read, not even briefly, and an existing file is replaced whole.
+    target = os.path.abspath(out)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(released.key)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

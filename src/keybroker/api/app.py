@@ -50,6 +50,16 @@ ROLES: dict[str, tuple[APIRouter, ...]] = {
 ROUTERS = ROLES["all"]
 
 
+async def _purge_nonces(services: Services) -> None:
+    """Forget used nonces once they have expired anyway (their single use no longer needs remembering)."""
+    while True:
+        await asyncio.sleep(600)
+        try:
+            await run_in_threadpool(services.attestation.nonces.purge)
+        except Exception as exc:
+            log.warning("nonce_purge_failed", error_type=type(exc).__name__)
+
+
 async def _refresh_collateral(services: Services) -> None:
     """Fetch collateral from the upstream before it expires, every ``refresh_interval_seconds``."""
     config = services.settings.attestation
@@ -81,9 +91,11 @@ def create_app(services: Services, role: str = "all") -> FastAPI:
         executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
         app.state.keygen_executor = executor
         refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
+        purger = asyncio.create_task(_purge_nonces(services))
         try:
             yield
         finally:
+            purger.cancel()
             if refresher is not None:
                 refresher.cancel()
             executor.shutdown(wait=False, cancel_futures=True)

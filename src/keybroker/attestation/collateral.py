@@ -144,6 +144,16 @@ def check_crl(
 
 
 def item_from_pcs(key: str, body: bytes, issuer_chain: str, roots: Sequence[bytes]) -> CollateralItem:
+    """Check one PCS response and wrap it as an item; ``CollateralInvalid`` for anything wrong or malformed."""
+    try:
+        return _item_from_pcs(key, body, issuer_chain, roots)
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        if isinstance(exc, CollateralInvalid):
+            raise
+        raise CollateralInvalid(f"{key}: malformed collateral ({type(exc).__name__})") from None
+
+
+def _item_from_pcs(key: str, body: bytes, issuer_chain: str, roots: Sequence[bytes]) -> CollateralItem:
     """Check one PCS response and wrap it as an item. Expired items are accepted here (they are stored and shown
     by ``collateral status``) but never pass a quote: the verifier checks dates at verification time."""
     kind = key.split(":", 1)[0]
@@ -166,6 +176,10 @@ def item_from_pcs(key: str, body: bytes, issuer_chain: str, roots: Sequence[byte
                 raise CollateralInvalid("the root CA CRL is not signed by a trusted root", code="untrusted_root")
             chain = [signer]
         crl = check_crl(body, chain, roots, _crl_time(body), key)
+        if crl.issuer != chain[0].subject:
+            raise CollateralInvalid(f"{key}: the CRL is issued by {crl.issuer.rfc4514_string()}, not by its chain's CA")
+        if kind == "pckcrl" and _pck_ca_of(crl.issuer) != key.split(":")[1]:
+            raise CollateralInvalid(f"{key}: the CRL is not from the PCK {key.split(':')[1]} CA")
         issue = crl.last_update_utc
         if crl.next_update_utc is None:
             raise CollateralInvalid(f"{key}: the CRL has no nextUpdate")
@@ -253,10 +267,15 @@ def read_bundle(folder: Path, roots: Sequence[bytes]) -> list[CollateralItem]:
 
 def _pck_ca(der: bytes) -> str:
     try:
-        issuer = x509.load_der_x509_crl(der).issuer.rfc4514_string()
+        return _pck_ca_of(x509.load_der_x509_crl(der).issuer)
     except ValueError:
         raise CollateralInvalid("pck_crl.der is not a DER CRL") from None
-    return "platform" if "Platform" in issuer else "processor"
+
+
+def _pck_ca_of(issuer: x509.Name) -> str:
+    names = issuer.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else ""
+    return "platform" if "Platform" in common_name else "processor" if "Processor" in common_name else "unknown"
 
 
 def write_bundle_files(folder: Path, items: Sequence[tuple[str, bytes, str]]) -> list[Path]:

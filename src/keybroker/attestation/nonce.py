@@ -19,7 +19,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 
 from keybroker.clock import Clock
-from keybroker.errors import AttestationFailed, Conflict
+from keybroker.errors import AttestationFailed, Conflict, InvalidRequest
 from keybroker.storage.db import Database
 from keybroker.storage.tables import UsedNonceRow
 
@@ -43,13 +43,15 @@ def _invalid(detail: str) -> AttestationFailed:
 
 
 def parse_nonce(value: Any) -> Nonce:
-    """A nonce object from a request; ``nonce_invalid`` if it is not one."""
-    if not isinstance(value, dict) or set(value) != {"val", "iat", "signature"}:
-        raise _invalid("the nonce must be an object with val, iat and signature")
+    """A nonce object from a request. A malformed one is bad input (400); a well-formed one that this deployment
+    did not sign is refused later, by ``check`` (401 ``nonce_invalid``)."""
+    fields = ("val", "iat", "signature")
+    if not isinstance(value, dict) or set(value) != set(fields) or not all(isinstance(value[f], str) for f in fields):
+        raise InvalidRequest("the nonce must be an object with val, iat and signature strings", code="invalid_request")
     try:
-        parts = {name: base64.b64decode(str(value[name]), validate=True) for name in ("val", "iat", "signature")}
+        parts = {name: base64.b64decode(value[name], validate=True) for name in fields}
     except (binascii.Error, ValueError):
-        raise _invalid("the nonce's fields must be standard base64") from None
+        raise InvalidRequest("the nonce's fields must be standard base64", code="invalid_request") from None
     return Nonce(parts["val"], parts["iat"], parts["signature"])
 
 
@@ -85,13 +87,17 @@ class NonceService:
         if issued > now + timedelta(seconds=5):
             raise _invalid("the nonce was issued in the future")
 
-    def consume(self, nonce: Nonce, purpose: str) -> None:
-        """Check, then mark used for ``purpose``; a second use is ``nonce_replayed`` (409)."""
+    def consume(self, nonce: Nonce, *purposes: str) -> None:
+        """Check, then mark used for every one of ``purposes`` at once; a nonce already used for any of them is
+        ``nonce_replayed`` (409). An attested token's nonce is used once for "attest" and once for "transfer";
+        a background-check transfer uses both at once, so its nonce cannot be attested with afterwards (nor
+        before)."""
         self.check(nonce)
         expires = self._clock.now() + self._ttl
         try:
             with self._db.transaction(write=True) as session:
-                session.add(UsedNonceRow(digest=nonce.digest, purpose=purpose, expires_at=expires))
+                for purpose in purposes:
+                    session.add(UsedNonceRow(digest=nonce.digest, purpose=purpose, expires_at=expires))
         except IntegrityError:
             raise Conflict("this nonce has already been used", code="nonce_replayed") from None
 

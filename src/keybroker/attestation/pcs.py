@@ -11,12 +11,14 @@ from datetime import datetime, timedelta
 from urllib.parse import unquote
 
 import httpx
+import structlog
 
 from keybroker.attestation.collateral import CollateralItem, item_from_pcs
 from keybroker.attestation.quote import Quote
 from keybroker.attestation.store import CollateralStore
 from keybroker.errors import CollateralInvalid, CollateralUnavailable
 
+log = structlog.get_logger("keybroker.collateral")
 _CHAIN_HEADERS = {
     "tcb": "TCB-Info-Issuer-Chain",
     "qe": "SGX-Enclave-Identity-Issuer-Chain",
@@ -54,8 +56,7 @@ class PcsClient:
         self._attempts = attempts
         headers = {"Ocp-Apim-Subscription-Key": api_key} if api_key else {}
         self._http = httpx.Client(timeout=timeout, headers=headers, verify=verify)  # type: ignore[arg-type]
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(32)]  # striped: bounded, whatever keys are asked for
 
     def __repr__(self) -> str:
         return f"PcsClient({self._base!r})"
@@ -65,9 +66,7 @@ class PcsClient:
 
     def fetch(self, key: str) -> CollateralItem:
         """Fetch, check and store one item. Concurrent calls for one key share a single request."""
-        with self._locks_guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+        with self._locks[hash(key) % len(self._locks)]:
             path, params = request_for(key)
             response = self._get(path, params)
             body = response.content
@@ -102,7 +101,8 @@ class PcsClient:
                 if response.status_code < 500 and response.status_code != 429:
                     break  # a 404 will not change by asking again
             time.sleep(min(2.0, 0.2 * 2**attempt))
-        raise CollateralUnavailable(f"the upstream {self._base} did not provide {path}: {last}")
+        log.warning("collateral_upstream_failed", upstream=self._base, path=path, last=last)
+        raise CollateralUnavailable(f"the collateral upstream did not provide {path.rsplit('/', 1)[-1]} ({last})")
 
 
 def refresh_due(client: PcsClient, store: CollateralStore, now: datetime, before: timedelta) -> list[str]:

@@ -18,6 +18,8 @@ from keybroker.errors import AttestationFailed, InvalidRequest
 
 
 def b64decode(value: str, what: str) -> bytes:
+    if not value:
+        raise InvalidRequest(f"{what} is empty", code="invalid_request")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

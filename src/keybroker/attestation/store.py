@@ -15,12 +15,29 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from cryptography import x509
 from sqlalchemy import select
 
-from keybroker.attestation.collateral import CollateralItem
+from keybroker.attestation.collateral import CollateralItem, inner_object
 from keybroker.clock import Clock
+from keybroker.errors import Conflict
 from keybroker.storage.db import Database
 from keybroker.storage.tables import CollateralRow
+
+
+def same_content(kind: str, a: bytes, b: bytes) -> bool:
+    """Whether two versions of an item with the same date say the same thing (signatures may differ in bytes)."""
+    if a == b:
+        return True
+    if kind in ("tcb", "qe"):
+        member = "tcbInfo" if kind == "tcb" else "enclaveIdentity"
+        return inner_object(a.decode(), member)[0] == inner_object(b.decode(), member)[0]
+    first, second = x509.load_der_x509_crl(a), x509.load_der_x509_crl(b)
+    return (
+        first.issuer == second.issuer
+        and first.next_update_utc == second.next_update_utc
+        and sorted(r.serial_number for r in first) == sorted(r.serial_number for r in second)
+    )
 
 
 class CollateralLookup(Protocol):
@@ -78,7 +95,15 @@ class CollateralStore:
         added = 0
         with self._db.transaction(write=True) as session:
             for item in items:
-                if session.get(CollateralRow, (item.key, item.issue_date)) is None:
+                existing = session.get(CollateralRow, (item.key, item.issue_date))
+                if existing is not None and not same_content(item.kind, existing.body, item.body):
+                    # Two different documents claiming the same date: refuse rather than let the first one win
+                    # (a CRL revoking a platform must never be shadowed by an older copy).
+                    raise Conflict(
+                        f"{item.key} of {item.issue_date.isoformat()} is already cached with other content",
+                        code="collateral_conflict",
+                    )
+                if existing is None:
                     session.add(
                         CollateralRow(
                             key=item.key,

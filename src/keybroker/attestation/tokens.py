@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from keybroker.storage.db import Database
 from keybroker.storage.tables import SigningKeyRow
 
 ALGORITHM = "ES384"
+_RELOAD_SECONDS = 5.0
 
 
 def _context(kid: str) -> bytes:
@@ -42,7 +44,9 @@ class TokenIssuer:
         self.issuer = issuer
         self._lock = threading.Lock()
         self._current: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        self._current_checked = 0.0
         self._public: dict[str, ec.EllipticCurvePublicKey] = {}
+        self._public_loaded = -1e9
 
     def __repr__(self) -> str:
         return f"TokenIssuer(issuer={self.issuer!r}, ttl={self.ttl})"
@@ -70,8 +74,11 @@ class TokenIssuer:
 
     def _signing_key(self) -> tuple[str, ec.EllipticCurvePrivateKey]:
         with self._lock:
-            if self._current is not None:
+            # Another replica may have rotated: look again every few seconds.
+            if self._current is not None and time.monotonic() - self._current_checked < _RELOAD_SECONDS:
                 return self._current
+            self._current_checked = time.monotonic()
+            self._current = None
             with self._db.transaction(write=True) as session:
                 row = session.scalar(
                     select(SigningKeyRow)
@@ -107,7 +114,8 @@ class TokenIssuer:
             )
             kid, key = self._new_key(session)
             self._audit.append(session, audit, AuditEvent("token_key.rotate", "success", kid, {}))
-            self._current = (kid, key)
+            self._current, self._current_checked = (kid, key), time.monotonic()
+            self._public_loaded = -1e9
         return kid
 
     def jwks(self) -> dict[str, Any]:
@@ -149,11 +157,17 @@ class TokenIssuer:
         return claims
 
     def _public_key(self, kid: str) -> ec.EllipticCurvePublicKey:
-        if kid not in self._public:
-            for jwk in self.jwks()["keys"]:
-                public = ECAlgorithm.from_jwk(json.dumps(jwk))
-                if isinstance(public, ec.EllipticCurvePublicKey):
-                    self._public[str(jwk["kid"])] = public
-        if kid not in self._public:
+        """The verification key of ``kid`` if it is in the JWKS now (current, or retired less than a token lifetime
+        ago). The set is re-read every few seconds, so a retired key stops verifying everywhere."""
+        with self._lock:
+            if kid not in self._public or time.monotonic() - self._public_loaded > _RELOAD_SECONDS:
+                keys: dict[str, ec.EllipticCurvePublicKey] = {}
+                for jwk in self.jwks()["keys"]:
+                    public = ECAlgorithm.from_jwk(json.dumps(jwk))
+                    if isinstance(public, ec.EllipticCurvePublicKey):
+                        keys[str(jwk["kid"])] = public
+                self._public, self._public_loaded = keys, time.monotonic()
+            key = self._public.get(kid)
+        if key is None:
             raise AttestationFailed("the attestation token was signed by an unknown key", reason="token_unknown_key")
-        return self._public[kid]
+        return key

@@ -252,12 +252,14 @@ class QuoteVerifier:
         keys = [tcb_key(quote.tee, quote.fmspc), qe_key(quote.tee), pck_crl_key(quote.pck_ca), ROOT_CRL_KEY]
         items = [self._store.select(key, now) for key in keys]
         missing = [key for key, item in zip(keys, items, strict=True) if item is None]
+        if missing:
+            # A forged PCK chain must be refused before it can make us fetch anything upstream.
+            _check_pck_chain(quote)
         if missing and self._fetch_missing is not None:
             self._fetch_missing(quote, missing)
             items = [self._store.select(key, now) for key in keys]
             missing = [key for key, item in zip(keys, items, strict=True) if item is None]
         if missing:
-            _check_pck_chain(quote)  # a forged PCK certificate is an attestation failure, not a cache miss
             raise CollateralUnavailable(
                 f"no collateral for {', '.join(missing)}; import a bundle or configure an upstream PCS/PCCS",
                 code="collateral_unavailable",

@@ -10,6 +10,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,7 +37,7 @@ def workload_public_key(user_data: bytes) -> rsa.RSAPublicKey:
     """The workload's key from ``user_data``: a DER SubjectPublicKeyInfo of an RSA 3072/4096-bit key."""
     try:
         key = serialization.load_der_public_key(user_data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise InvalidRequest("user_data is not a DER SubjectPublicKeyInfo", code="invalid_request") from None
     if not isinstance(key, rsa.RSAPublicKey) or key.key_size not in ACCEPTED_RSA_BITS:
         raise InvalidRequest("user_data must be an RSA public key of 3072 or 4096 bits", code="invalid_request")

@@ -120,6 +120,8 @@ def evaluate(
         _sgx(reasons, policy.sgx, claims)
     elif tee == "TDX" and policy.tdx is not None:
         _tdx(reasons, policy.tdx, claims)
+    else:  # the schema forbids this; the engine still refuses rather than skip every rule
+        reasons.append(Reason("policy_section_missing", f"the policy has no {str(tee).lower()} section"))
     section = policy.sgx if tee == "SGX" else policy.tdx if tee == "TDX" else None
     for policy_id in (section.policy_ids or []) if section is not None else []:
         if policy_id not in context.policy_ids_matched:

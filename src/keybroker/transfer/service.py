@@ -114,7 +114,8 @@ class TransferService:
                 reason="attestation_type_mismatch",
             )
         public_key = workload_public_key(user_data)
-        self.attestation.nonces.consume(nonce, "transfer")
+        passport = "attestation_token" in body
+        self.attestation.nonces.consume(nonce, *(("transfer",) if passport else ("attest", "transfer")))
         section = document.sgx if claims.get("attester_type") == "SGX" else document.tdx
         policy_ids = list(section.policy_ids or []) if section is not None else []
         matched = self._appraise(policy_ids, claims)

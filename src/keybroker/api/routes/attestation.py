@@ -47,7 +47,7 @@ async def attest(
 ) -> dict[str, str]:
     """Verify a quote bound to a nonce and runtime data; returns a signed attestation token."""
     quote = b64decode(body.quote, "quote")
-    runtime_data = b64decode(body.runtime_data, "runtime_data")
+    runtime_data = b64decode(body.runtime_data, "runtime_data") if body.runtime_data else b""
     verifier_nonce = parse_nonce(body.verifier_nonce) if body.verifier_nonce is not None else None
     token = await run_in_threadpool(
         services.attestation.attest, quote, verifier_nonce, runtime_data, list(body.policy_ids)
