@@ -122,10 +122,19 @@ def percentile(ordered: list[float], pct: float) -> float | None:
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process (all its threads) in seconds, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    """(utime, stime) in seconds of a process (all its threads) and of its live child processes (the server's
+    workers with --workers), from /proc/<pid>/stat."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick  # fields 14 and 15 of proc(5)
+    user = system = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the process itself, or a child (ppid)
+            user += int(fields[11]) / tick  # fields 14 and 15 of proc(5)
+            system += int(fields[12]) / tick
+    return user, system
 
 
 def machine_busy_seconds() -> float:
@@ -191,7 +200,9 @@ def make_simulator(tmp: Path, existing: Path | None) -> Simulator:
 
 
 @contextlib.contextmanager
-def own_server(tmp: Path, simulated_root: Path, startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int, str]]:
+def own_server(
+    tmp: Path, simulated_root: Path, startup_timeout: float = 30.0, workers: int = 1
+) -> Iterator[tuple[str, str, int, str]]:
     """Init a data directory in ``tmp`` and serve it (HTTPS, the service CA) trusting the simulated root; yields
     (addr, admin token, server pid, CA file). The server is stopped (terminate, wait) on the way out."""
     data_dir, log_path = tmp / "data", tmp / "server.log"
@@ -208,7 +219,16 @@ def own_server(tmp: Path, simulated_root: Path, startup_timeout: float = 30.0) -
     env = {**os.environ, "KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(simulated_root)}
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+            [
+                *command,
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -925,6 +945,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sim-dir", type=Path, help="simulator directory the server trusts (needed with --addr)")
     parser.add_argument("--server-pid", type=int, help="with --addr: the server's pid, for CPU accounting")
     parser.add_argument("--concurrency", type=int, default=32, help="workloads, one connection each (default 32)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes of a server this starts (default 1)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase (default 10)")
     parser.add_argument("--requests", type=int, help="also stop each load phase after this many transfers")
     parser.add_argument("--workload-keys", type=int, default=32, help="RSA-3072 workload key pairs (default 32)")
@@ -979,7 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
                 addr, token, pid = args.addr.rstrip("/"), args.token, args.server_pid
             else:
                 print("starting a keybroker server ...", file=sys.stderr, flush=True)
-                addr, token, pid, args.cacert = stack.enter_context(own_server(tmp, sim.directory / "root-ca.pem"))
+                addr, token, pid, args.cacert = stack.enter_context(
+                    own_server(tmp, sim.directory / "root-ca.pem", workers=args.workers)
+                )
             verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
             timeout = httpx.Timeout(args.timeout, connect=10.0)
             bearer = {"Authorization": f"Bearer {token}"}

@@ -59,6 +59,8 @@ class ServerSettings(_Section):
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     keygen_workers: int = Field(default=2, ge=1, le=64, description="threads for slow RSA key generation")
+    workers: int = Field(default=1, ge=1, le=64, description="server processes (use the cores; SQLite or PostgreSQL)")
+    role: Literal["all", "kbs", "attestation"] = "all"
 
     @field_validator("listen")
     @classmethod
@@ -259,7 +261,9 @@ def load_settings(
 
 
 # KEYBROKER_* variables that belong to the CLI, not to the service's settings.
-CLIENT_VARIABLES = frozenset({"KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_CACERT", "KEYBROKER_CA_FINGERPRINT"})
+CLIENT_VARIABLES = frozenset(
+    {"KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_CACERT", "KEYBROKER_CA_FINGERPRINT", "KEYBROKER_CONFIG"}
+)
 
 
 def _check_environment_names() -> None:

@@ -158,3 +158,38 @@ def test_a_body_cut_off_midway_is_never_acted_on(server: Server) -> None:
     with server.client() as client:
         assert client.get("/kbs/v1/keys").json() == []
         assert client.get("/healthz").status_code == 200
+
+
+def test_several_worker_processes_share_one_deployment(tmp_path: Path) -> None:
+    from tests.integration.conftest import start_server
+
+    server = start_server(tmp_path / ".data", KEYBROKER_SERVER__WORKERS="2")
+    try:
+        with server.client() as client:
+            policy_id = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY).json()["id"]
+            created = {
+                client.post(
+                    "/kbs/v1/keys",
+                    json={"key_information": {"algorithm": "AES", "key_length": 128}, "transfer_policy_id": policy_id},
+                ).json()["id"]
+                for _ in range(20)
+            }
+            assert {k["id"] for k in client.get("/kbs/v1/keys").json()} == created
+        children = [
+            p
+            for p in Path("/proc").glob("[0-9]*/stat")
+            if p.read_text().rpartition(")")[2].split()[1] == str(server.process.pid)
+        ]
+        assert len(children) >= 2  # the worker processes
+    finally:
+        stop(server.process)
+    from keybroker.audit.chain import verify_chain
+    from keybroker.config import load_settings
+    from keybroker.services import build_services
+
+    services = build_services(load_settings(data_dir=server.data_dir))
+    try:
+        head = services.audit.head()
+        assert verify_chain(services.audit.entries(limit=1000), *head).ok  # both processes appended to one chain
+    finally:
+        services.close()

@@ -85,7 +85,23 @@ def api_routes() -> list[APIRoute]:
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
 
 
-def create_app(services: Services, role: str = "all") -> FastAPI:
+def worker_app() -> FastAPI:
+    """The application of one of several server processes (``server.workers > 1``): each loads the settings the
+    parent left in its environment and builds its own services (database connections cannot be shared)."""
+    import os
+    from pathlib import Path
+
+    from keybroker.config import load_settings
+    from keybroker.logs import configure_logging
+    from keybroker.services import build_services
+
+    config = os.environ.get("KEYBROKER_CONFIG")
+    settings = load_settings(config_file=Path(config) if config else None)
+    configure_logging(settings.logging)
+    return create_app(build_services(settings), settings.server.role, owns_services=True)
+
+
+def create_app(services: Services, role: str = "all", owns_services: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
@@ -99,6 +115,8 @@ def create_app(services: Services, role: str = "all") -> FastAPI:
             if refresher is not None:
                 refresher.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
+            if owns_services:
+                services.close()
 
     app = FastAPI(
         title="keybroker",

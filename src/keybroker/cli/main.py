@@ -98,8 +98,9 @@ def serve(
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:9443).")] = None,
     config: ConfigFile = None,
     role: Annotated[
-        str, typer.Option("--role", help="all (default), kbs, or attestation (the attestation service alone).")
-    ] = "all",
+        str | None, typer.Option("--role", help="all (default), kbs, or attestation (the attestation service alone).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Server processes (default 1).")] = None,
 ) -> None:
     """Serve the API."""
     import uvicorn
@@ -109,9 +110,10 @@ def serve(
     from keybroker.services import build_services
 
     os.umask(0o077)
-    if role not in ("all", "kbs", "attestation"):
+    if role not in (None, "all", "kbs", "attestation"):
         raise typer.BadParameter("use all, kbs or attestation", param_hint="--role")
-    overrides: dict[str, Any] = {"server": {"listen": listen}} if listen else {}
+    server_overrides = {k: v for k, v in (("listen", listen), ("role", role), ("workers", workers)) if v is not None}
+    overrides: dict[str, Any] = {"server": server_overrides} if server_overrides else {}
     settings = load_settings(data_dir=data_dir, config_file=config, overrides=overrides)
     configure_logging(settings.logging)
     services = build_services(settings)
@@ -129,24 +131,33 @@ def serve(
             structlog.get_logger("keybroker").warning(
                 "tls_disabled", detail="serving plain HTTP because tls.enabled is false; tokens cross the wire in clear"
             )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(services, role),
-                host=settings.server.host,
-                port=settings.server.port,
-                log_config=None,
-                access_log=False,
-                server_header=False,
-                date_header=True,
-                timeout_graceful_shutdown=10,
-                **tls,
-            )
-        )
+        options: dict[str, Any] = {
+            "host": settings.server.host,
+            "port": settings.server.port,
+            "log_config": None,
+            "access_log": False,
+            "server_header": False,
+            "date_header": True,
+            "timeout_graceful_shutdown": 10,
+            **tls,
+        }
         scheme = "https" if tls else "http"
         output.stderr.print(
-            f"keybroker {__version__} listening on {scheme}://{settings.server.listen}", highlight=False
+            f"keybroker {__version__} listening on {scheme}://{settings.server.listen}"
+            f" ({settings.server.workers} process(es))",
+            highlight=False,
         )
-        server.run()
+        if settings.server.workers > 1:
+            # Each worker process builds its own services from the same settings, handed over the environment.
+            os.environ["KEYBROKER_DATA_DIR"] = str(settings.data_dir)
+            os.environ["KEYBROKER_SERVER__LISTEN"] = settings.server.listen
+            os.environ["KEYBROKER_SERVER__ROLE"] = settings.server.role
+            if config is not None:
+                os.environ["KEYBROKER_CONFIG"] = str(config.resolve())
+            services.close()
+            uvicorn.run("keybroker.api.app:worker_app", factory=True, workers=settings.server.workers, **options)
+            return
+        uvicorn.Server(uvicorn.Config(create_app(services, settings.server.role), **options)).run()
     finally:
         services.close()
 
