@@ -107,7 +107,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         policies=AppraisalPolicies(database, audit, clock),
         clock=clock,
     )
-    transfer = TransferService(keys, policies, attestation, audit, simulated_trusted=anchors.simulated is not None)
+    transfer = TransferService(
+        keys, policies, attestation, audit, database, simulated_trusted=anchors.simulated is not None
+    )
     return Services(
         settings,
         clock,

@@ -356,17 +356,21 @@ def test_audit_failure_releases_nothing(world: World, monkeypatch: pytest.Monkey
     from keybroker.errors import BackendUnavailable
 
     key_id = world.key(world.policy())
-    original = world.services.audit.record
+    original = world.services.audit.append
 
-    def failing(context: Any, event: Any) -> int:
+    def failing(session: Any, context: Any, event: Any) -> int:
         if event.action == "key.transfer" and event.outcome == "allowed":
             raise BackendUnavailable("audit down", code="audit_unavailable")
-        return original(context, event)
+        return original(session, context, event)
 
-    monkeypatch.setattr(world.services.audit, "record", failing)
-    response = request_transfer(world, key_id, world.evidence("sgx"))
+    monkeypatch.setattr(world.services.audit, "append", failing)
+    nonce = world.api.post(f"/kbs/v1/keys/{key_id}/transfer", json={}).json()
+    response = request_transfer(world, key_id, world.evidence("sgx"), nonce=nonce)
     assert_problem(response, 503, "audit_unavailable")
     assert "wrapped" not in response.text
+    monkeypatch.undo()
+    # The failed write took the nonce's use with it: the same nonce still works once.
+    assert request_transfer(world, key_id, world.evidence("sgx"), nonce=nonce).status_code == 200
 
 
 def test_passport_token_replay_and_nonce_cross_use(world: World) -> None:

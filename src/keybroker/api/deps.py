@@ -112,11 +112,7 @@ async def json_object(request: Request) -> dict[str, Any] | None:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
         raise UnsupportedMediaType("the request body must be application/json")
-    _reject_duplicate_members(body)
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    value = _reject_duplicate_members(body)  # one parse: the duplicate check returns the document
     if not isinstance(value, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_request")
     return value
@@ -171,11 +167,11 @@ class _DuplicateMember(Exception):
         self.name = name
 
 
-def _reject_duplicate_members(body: bytes) -> None:
-    """A member given twice would let two readers of one document see two different requests (the last one
-    wins in most parsers, the first in others): refuse it instead of choosing."""
+def _reject_duplicate_members(body: bytes) -> Any:
+    """Parse ``body``, refusing a member given twice: two readers of one document would see two different requests
+    (the last one wins in most parsers, the first in others)."""
     try:
-        json.loads(body, object_pairs_hook=_no_duplicates)
+        return json.loads(body, object_pairs_hook=_no_duplicates)
     except _DuplicateMember as exc:
         name = exc.name if len(exc.name) <= 64 and exc.name.isprintable() else "(a member)"
         raise InvalidRequest(f"the JSON member {name!r} appears more than once", code="duplicate_member") from None

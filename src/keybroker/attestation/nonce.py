@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from keybroker.clock import Clock
 from keybroker.errors import AttestationFailed, Conflict, InvalidRequest
@@ -98,6 +99,16 @@ class NonceService:
             with self._db.transaction(write=True) as session:
                 for purpose in purposes:
                     session.add(UsedNonceRow(digest=nonce.digest, purpose=purpose, expires_at=expires))
+        except IntegrityError:
+            raise Conflict("this nonce has already been used", code="nonce_replayed") from None
+
+    def consume_in(self, session: Session, nonce: Nonce, *purposes: str) -> None:
+        """``consume`` inside the caller's write transaction (with what the use of the nonce decides)."""
+        expires = self._clock.now() + self._ttl
+        try:
+            for purpose in purposes:
+                session.add(UsedNonceRow(digest=nonce.digest, purpose=purpose, expires_at=expires))
+            session.flush()  # the primary key decides now; the caller's transaction then rolls back whole
         except IntegrityError:
             raise Conflict("this nonce has already been used", code="nonce_replayed") from None
 

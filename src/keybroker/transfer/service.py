@@ -19,11 +19,12 @@ from keybroker.attestation.service import AttestationService, b64decode, check_b
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.auth.tokens import Principal
 from keybroker.crypto.transfer import Wrapped, decode_user_data, workload_public_key, wrap_for_workload
-from keybroker.errors import AttestationFailed, Forbidden, InvalidRequest, KeybrokerError, PolicyDenied
+from keybroker.errors import AttestationFailed, Conflict, Forbidden, InvalidRequest, KeybrokerError, PolicyDenied
 from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import KeyService
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
+from keybroker.storage.db import Database
 from keybroker.transfer.engine import RequestContext, evaluate
 
 _MEASUREMENTS = (
@@ -41,12 +42,21 @@ _MEASUREMENTS = (
 )
 
 
+@dataclass
+class _Use:
+    """The nonce a transfer will use up, once everything about it is decided."""
+
+    nonce: Nonce | None = None
+    purposes: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class TransferService:
     keys: KeyService
     policies: PolicyStore
     attestation: AttestationService
     audit: AuditLog
+    database: Database
     simulated_trusted: bool
 
     def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
@@ -76,16 +86,34 @@ class TransferService:
             "transfer_policy_id": record.transfer_policy_id,
             "mode": "passport" if "attestation_token" in body else "background",
         }
+        use = _Use()
         try:
-            wrapped = self._transfer(record, header_type, body, principal, details)
+            wrapped = self._transfer(record, header_type, body, principal, details, use)
+        except PolicyDenied as exc:
+            details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
+            self._finish(audit, key_id, "denied", details, use)
+            raise
         except KeybrokerError as exc:
             details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
             outcome = "denied" if isinstance(exc, AttestationFailed | Forbidden) else "failure"
             self.audit.record(audit, AuditEvent("key.transfer", outcome, key_id, details))
             raise
         # Audited before the response; if this write fails the key is not released (503 audit_unavailable).
-        self.audit.record(audit, AuditEvent("key.transfer", "allowed", key_id, details))
+        self._finish(audit, key_id, "allowed", details, use)
         return wrapped
+
+    def _finish(self, audit: AuditContext, key_id: str, outcome: str, details: dict[str, Any], use: _Use) -> None:
+        """One write for the decision: the nonce used up and the audit entry, together. A nonce already used
+        (also by a concurrent request that got here first) turns the decision into a 409, audited as such."""
+        assert use.nonce is not None
+        try:
+            with self.database.transaction(write=True) as session:
+                self.attestation.nonces.consume_in(session, use.nonce, *use.purposes)
+                self.audit.append(session, audit, AuditEvent("key.transfer", outcome, key_id, details))
+        except Conflict as exc:
+            details.update(status_code=exc.instance_code, reasons=None)
+            self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, details))
+            raise
 
     def _transfer(
         self,
@@ -94,6 +122,7 @@ class TransferService:
         body: dict[str, Any],
         principal: Principal | None,
         details: dict[str, Any],
+        use: _Use,
     ) -> Wrapped:
         document: TransferPolicyDocument = self.policies.get(record.transfer_policy_id).document
         allowed_types = {t.value for t in document.attestation_type}
@@ -114,8 +143,8 @@ class TransferService:
                 reason="attestation_type_mismatch",
             )
         public_key = workload_public_key(user_data)
-        passport = "attestation_token" in body
-        self.attestation.nonces.consume(nonce, *(("transfer",) if passport else ("attest", "transfer")))
+        use.nonce = nonce
+        use.purposes = ("transfer",) if "attestation_token" in body else ("attest", "transfer")
         section = document.sgx if claims.get("attester_type") == "SGX" else document.tdx
         policy_ids = list(section.policy_ids or []) if section is not None else []
         matched = self._appraise(policy_ids, claims)
