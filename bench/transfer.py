@@ -82,7 +82,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keybroker.attestation.collateral import bundle_keys, inner_object
+from keybroker.attestation.collateral import bundle_to_qvl, bundle_upload
 from keybroker.sim.collateral import CollateralSpec, make_collateral
 from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
 from keybroker_client._client import unwrap
@@ -99,12 +99,6 @@ NONCE_TTL_S = 300.0
 TRANSFER_HEADERS = {"Attestation-Type": "SGX"}
 JSON_HEADERS = {"Attestation-Type": "SGX", "Content-Type": "application/json"}
 TARGET_RATE, TARGET_P99_MS, TARGET_CONCURRENCY, TARGET_CPU_RATIO = 300.0, 100.0, 32, 2.0
-COLLATERAL_FILES = {
-    "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
-    "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
-    "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
-    "rootcacrl": ("root_ca_crl.der", None),
-}
 
 
 class SetupError(Exception):
@@ -261,16 +255,7 @@ def expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
 def import_collateral(admin: httpx.Client, out: Path) -> None:
     """POST each bundle's items to /collateral/v1/items, as ``keybroker collateral import`` does."""
     for bundle in (out / "sgx", out / "tdx"):
-        items = []
-        for key in bundle_keys(bundle):
-            body_file, chain_file = COLLATERAL_FILES[key.split(":")[0]]
-            items.append(
-                {
-                    "key": key,
-                    "body": base64.b64encode((bundle / body_file).read_bytes()).decode(),
-                    "issuer_chain": (bundle / chain_file).read_text() if chain_file else "",
-                }
-            )
+        items = bundle_upload(bundle)
         response = admin.post("/collateral/v1/items", json={"items": items, "source": f"bench {bundle.name}"})
         expect(response, 200, f"collateral import of {bundle}")
 
@@ -354,20 +339,7 @@ def timed_loop(name: str, call: Callable[[], object], duration: float, max_calls
 
 def bare_verify_loop(sim: Simulator, duration: float, max_calls: int) -> Loop:
     """``dcap_qvl.verify_with_root_ca`` of one simulated quote with the bundle's collateral (parsed once)."""
-    folder = sim.collateral / "sgx"
-    tcb, tcb_sig = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
-    qe, qe_sig = inner_object((folder / "qe_identity.json").read_text(), "enclaveIdentity")
-    collateral = dcap_qvl.QuoteCollateralV3(
-        (folder / "pck_crl_issuer_chain.pem").read_text(),
-        (folder / "root_ca_crl.der").read_bytes(),
-        (folder / "pck_crl.der").read_bytes(),
-        (folder / "tcb_info_issuer_chain.pem").read_text(),
-        tcb,
-        tcb_sig,
-        (folder / "qe_identity_issuer_chain.pem").read_text(),
-        qe,
-        qe_sig,
-    )
+    collateral = bundle_to_qvl(sim.collateral / "sgx")
     quote = build_quote(sim.platform, os.urandom(64), sgx=MEASUREMENTS)
     now = int(time.time())
     status = str(dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, now).status)

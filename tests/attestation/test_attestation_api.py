@@ -21,28 +21,11 @@ from keybroker.services import Services
 from tests.attestation.conftest import POSITIVE, RealQuote, real_quotes
 from tests.conftest import assert_problem
 
-FILES = {
-    "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
-    "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
-    "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
-    "rootcacrl": ("root_ca_crl.der", None),
-}
-
 
 def _items(real: RealQuote) -> list[dict[str, str]]:
-    from keybroker.attestation.collateral import bundle_keys
+    from keybroker.attestation.collateral import bundle_upload
 
-    items = []
-    for key in bundle_keys(real.folder):
-        body, chain = FILES[key.split(":")[0]]
-        items.append(
-            {
-                "key": key,
-                "body": base64.b64encode((real.folder / body).read_bytes()).decode(),
-                "issuer_chain": (real.folder / chain).read_text() if chain else "",
-            }
-        )
-    return items
+    return bundle_upload(real.folder)
 
 
 @pytest.fixture

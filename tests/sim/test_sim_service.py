@@ -77,25 +77,9 @@ def default(tmp_path: Path, sim_dir: Path) -> Iterator[TestClient]:
 
 
 def _import(client: TestClient, folder: Path) -> Any:
-    from keybroker.attestation.collateral import bundle_keys
+    from keybroker.attestation.collateral import bundle_upload
 
-    files = {
-        "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
-        "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
-        "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
-        "rootcacrl": ("root_ca_crl.der", None),
-    }
-    items = []
-    for key in bundle_keys(folder):
-        body, chain = files[key.split(":")[0]]
-        items.append(
-            {
-                "key": key,
-                "body": base64.b64encode((folder / body).read_bytes()).decode(),
-                "issuer_chain": (folder / chain).read_text() if chain else "",
-            }
-        )
-    return client.post("/collateral/v1/items", json={"items": items})
+    return client.post("/collateral/v1/items", json={"items": bundle_upload(folder)})
 
 
 @pytest.mark.parametrize("tee", ["sgx", "tdx"])

@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keybroker.attestation.collateral import inner_object, read_bundle
+from keybroker.attestation.collateral import bundle_to_qvl, read_bundle
 from keybroker.attestation.store import MemoryCollateral
 from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, VerifiedQuote, intel_root_der
 from keybroker.errors import AttestationFailed, CollateralInvalid
@@ -65,20 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _qvl(sim: Sim, out: Path, tee: str, quote: bytes) -> str:
-    folder = out / tee
-    tcb, tcb_sig = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
-    qe, qe_sig = inner_object((folder / "qe_identity.json").read_text(), "enclaveIdentity")
-    collateral = dcap_qvl.QuoteCollateralV3(
-        (folder / "pck_crl_issuer_chain.pem").read_text(),
-        (folder / "root_ca_crl.der").read_bytes(),
-        (folder / "pck_crl.der").read_bytes(),
-        (folder / "tcb_info_issuer_chain.pem").read_text(),
-        tcb,
-        tcb_sig,
-        (folder / "qe_identity_issuer_chain.pem").read_text(),
-        qe,
-        qe_sig,
-    )
+    collateral = bundle_to_qvl(out / tee)
     return str(dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, int(NOW.timestamp())).status)
 
 
@@ -200,20 +187,7 @@ def test_nothing_simulated_is_trusted_by_default(sim: Sim, tmp_path: Path) -> No
 
 
 def _qvl_intel(folder: Path, quote: bytes) -> None:
-    tcb, tcb_sig = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
-    qe, qe_sig = inner_object((folder / "qe_identity.json").read_text(), "enclaveIdentity")
-    collateral = dcap_qvl.QuoteCollateralV3(
-        (folder / "pck_crl_issuer_chain.pem").read_text(),
-        (folder / "root_ca_crl.der").read_bytes(),
-        (folder / "pck_crl.der").read_bytes(),
-        (folder / "tcb_info_issuer_chain.pem").read_text(),
-        tcb,
-        tcb_sig,
-        (folder / "qe_identity_issuer_chain.pem").read_text(),
-        qe,
-        qe_sig,
-    )
-    dcap_qvl.verify(quote, collateral, int(NOW.timestamp()))
+    dcap_qvl.verify(quote, bundle_to_qvl(folder), int(NOW.timestamp()))
 
 
 def test_collateral_conflicts_and_crls_of_the_wrong_ca(sim: Sim, tmp_path: Path, services: Any) -> None:

@@ -9,6 +9,7 @@ three ``*_issuer_chain.pem`` files.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from collections.abc import Sequence
@@ -305,3 +306,45 @@ def write_bundle_files(folder: Path, items: Sequence[tuple[str, bytes, str]]) ->
                 (out / name).write_bytes(content)
             written.append(out)
     return written
+
+
+_FILES = {
+    "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
+    "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
+    "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
+    "rootcacrl": ("root_ca_crl.der", None),
+}
+
+
+def bundle_upload(folder: Path) -> list[dict[str, str]]:
+    """A bundle folder as the items of ``POST /collateral/v1/items`` (body base64, issuer chain PEM)."""
+    items = []
+    for key in bundle_keys(folder):
+        body_file, chain_file = _FILES[key.split(":")[0]]
+        items.append(
+            {
+                "key": key,
+                "body": base64.b64encode((folder / body_file).read_bytes()).decode(),
+                "issuer_chain": (folder / chain_file).read_text() if chain_file else "",
+            }
+        )
+    return items
+
+
+def bundle_to_qvl(folder: Path) -> Any:
+    """A bundle folder as dcap-qvl's ``QuoteCollateralV3`` (for comparisons with the bare library)."""
+    import dcap_qvl
+
+    tcb, tcb_signature = inner_object((folder / "tcb_info.json").read_text(), "tcbInfo")
+    qe, qe_signature = inner_object((folder / "qe_identity.json").read_text(), "enclaveIdentity")
+    return dcap_qvl.QuoteCollateralV3(
+        (folder / "pck_crl_issuer_chain.pem").read_text(),
+        (folder / "root_ca_crl.der").read_bytes(),
+        (folder / "pck_crl.der").read_bytes(),
+        (folder / "tcb_info_issuer_chain.pem").read_text(),
+        tcb,
+        tcb_signature,
+        (folder / "qe_identity_issuer_chain.pem").read_text(),
+        qe,
+        qe_signature,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -155,29 +155,12 @@ def collateral_import(
     ca_fingerprint: CaPin = None,
 ) -> None:
     """Import offline collateral (air-gapped sites). The server checks every item before storing any."""
-    files = {
-        "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
-        "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
-        "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
-        "rootcacrl": ("root_ca_crl.der", None),
-    }
-    from keybroker.attestation.collateral import bundle_keys
+    from keybroker.attestation.collateral import bundle_upload
 
     with connect(addr, token, cacert, ca_fingerprint) as api:
         for bundle in _bundles(folder):
-            items: list[dict[str, Any]] = []
-            for key in bundle_keys(bundle):
-                body_file, chain_file = files[key.split(":")[0]]
-                items.append(
-                    {
-                        "key": key,
-                        "body": base64.b64encode((bundle / body_file).read_bytes()).decode(),
-                        "issuer_chain": (bundle / chain_file).read_text() if chain_file else "",
-                    }
-                )
-            result = api.request(
-                "POST", "/collateral/v1/items", json={"items": items, "source": f"bundle {bundle.name}"}
-            ).json()
+            body = {"items": bundle_upload(bundle), "source": f"bundle {bundle.name}"}
+            result = api.request("POST", "/collateral/v1/items", json=body).json()
             output.stderr.print(f"{bundle.name}: {result['added']} new of {result['received']} items", highlight=False)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -14,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import httpx
 import typer
@@ -86,26 +85,10 @@ def demo(  # noqa: PLR0915 - a narrative, step by step
         else:
             raise typer.Exit(1)
         _say(f"keybroker serving on {url} (trusting the simulated TEE, with a warning in its log)")
-        from keybroker.attestation.collateral import bundle_keys
+        from keybroker.attestation.collateral import bundle_upload
 
-        files = {
-            "tcb": ("tcb_info.json", "tcb_info_issuer_chain.pem"),
-            "qe": ("qe_identity.json", "qe_identity_issuer_chain.pem"),
-            "pckcrl": ("pck_crl.der", "pck_crl_issuer_chain.pem"),
-            "rootcacrl": ("root_ca_crl.der", None),
-        }
         for tee in ("sgx", "tdx"):
-            folder = sim / "collateral" / tee
-            items: list[dict[str, Any]] = []
-            for key in bundle_keys(folder):
-                body, chain = files[key.split(":")[0]]
-                items.append(
-                    {
-                        "key": key,
-                        "body": base64.b64encode((folder / body).read_bytes()).decode(),
-                        "issuer_chain": (folder / chain).read_text() if chain else "",
-                    }
-                )
+            items = bundle_upload(sim / "collateral" / tee)
             admin.post("/collateral/v1/items", json={"items": items}).raise_for_status()
         _say("imported the simulated platform's collateral")
         policy_document = {
