@@ -151,7 +151,10 @@ class AttestationSettings(_Section):
     upstream_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     refresh_before_seconds: int = Field(default=86400, ge=60, description="refresh items this long before expiry")
     refresh_interval_seconds: int = Field(default=3600, ge=10)
-    url: str | None = Field(default=None, description="a separate attestation service, for a KBS-only process")
+    url: str | None = Field(
+        default=None, description="a separate keybroker attestation service that verifies for this KBS"
+    )
+    url_ca_file: Path | None = Field(default=None, description="CA of that attestation service (its DATA_DIR/ca.pem)")
 
 
 class LoggingSettings(_Section):

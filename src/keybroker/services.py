@@ -36,6 +36,7 @@ from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
+from keybroker.transfer.attesters import Attester, LocalAttester, RemoteAttester
 from keybroker.transfer.service import TransferService
 
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
@@ -107,8 +108,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         policies=AppraisalPolicies(database, audit, clock),
         clock=clock,
     )
+    attester: Attester = LocalAttester(attestation)
+    if settings.attestation.url:
+        remote_verify: ssl.SSLContext | bool = True
+        if settings.attestation.url_ca_file is not None:
+            remote_verify = ssl.create_default_context(cafile=str(settings.resolve(settings.attestation.url_ca_file)))
+        attester = RemoteAttester(
+            settings.attestation.url, clock, timedelta(seconds=settings.attestation.nonce_ttl_seconds), remote_verify
+        )
     transfer = TransferService(
-        keys, policies, attestation, audit, database, simulated_trusted=anchors.simulated is not None
+        keys, policies, attestation, audit, database, simulated_trusted=anchors.simulated is not None, attester=attester
     )
     return Services(
         settings,

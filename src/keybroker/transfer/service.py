@@ -14,8 +14,10 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
+
 from keybroker.attestation.nonce import Nonce, parse_nonce
-from keybroker.attestation.service import AttestationService, b64decode, check_binding
+from keybroker.attestation.service import AttestationService, b64decode
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.auth.tokens import Principal
 from keybroker.crypto.transfer import Wrapped, decode_user_data, workload_public_key, wrap_for_workload
@@ -25,6 +27,7 @@ from keybroker.keys.service import KeyService
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
+from keybroker.transfer.attesters import Attester
 from keybroker.transfer.engine import RequestContext, evaluate
 
 _MEASUREMENTS = (
@@ -58,6 +61,7 @@ class TransferService:
     audit: AuditLog
     database: Database
     simulated_trusted: bool
+    attester: Attester
 
     def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
         record = self.keys.get(key_id)
@@ -67,7 +71,7 @@ class TransferService:
     def nonce(self, key_id: str) -> tuple[Nonce, list[str]]:
         """Step 1: a fresh nonce, and the TEE types the key's policy accepts (the Attestation-Type header)."""
         _, types = self.attestation_types(key_id)
-        return self.attestation.nonces.issue(), types
+        return self.attester.issue_nonce(), types
 
     def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
         """Audit a transfer refused before it reached the service (an invalid bearer token)."""
@@ -127,9 +131,9 @@ class TransferService:
         document: TransferPolicyDocument = self.policies.get(record.transfer_policy_id).document
         allowed_types = {t.value for t in document.attestation_type}
         if "attestation_token" in body:
-            claims, nonce, user_data = self._passport(body)
+            claims, nonce, user_data, matched = self._passport(body, document)
         else:
-            claims, nonce, user_data = self._background(body, header_type, allowed_types)
+            claims, nonce, user_data, matched = self._background(body, header_type, allowed_types, document)
         details.update(
             tee=claims.get("attester_type"),
             tcb_status=claims.get("attester_tcb_status"),
@@ -145,9 +149,6 @@ class TransferService:
         public_key = workload_public_key(user_data)
         use.nonce = nonce
         use.purposes = ("transfer",) if "attestation_token" in body else ("attest", "transfer")
-        section = document.sgx if claims.get("attester_type") == "SGX" else document.tdx
-        policy_ids = list(section.policy_ids or []) if section is not None else []
-        matched = self._appraise(policy_ids, claims)
         context = RequestContext(
             client_permissions=frozenset(principal.context) if principal else frozenset(),
             token_may_transfer=principal is not None and "keys:transfer" in principal.permissions,
@@ -165,8 +166,8 @@ class TransferService:
         return wrap_for_workload(material.secret, public_key)
 
     def _background(
-        self, body: dict[str, Any], header_type: str | None, allowed_types: set[str]
-    ) -> tuple[dict[str, Any], Nonce, bytes]:
+        self, body: dict[str, Any], header_type: str | None, allowed_types: set[str], document: TransferPolicyDocument
+    ) -> tuple[dict[str, Any], Nonce, bytes, list[str]]:
         unknown = set(body) - {"quote", "nonce", "user_data"}
         if unknown or not {"quote", "nonce", "user_data"} <= set(body):
             raise InvalidRequest(
@@ -181,28 +182,34 @@ class TransferService:
         user_data = decode_user_data(body["user_data"])
         workload_public_key(user_data)  # refuse a bad key before any costly verification
         nonce = parse_nonce(body["nonce"])
-        self.attestation.nonces.check(nonce)
+        self.attester.check_nonce(nonce)
         quote = b64decode(body["quote"], "quote")
-        verified = self.attestation.verifier.verify(quote, self.attestation.clock.now())
-        check_binding(verified, nonce, user_data)
-        return verified.claims(), nonce, user_data
+        claims, matched = self.attester.background(quote, nonce, user_data, _policy_ids(document, header_type))
+        return claims, nonce, user_data, matched
 
-    def _passport(self, body: dict[str, Any]) -> tuple[dict[str, Any], Nonce, bytes]:
+    def _passport(
+        self, body: dict[str, Any], document: TransferPolicyDocument
+    ) -> tuple[dict[str, Any], Nonce, bytes, list[str]]:
         if set(body) != {"attestation_token"} or not isinstance(body["attestation_token"], str):
             raise InvalidRequest("a passport transfer body has exactly attestation_token", code="invalid_request")
-        claims = self.attestation.tokens.verify(body["attestation_token"])
+        token = body["attestation_token"]
+        try:
+            tee = str(jwt.decode(token, options={"verify_signature": False}).get("attester_type"))
+        except jwt.PyJWTError:
+            tee = ""
+        claims, matched = self.attester.passport(token, _policy_ids(document, tee))
         if "verifier_nonce" not in claims or "attester_held_data" not in claims:
             raise AttestationFailed(
                 "the token binds no nonce and no held data; attest with a nonce", reason="token_not_bound"
             )
         nonce = parse_nonce(claims["verifier_nonce"])
-        self.attestation.nonces.check(nonce)
+        self.attester.check_nonce(nonce)
         user_data = base64.b64decode(str(claims["attester_held_data"]))
         workload_public_key(user_data)
-        return claims, nonce, user_data
+        return claims, nonce, user_data, matched
 
-    def _appraise(self, policy_ids: list[str], claims: dict[str, Any]) -> list[str]:
-        if not policy_ids:
-            return []
-        matched, _ = self.attestation.policies.evaluate(policy_ids, claims)
-        return matched
+
+def _policy_ids(document: TransferPolicyDocument, tee: str | None) -> list[str]:
+    """The appraisal policies of the policy's section for ``tee`` (the engine checks the TEE type itself)."""
+    section = document.sgx if (tee or "").upper() == "SGX" else document.tdx if (tee or "").upper() == "TDX" else None
+    return list(section.policy_ids or []) if section is not None else []
