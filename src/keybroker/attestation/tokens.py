@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -127,34 +128,7 @@ class TokenIssuer:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Claims of a token this deployment issued and that has not expired; ``AttestationFailed`` otherwise."""
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError:
-            raise AttestationFailed("the attestation token is malformed", reason="token_malformed") from None
-        key = self._public_key(str(kid))
-        try:
-            # Times are checked below against the injected clock, not the library's wall clock.
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                issuer=self.issuer,
-                options={
-                    "require": ["exp", "iat", "iss", "jti"],
-                    "verify_aud": False,
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-        except jwt.PyJWTError as exc:
-            raise AttestationFailed(f"the attestation token does not verify: {exc}", reason="token_invalid") from None
-        now = self._clock.now().timestamp()
-        if not isinstance(claims["exp"], int) or now >= claims["exp"]:
-            raise AttestationFailed("the attestation token has expired", reason="token_expired")
-        if not isinstance(claims["iat"], int) or claims["iat"] > now + 5:
-            raise AttestationFailed("the attestation token was issued in the future", reason="token_invalid")
-        return claims
+        return verify_token(token, self._public_key, self._clock, self.issuer)
 
     def _public_key(self, kid: str) -> ec.EllipticCurvePublicKey:
         """The verification key of ``kid`` if it is in the JWKS now (current, or retired less than a token lifetime
@@ -171,3 +145,36 @@ class TokenIssuer:
         if key is None:
             raise AttestationFailed("the attestation token was signed by an unknown key", reason="token_unknown_key")
         return key
+
+
+def token_kid(token: str) -> str:
+    try:
+        return str(jwt.get_unverified_header(token).get("kid"))
+    except jwt.PyJWTError:
+        raise AttestationFailed("the attestation token is malformed", reason="token_malformed") from None
+
+
+def verify_token(
+    token: str, key_for: Callable[[str], ec.EllipticCurvePublicKey], clock: Clock, issuer: str | None = None
+) -> dict[str, Any]:
+    """An ES384 attestation token's claims: signature by the key ``key_for(kid)`` gives, issuer (if given), and
+    times checked against ``clock`` (never the library's wall clock). ``AttestationFailed`` with the reason."""
+    key = key_for(token_kid(token))
+    options = {
+        "require": ["exp", "iat", "iss", "jti"],
+        "verify_aud": False,
+        "verify_exp": False,
+        "verify_iat": False,
+        "verify_nbf": False,
+        "verify_iss": issuer is not None,
+    }
+    try:
+        claims: dict[str, Any] = jwt.decode(token, key, algorithms=[ALGORITHM], issuer=issuer, options=options)
+    except jwt.PyJWTError as exc:
+        raise AttestationFailed(f"the attestation token does not verify: {exc}", reason="token_invalid") from None
+    now = clock.now().timestamp()
+    if not isinstance(claims["exp"], int) or now >= claims["exp"]:
+        raise AttestationFailed("the attestation token has expired", reason="token_expired")
+    if not isinstance(claims["iat"], int) or claims["iat"] > now + 5:
+        raise AttestationFailed("the attestation token was issued in the future", reason="token_invalid")
+    return claims

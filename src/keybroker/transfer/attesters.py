@@ -14,12 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from keybroker.attestation.nonce import Nonce, parse_nonce
 from keybroker.attestation.service import AttestationService, check_binding
+from keybroker.attestation.tokens import verify_token
 from keybroker.clock import Clock
 from keybroker.errors import AttestationFailed, BackendUnavailable, Conflict, InvalidRequest, KeybrokerError
 
@@ -141,28 +141,7 @@ class RemoteAttester:
         return claims, matched
 
     def passport(self, token: str, policy_ids: list[str]) -> tuple[dict[str, Any], list[str]]:
-        try:
-            kid = str(jwt.get_unverified_header(token).get("kid"))
-        except jwt.PyJWTError:
-            raise AttestationFailed("the attestation token is malformed", reason="token_malformed") from None
-        key = self._key(kid)
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=["ES384"],
-                options={
-                    "require": ["exp", "iat", "iss", "jti"],
-                    "verify_aud": False,
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-        except jwt.PyJWTError as exc:
-            raise AttestationFailed(f"the attestation token does not verify: {exc}", reason="token_invalid") from None
-        if not isinstance(claims["exp"], int) or self._clock.now().timestamp() >= claims["exp"]:
-            raise AttestationFailed("the attestation token has expired", reason="token_expired")
+        claims = verify_token(token, self._key, self._clock)
         matched = [p for p in claims.get("policy_ids_matched", []) if p in policy_ids]
         return claims, matched
 
