@@ -16,6 +16,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+from jwt.types import Options
 from sqlalchemy import select, update
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
@@ -160,7 +161,7 @@ def verify_token(
     """An ES384 attestation token's claims: signature by the key ``key_for(kid)`` gives, issuer (if given), and
     times checked against ``clock`` (never the library's wall clock). ``AttestationFailed`` with the reason."""
     key = key_for(token_kid(token))
-    options = {
+    options: Options = {
         "require": ["exp", "iat", "iss", "jti"],
         "verify_aud": False,
         "verify_exp": False,
