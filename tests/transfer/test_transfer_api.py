@@ -454,3 +454,28 @@ def test_transfer_policy_with_appraisal_policies(world: World) -> None:
         "policy_denied",
         "mrenclave_mismatch",
     )
+
+
+def test_a_changed_policy_applies_at_once_also_from_another_replica(world: World) -> None:
+    from keybroker.config import load_settings
+    from keybroker.policy.model import TransferPolicyDocument
+    from keybroker.services import build_services
+
+    policy = world.policy()
+    key_id = world.key(policy)
+    assert request_transfer(world, key_id, world.evidence("sgx")).status_code == 200  # now cached
+    # Another replica (its own services on the same database) tightens the policy.
+    replica = build_services(
+        load_settings(
+            data_dir=world.services.settings.data_dir,
+            overrides={"attestation": {"simulated_root": str(world.sim / "root-ca.pem")}},
+        ),
+        world.clock,
+    )
+    try:
+        document = world.services.policies.get(policy).document.model_dump(mode="json", exclude_none=True)
+        document["sgx"]["attributes"]["mrenclave"] = ["99" * 32]
+        replica.policies.replace(policy, TransferPolicyDocument.model_validate(document), SYSTEM)
+    finally:
+        replica.close()
+    _refused(world, request_transfer(world, key_id, world.evidence("sgx")), 403, "policy_denied", "mrenclave_mismatch")

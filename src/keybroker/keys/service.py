@@ -40,6 +40,7 @@ from keybroker.keys.models import (
     PolicyId,
 )
 from keybroker.policy.store import PolicyStore
+from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.storage.pagination import Page
 from keybroker.storage.tables import KeyRow
@@ -204,6 +205,7 @@ class KeyService:
         }
         try:
             with self._db.transaction(write=True) as session:
+                revision.bump(session)
                 session.add(row)
                 session.flush()  # the record's constraints are checked before the audit entry is written
                 self._audit.append(session, audit, AuditEvent("key.create", "success", key_id, details))
@@ -250,6 +252,7 @@ class KeyService:
             raise key_not_found(key_id)
         try:
             with self._db.transaction(write=True) as session:
+                revision.bump(session)
                 row = session.get(KeyRow, key_id, with_for_update=True)
                 if row is None:
                     raise key_not_found(key_id)
@@ -289,6 +292,7 @@ class KeyService:
                 code="backend_not_configured",
             )
         with self._db.transaction(write=True) as session:
+            revision.bump(session)
             row = session.get(KeyRow, key_id, with_for_update=True)
             if row is None:
                 raise key_not_found(key_id)

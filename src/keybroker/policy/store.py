@@ -16,6 +16,7 @@ from keybroker.errors import Conflict, NotFound
 from keybroker.ids import canonical_uuid
 from keybroker.keys.models import PolicyId
 from keybroker.policy.model import TransferPolicyDocument
+from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.storage.pagination import Page
 from keybroker.storage.tables import KeyRow, TransferPolicyRow
@@ -63,6 +64,7 @@ class PolicyStore:
             updated_at=now,
         )
         with self._db.transaction(write=True) as session:
+            revision.bump(session)
             session.add(row)
             self._audit.append(session, audit, AuditEvent("policy.create", "success", row.id, _summary(document)))
         return _record(row)
@@ -92,6 +94,7 @@ class PolicyStore:
         if canonical_uuid(policy_id) is None:
             raise policy_not_found(policy_id)
         with self._db.transaction(write=True) as session:
+            revision.bump(session)
             row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
             if row is None:
                 raise policy_not_found(policy_id)
@@ -109,6 +112,7 @@ class PolicyStore:
         in_use = Conflict(f"key transfer policy {policy_id} is referenced by at least one key", code="policy_in_use")
         try:
             with self._db.transaction(write=True) as session:
+                revision.bump(session)
                 row = session.get(TransferPolicyRow, policy_id, with_for_update=True)
                 if row is None:
                     raise policy_not_found(policy_id)

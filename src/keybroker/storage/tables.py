@@ -181,3 +181,12 @@ class ServiceSecretRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     kek_id: Mapped[str] = mapped_column(String(128))
     wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RevisionRow(Base):
+    """One row: bumped in the same transaction as every change to keys or transfer policies."""
+
+    __tablename__ = "revision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)

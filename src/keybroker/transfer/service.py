@@ -11,7 +11,8 @@ audit write fails, nothing is released.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -26,6 +27,7 @@ from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import KeyService
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
+from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.transfer.attesters import Attester
 from keybroker.transfer.engine import RequestContext, evaluate
@@ -53,6 +55,13 @@ class _Use:
     purposes: tuple[str, ...] = ()
 
 
+@dataclass
+class _Lookups:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    revision: int = -1
+    entries: dict[str, tuple[KeyRecord, TransferPolicyDocument]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class TransferService:
     keys: KeyService
@@ -62,10 +71,29 @@ class TransferService:
     database: Database
     simulated_trusted: bool
     attester: Attester
+    lookups: _Lookups = field(default_factory=_Lookups)
 
-    def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
+    def _lookup(self, key_id: str) -> tuple[KeyRecord, TransferPolicyDocument]:
+        """The key's record and its policy, from memory while the key/policy revision counter is unchanged (one
+        small query instead of two; any change to any key or policy, in any replica, clears the cache)."""
+        with self.database.transaction() as session:
+            current = revision.current(session)
+        cache = self.lookups
+        with cache.lock:
+            if cache.revision == current and key_id in cache.entries:
+                return cache.entries[key_id]
         record = self.keys.get(key_id)
         document = self.policies.get(record.transfer_policy_id).document
+        with cache.lock:
+            if cache.revision != current:
+                cache.entries.clear()
+                cache.revision = current
+            if len(cache.entries) < 4096:
+                cache.entries[key_id] = (record, document)
+        return record, document
+
+    def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
+        record, document = self._lookup(key_id)
         return record, [t.value for t in document.attestation_type]
 
     def nonce(self, key_id: str) -> tuple[Nonce, list[str]]:
@@ -85,14 +113,14 @@ class TransferService:
         principal: Principal | None,
         audit: AuditContext,
     ) -> Wrapped:
-        record = self.keys.get(key_id)
+        record, document = self._lookup(key_id)
         details: dict[str, Any] = {
             "transfer_policy_id": record.transfer_policy_id,
             "mode": "passport" if "attestation_token" in body else "background",
         }
         use = _Use()
         try:
-            wrapped = self._transfer(record, header_type, body, principal, details, use)
+            wrapped = self._transfer(record, document, header_type, body, principal, details, use)
         except PolicyDenied as exc:
             details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
             self._finish(audit, key_id, "denied", details, use)
@@ -122,13 +150,13 @@ class TransferService:
     def _transfer(
         self,
         record: KeyRecord,
+        document: TransferPolicyDocument,
         header_type: str | None,
         body: dict[str, Any],
         principal: Principal | None,
         details: dict[str, Any],
         use: _Use,
     ) -> Wrapped:
-        document: TransferPolicyDocument = self.policies.get(record.transfer_policy_id).document
         allowed_types = {t.value for t in document.attestation_type}
         if "attestation_token" in body:
             claims, nonce, user_data, matched = self._passport(body, document)
