@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -106,9 +106,12 @@ class NonceService:
         """``consume`` inside the caller's write transaction (with what the use of the nonce decides)."""
         expires = self._clock.now() + self._ttl
         try:
-            for purpose in purposes:
-                session.add(UsedNonceRow(digest=nonce.digest, purpose=purpose, expires_at=expires))
-            session.flush()  # the primary key decides now; the caller's transaction then rolls back whole
+            # Core insert (on every transfer); the primary key decides now, and the caller's transaction then
+            # rolls back whole if it is taken.
+            session.execute(
+                insert(UsedNonceRow),
+                [{"digest": nonce.digest, "purpose": purpose, "expires_at": expires} for purpose in purposes],
+            )
         except IntegrityError:
             raise Conflict("this nonce has already been used", code="nonce_replayed") from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from keybroker.backends.base import Capability, KeyWrapper
 from keybroker.clock import Clock
@@ -20,6 +20,8 @@ from keybroker.errors import NotFound, StoredKeyCorrupt
 from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
 from keybroker.storage.db import Database
 from keybroker.storage.tables import EmbeddedMaterialRow
+
+_MATERIAL = text("SELECT kek_id, wrapped_dek, ciphertext FROM embedded_key_material WHERE ref = :ref")
 
 
 def _context(key_id: str, ref: str, spec: KeySpec) -> bytes:
@@ -55,10 +57,10 @@ class EmbeddedKeyStore:
 
     def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
         with self._db.transaction() as session:
-            row = session.get(EmbeddedMaterialRow, ref)
+            row = session.execute(_MATERIAL, {"ref": ref}).one_or_none()  # on every transfer: no ORM object
             if row is None:
                 raise NotFound("the key material is not in the embedded store", code="key_material_missing")
-            kek_id, wrapped_dek, ciphertext = row.kek_id, row.wrapped_dek, row.ciphertext
+            kek_id, wrapped_dek, ciphertext = str(row.kek_id), bytes(row.wrapped_dek), bytes(row.ciphertext)
         context = _context(key_id, ref, spec)
         dek = self._wrapper.unwrap(wrapped_dek, context, kek_id)
         try:
