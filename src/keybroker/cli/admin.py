@@ -10,8 +10,8 @@ import typer
 
 from keybroker.audit.chain import verify_chain
 from keybroker.cli import output
-from keybroker.cli.common import Addr, CaCert, CaPin, DataDir, OutputOpt, Token, connect, handled, segment
-from keybroker.cli.http import DEFAULT_ADDR, AdminApi
+from keybroker.cli.common import DataDir, OutputOpt, handled, remote, segment
+from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 
 token_app = typer.Typer(help="Issue, list and revoke API tokens.", no_args_is_help=True)
@@ -35,7 +35,9 @@ def _token_row(token: dict[str, Any]) -> list[str]:
 
 @token_app.command("create")
 @handled
+@remote
 def token_create(
+    api: AdminApi,
     name: Annotated[str, typer.Option("--name", help="What the token is for.")],
     role: Annotated[list[str], typer.Option("--role", "-r", help="Role (repeatable): admin, key-manager, ...")],
     context: Annotated[
@@ -44,17 +46,13 @@ def token_create(
     ttl: Annotated[
         str | None, typer.Option("--ttl", help="Lifetime: 30d, 12h, 15m, 90s (default from the server).")
     ] = None,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Issue a token. Its secret is printed once (stdout); keybroker keeps only a hash."""
     body: dict[str, Any] = {"name": name, "roles": role, "context": context or []}
     if ttl is not None:
         body["ttl_seconds"] = _seconds(ttl)
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         created = api.request("POST", "/kbs/v1/tokens", json=body).json()
     if output_format is Output.JSON:
         output.emit_json(created)
@@ -74,45 +72,39 @@ def _seconds(text: str) -> int:
 
 @token_app.command("list")
 @handled
+@remote
 def token_list(
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
+    api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List tokens (never their secrets)."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         tokens = api.get_json("/kbs/v1/tokens")
     output.emit(tokens, output_format, lambda: output.table(TOKEN_COLUMNS, [_token_row(t) for t in tokens]))
 
 
 @token_app.command("revoke")
 @handled
+@remote
 def token_revoke(
+    api: AdminApi,
     token_id: Annotated[str, typer.Argument(help="Token id (from 'token list').")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Revoke a token: it is refused from the next request on."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         api.request("DELETE", f"/kbs/v1/tokens/{segment(token_id)}")
     output.stderr.print(f"revoked token {token_id}", highlight=False)
 
 
 @role_app.command("list")
 @handled
+@remote
 def role_list(
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
+    api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List roles and their permissions."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         roles = api.get_json("/kbs/v1/roles")
     for role in roles:
         role.setdefault("id", role["name"])
@@ -128,17 +120,15 @@ def role_list(
 
 @role_app.command("set")
 @handled
+@remote
 def role_set(
+    api: AdminApi,
     name: Annotated[str, typer.Argument(help="Role name (created if new).")],
     permission: Annotated[list[str], typer.Option("--permission", "-p", help="Permission (repeatable).")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Create a role or replace its permissions (applies to existing tokens at once)."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         role = api.request("PUT", f"/kbs/v1/roles/{segment(name)}", json={"permissions": permission}).json()
     role["id"] = role["name"]
     output.emit(role, output_format, lambda: output.details(role))
@@ -146,15 +136,13 @@ def role_set(
 
 @role_app.command("delete")
 @handled
+@remote
 def role_delete(
+    api: AdminApi,
     name: Annotated[str, typer.Argument(help="Role name.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete a custom role that no unrevoked token holds."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         api.request("DELETE", f"/kbs/v1/roles/{segment(name)}")
     output.stderr.print(f"deleted role {name}", highlight=False)
 
@@ -179,13 +167,11 @@ AUDIT_COLUMNS = ("SEQ", "AT", "ACTION", "OUTCOME", "TARGET", "ACTOR", "CLIENT")
 
 @audit_app.command("list")
 @handled
+@remote
 def audit_list(
+    api: AdminApi,
     since: Annotated[datetime | None, typer.Option("--since", help="Only entries at or after (UTC).")] = None,
     key: Annotated[str | None, typer.Option("--key", help="Only entries about this key id.")] = None,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List audit entries."""
@@ -194,7 +180,7 @@ def audit_list(
         params["since"] = (since if since.tzinfo else since.replace(tzinfo=UTC)).isoformat()
     if key is not None:
         params["target"] = key
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         entries, _ = _all_entries(api, params)
     for entry in entries:
         entry.setdefault("id", entry["seq"])
@@ -221,15 +207,13 @@ def audit_list(
 
 @audit_app.command("verify")
 @handled
+@remote
 def audit_verify(
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
+    api: AdminApi,
 ) -> None:
     """Recompute the whole hash chain here, from the entries the server returns; exit 1 naming the first bad
     entry if anything was edited, deleted, inserted or reordered."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         entries, head = _all_entries(api, {})
     head_seq, _, head_hash = head.partition(":")
     report = verify_chain(entries, int(head_seq or 0), head_hash)
@@ -258,17 +242,15 @@ def ca_fingerprint_cmd(
 
 @ca_app.command("issue")
 @handled
+@remote
 def ca_issue(
+    api: AdminApi,
     csr: Annotated[Path, typer.Argument(help="PEM certificate signing request of the other service.")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the certificate chain (PEM).")],
     days: Annotated[int, typer.Option("--days", help="Validity in days (1-825).")] = 365,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Have the service CA sign a CSR (TLS server and client certificate for another service)."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         chain = api.request("POST", "/cms/v1/certificates", json={"csr": csr.read_text(), "days": days}).json()
     out.write_text(chain["certificate"])
     output.stderr.print(f"wrote {out}", highlight=False)

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from keybroker.cli import output
-from keybroker.cli.common import Addr, CaCert, CaPin, OutputOpt, Token, connect, handled, segment
-from keybroker.cli.http import DEFAULT_ADDR
+from keybroker.cli.common import OutputOpt, handled, remote, segment
+from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 from keybroker.errors import AttestationFailed, CollateralUnavailable
 
@@ -81,28 +81,25 @@ def verify(
 
 @attestation_app.command("rotate-key")
 @handled
-def rotate_key(
-    addr: Addr = DEFAULT_ADDR, token: Token = None, cacert: CaCert = None, ca_fingerprint: CaPin = None
-) -> None:
+@remote
+def rotate_key(api: AdminApi) -> None:
     """Start signing attestation tokens with a new key (old tokens stay verifiable until they expire)."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         kid = api.request("POST", "/appraisal/v1/keys/rotate").json()["kid"]
     output.stderr.print(f"token signing key is now {kid}", highlight=False)
 
 
 @policy_app.command("create")
 @handled
+@remote
 def policy_create(
+    api: AdminApi,
     name: Annotated[str, typer.Argument(help="A name for people.")],
     rego_file: Annotated[Path, typer.Argument(help="Rego module: package policy, rule allow.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Upload an appraisal policy; its id goes into transfer policies' policy_ids."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         created = api.request(
             "POST", "/appraisal/v1/policies", json={"name": name, "policy": rego_file.read_text()}
         ).json()
@@ -111,15 +108,13 @@ def policy_create(
 
 @policy_app.command("list")
 @handled
+@remote
 def policy_list(
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
+    api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List appraisal policies."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         policies = api.get_json("/appraisal/v1/policies")
     output.emit(
         policies,
@@ -132,32 +127,28 @@ def policy_list(
 
 @policy_app.command("delete")
 @handled
+@remote
 def policy_delete(
+    api: AdminApi,
     policy_id: Annotated[str, typer.Argument(help="Policy id.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete an appraisal policy."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         api.request("DELETE", f"/appraisal/v1/policies/{segment(policy_id)}")
     output.stderr.print(f"deleted appraisal policy {policy_id}", highlight=False)
 
 
 @collateral_app.command("import")
 @handled
+@remote
 def collateral_import(
+    api: AdminApi,
     folder: Annotated[Path, typer.Argument(help="A bundle folder, or a folder of bundles.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Import offline collateral (air-gapped sites). The server checks every item before storing any."""
     from keybroker.attestation.collateral import bundle_upload
 
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         for bundle in _bundles(folder):
             body = {"items": bundle_upload(bundle), "source": f"bundle {bundle.name}"}
             result = api.request("POST", "/collateral/v1/items", json=body).json()
@@ -166,17 +157,15 @@ def collateral_import(
 
 @collateral_app.command("export")
 @handled
+@remote
 def collateral_export(
+    api: AdminApi,
     folder: Annotated[Path, typer.Argument(help="Where to write one bundle folder per TCB info.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Export the newest cached collateral as bundle folders (for another, air-gapped keybroker)."""
     from keybroker.attestation.collateral import write_bundle_files
 
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         items = api.get_json("/collateral/v1/items")
     written = write_bundle_files(folder, [(i["key"], base64.b64decode(i["body"]), i["issuer_chain"]) for i in items])
     output.stderr.print(f"wrote {len(written)} bundle(s) to {folder}", highlight=False)
@@ -184,15 +173,13 @@ def collateral_export(
 
 @collateral_app.command("status")
 @handled
+@remote
 def collateral_status(
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
+    api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Every cached item and when it expires."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         items = api.get_json("/collateral/v1/status")
     for item in items:
         item["id"] = f"{item['key']}@{item['issue_date']}"

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import typer
 
 from keybroker.cli import output
-from keybroker.cli.http import AdminApi, Connection
+from keybroker.cli.http import DEFAULT_ADDR, AdminApi, Connection
 from keybroker.cli.output import Output
 from keybroker.errors import ConfigurationError, KeybrokerError
 from keybroker_client import KeybrokerClientError, ProblemError
@@ -70,6 +72,40 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
 
 def connect(addr: str, token: str | None, cacert: str | None, ca_fingerprint: str | None) -> AdminApi:
     return AdminApi(Connection(addr=addr, token=token, cacert=cacert, ca_fingerprint=ca_fingerprint))
+
+
+_CONNECTION: dict[str, tuple[object, object]] = {
+    "addr": (Addr, DEFAULT_ADDR),
+    "token": (Token, None),
+    "cacert": (CaCert, None),
+    "ca_fingerprint": (CaPin, None),
+}
+
+
+def remote(func: Callable[..., R]) -> Callable[..., R]:
+    """For a command whose first parameter is ``api: AdminApi``: adds the options that find the server
+    (``--addr``, ``--token``, ``--cacert``, ``--ca-fingerprint`` and their ``KEYBROKER_*`` variables) and passes the
+    connection they describe, so that no command declares them itself."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    own = [
+        parameter.replace(annotation=hints[parameter.name])
+        for parameter in inspect.signature(func).parameters.values()
+        if parameter.name != "api"
+    ]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in _CONNECTION.items()
+    ]
+
+    def wrapper(**kwargs: Any) -> R:
+        connection = {name: kwargs.pop(name) for name in _CONNECTION}
+        return func(connect(**connection), **kwargs)
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = func.__name__, func.__qualname__, func.__doc__
+    wrapper.__module__ = func.__module__
+    wrapper.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]  # read by typer
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+    return wrapper
 
 
 def segment(value: str) -> str:

@@ -16,9 +16,9 @@ from keybroker import __version__
 from keybroker.cli import output
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
-from keybroker.cli.common import Addr, CaCert, CaPin, ConfigFile, DataDir, OutputOpt, Token, connect, handled, segment
+from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled, remote, segment
 from keybroker.cli.demo import demo
-from keybroker.cli.http import DEFAULT_ADDR, AdminApi
+from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 from keybroker.cli.sim import sim_app
 from keybroker.config import Settings, load_settings
@@ -246,7 +246,9 @@ Backend = Annotated[str | None, typer.Option("--backend", help="Configured backe
 
 @key_app.command("create")
 @handled
+@remote
 def key_create(
+    api: AdminApi,
     algorithm: Algo,
     policy: Policy,
     length: Length = None,
@@ -255,21 +257,19 @@ def key_create(
     usage: Usage = None,
     backend: Backend = None,
     key_id: Annotated[str | None, typer.Option("--id", help="Choose the key id (UUID).")] = None,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Generate a new key inside keybroker."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         key = _create(api, _key_information(algorithm, length, curve, key_id), policy, label, usage, backend)
     _show_key(key, output_format)
 
 
 @key_app.command("import")
 @handled
+@remote
 def key_import(
+    api: AdminApi,
     algorithm: Algo,
     policy: Policy,
     file: Annotated[Path, typer.Option("--file", "-f", help="Key file ('-' for stdin).", allow_dash=True)],
@@ -282,17 +282,13 @@ def key_import(
     label: Label = None,
     usage: Usage = None,
     backend: Backend = None,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Import existing key material (PEM private key for RSA/EC; raw or base64 bytes for AES)."""
     data = typer.get_binary_stream("stdin").read() if str(file) == "-" else file.read_bytes()
     key_string = _key_string(algorithm, data, key_format)
     info = {**_key_information(algorithm, length, curve), "key_string": key_string}
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         key = _create(api, info, policy, label, usage, backend)
     _show_key(key, output_format)
 
@@ -310,17 +306,15 @@ def _key_string(algorithm: str, data: bytes, key_format: ImportFormat) -> str:
 
 @key_app.command("list")
 @handled
+@remote
 def key_list(
+    api: AdminApi,
     algorithm: Annotated[str | None, typer.Option("--algorithm", "-a")] = None,
     length: Length = None,
     curve: Curve = None,
     policy: Annotated[str | None, typer.Option("--policy", "-p", help="Only keys with this policy.")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
     fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List keys (metadata only)."""
@@ -333,7 +327,7 @@ def key_list(
     ):
         if value is not None:
             params[name] = value
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         keys = api.list_all("/kbs/v1/keys", params, fetch_all)
     output.emit(keys, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(k) for k in keys]))
 
@@ -343,48 +337,42 @@ KeyIdArg = Annotated[str, typer.Argument(help="Key id.")]
 
 @key_app.command("show")
 @handled
+@remote
 def key_show(
+    api: AdminApi,
     key_id: KeyIdArg,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Show one key's metadata."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         key = api.get_json(f"/kbs/v1/keys/{segment(key_id)}")
     output.emit(key, output_format, lambda: output.details(key))
 
 
 @key_app.command("set-policy")
 @handled
+@remote
 def key_set_policy(
+    api: AdminApi,
     key_id: KeyIdArg,
     policy: Annotated[str, typer.Argument(help="New transfer policy id.")],
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Re-assign a key's transfer policy."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         key = api.request("PUT", f"/kbs/v1/keys/{segment(key_id)}", json={"transfer_policy_id": policy}).json()
     _show_key(key, output_format)
 
 
 @key_app.command("delete")
 @handled
+@remote
 def key_delete(
+    api: AdminApi,
     key_id: KeyIdArg,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete a key and its material in the backend."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         api.request("DELETE", f"/kbs/v1/keys/{segment(key_id)}")
     output.stderr.print(f"deleted key {key_id}", highlight=False)
 
@@ -409,33 +397,29 @@ def _show_policy(policy: dict[str, Any], output_format: Output) -> None:
 
 @policy_app.command("create")
 @handled
+@remote
 def policy_create(
+    api: AdminApi,
     file: PolicyFile,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Create a key transfer policy from a JSON file."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         policy = api.request("POST", "/kbs/v1/key-transfer-policies", json=_read_policy(file)).json()
     _show_policy(policy, output_format)
 
 
 @policy_app.command("update")
 @handled
+@remote
 def policy_update(
+    api: AdminApi,
     policy_id: PolicyIdArg,
     file: PolicyFile,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Replace a (mutable) key transfer policy with the JSON file's content."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         policy = api.request(
             "PUT", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}", json=_read_policy(file)
         ).json()
@@ -444,17 +428,15 @@ def policy_update(
 
 @policy_app.command("list")
 @handled
+@remote
 def policy_list(
+    api: AdminApi,
     limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
     fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """List key transfer policies."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
     output.emit(
         policies,
@@ -465,30 +447,26 @@ def policy_list(
 
 @policy_app.command("show")
 @handled
+@remote
 def policy_show(
+    api: AdminApi,
     policy_id: PolicyIdArg,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Show one key transfer policy."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{segment(policy_id)}"), output_format)
 
 
 @policy_app.command("delete")
 @handled
+@remote
 def policy_delete(
+    api: AdminApi,
     policy_id: PolicyIdArg,
-    addr: Addr = DEFAULT_ADDR,
-    token: Token = None,
-    cacert: CaCert = None,
-    ca_fingerprint: CaPin = None,
 ) -> None:
     """Delete a key transfer policy (refused while a key uses it, or if it is immutable)."""
-    with connect(addr, token, cacert, ca_fingerprint) as api:
+    with api:
         api.request("DELETE", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}")
     output.stderr.print(f"deleted policy {policy_id}", highlight=False)
 
