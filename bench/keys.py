@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
-import math
 import os
 import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -44,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from _common import free_port, healthy, is_loopback, percentile
+from _common import table as render_table
 
 SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("AES-128", {"algorithm": "AES", "key_length": 128}),
@@ -96,34 +96,10 @@ class Phase:
         }
 
 
-def percentile(ordered: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return None
-    return round(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)], 2)
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
-
-
-def is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -164,14 +140,6 @@ def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int, s
                 except subprocess.TimeoutExpired:
                     server.kill()
                     server.wait()
-
-
-def healthy(addr: str, ca_file: str) -> bool:
-    try:
-        verify = ssl.create_default_context(cafile=ca_file)
-        return httpx.get(f"{addr}/healthz", timeout=1.0, verify=verify).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def measure(
@@ -280,24 +248,12 @@ def run(args: argparse.Namespace, addr: str, token: str, server_pid: int | None)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def fmt(value: Any) -> str:
-        return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
     columns = (
         ("phase", "phase"), ("requests", "requests"), ("errors", "errors"), ("per_second", "req/s"),
         ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("server_cpu_s", "srv CPU s"),
         ("server_cpu_ms_per_request", "srv CPU ms/req"), ("client_cpu_s", "cli CPU s"),
     )  # fmt: skip
-    cells = [[label for _, label in columns]] + [[fmt(row[key]) for key, _ in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in cells
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render_table(rows, columns)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

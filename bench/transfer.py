@@ -55,13 +55,11 @@ import base64
 import contextlib
 import hashlib
 import importlib.metadata
-import ipaddress
 import json
 import math
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -82,6 +80,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from _common import cpu_times, free_port, healthy, is_loopback, percentile
+from _common import table as render_table
 from keybroker.attestation.collateral import bundle_to_qvl, bundle_upload
 from keybroker.sim.collateral import CollateralSpec, make_collateral
 from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
@@ -108,59 +108,11 @@ class SetupError(Exception):
 # --- measurement helpers (as bench/keys.py) ---------------------------------------------------------------------
 
 
-def percentile(ordered: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return None
-    return round(ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)], 2)
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) in seconds of a process (all its threads) and of its live child processes (the server's
-    workers with --workers), from /proc/<pid>/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the process itself, or a child (ppid)
-            user += int(fields[11]) / tick  # fields 14 and 15 of proc(5)
-            system += int(fields[12]) / tick
-    return user, system
-
-
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal of /proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def healthy(addr: str, ca_file: str) -> bool:
-    try:
-        verify = ssl.create_default_context(cafile=ca_file)
-        return httpx.get(f"{addr}/healthz", timeout=1.0, verify=verify).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # --- setup ------------------------------------------------------------------------------------------------------
@@ -797,25 +749,13 @@ def service_profile(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def fmt(value: Any) -> str:
-        return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
     columns = (
         ("phase", "phase"), ("count", "count"), ("errors", "errors"), ("per_second", "per s"),
         ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("server_cpu_ms_per_op", "srv CPU ms/op"),
         ("server_cpu_x_bare_verify", "x bare verify"), ("server_cpu_s", "srv CPU s"),
         ("client_cpu_ms_per_op", "cli CPU ms/op"), ("client_cpu_s", "cli CPU s"),
     )  # fmt: skip
-    cells = [[label for _, label in columns]] + [[fmt(row[key]) for key, _ in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in cells
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render_table(rows, columns)
 
 
 def targets(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
