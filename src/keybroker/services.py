@@ -61,6 +61,8 @@ class Services:
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.close()
+        if isinstance(self.transfer.attester, RemoteAttester):
+            self.transfer.attester.close()
         self.database.close()
 
 

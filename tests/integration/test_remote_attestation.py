@@ -179,3 +179,20 @@ def test_passport_with_a_token_of_the_attestation_service(
         kbs.post(path, json={"attestation_token": token[:-8] + "AAAAAAAA"}), 401, "attestation_failed"
     )
     assert problem["reasons"][0]["code"] in ("token_invalid", "token_unknown_key")
+
+
+def test_an_unreachable_attestation_service_is_503(tmp_path: Path) -> None:
+    from tests.integration.conftest import free_port
+
+    settings = load_settings(
+        data_dir=tmp_path / "kbs", overrides={"attestation": {"url": f"https://127.0.0.1:{free_port()}"}}
+    )
+    token = initialise(settings).admin_token
+    services = build_services(settings)
+    try:
+        with TestClient(create_app(services, "kbs"), raise_server_exceptions=False) as kbs:
+            kbs.headers["Authorization"] = f"Bearer {token}"
+            key_id = _key(kbs)
+            assert_problem(kbs.post(f"/kbs/v1/keys/{key_id}/transfer", json={}), 503, "attestation_unavailable")
+    finally:
+        services.close()
