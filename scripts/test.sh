@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k keys -x).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --test
 echo "== ruff" >&2
 .venv/bin/ruff check src client/src tests bench
 .venv/bin/ruff format --check src client/src tests bench

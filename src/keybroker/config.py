@@ -81,6 +81,20 @@ class DatabaseSettings(_Section):
     url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in the data directory")
 
 
+class SecretSource(_Section):
+    """Where a credential comes from: an environment variable (by name) or a file (mode 0600). Never the TOML file
+    itself, so that configuration can be shared and committed without secrets."""
+
+    env: str | None = Field(default=None, description="name of the environment variable holding it")
+    file: Path | None = Field(default=None, description="file holding it (trailing newline ignored)")
+
+    @model_validator(mode="after")
+    def _one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+
 class LocalWrapperSettings(_Section):
     """KEK held locally: a 32-byte master key from a file (mode 0600) or from the environment."""
 
@@ -92,9 +106,96 @@ class LocalWrapperSettings(_Section):
     )
 
 
+class VaultAuthSettings(_Section):
+    """Vault/OpenBao authentication: a token, or an AppRole login (renewed, and repeated when renewal fails)."""
+
+    method: Literal["token", "approle"] = "token"
+    token: SecretSource | None = Field(default=None, description="method=token: where the token is")
+    role_id: str | None = Field(default=None, description="method=approle: the role id (not secret)")
+    secret_id: SecretSource | None = Field(default=None, description="method=approle: where the secret id is")
+    approle_mount: str = "approle"
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuthSettings:
+        if self.method == "token" and self.token is None:
+            raise ValueError("method token needs token = {env = ...} or {file = ...}")
+        if self.method == "approle" and (self.role_id is None or self.secret_id is None):
+            raise ValueError("method approle needs role_id and secret_id")
+        return self
+
+
+class VaultConnectionSettings(_Section):
+    url: str = Field(description="https://vault.example:8200 (http:// only on loopback)")
+    ca_file: Path | None = Field(default=None, description="CA bundle to verify Vault's certificate (default: system)")
+    namespace: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    auth: VaultAuthSettings
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _check_url(value)
+        return value.rstrip("/")
+
+
+class TransitWrapperSettings(VaultConnectionSettings):
+    """KEK held in Vault/OpenBao Transit: data keys are encrypted and decrypted there; no master key on this host."""
+
+    type: Literal["vault-transit"]
+    mount: str = "transit"
+    key_name: str = "keybroker-kek"
+
+
+class Pkcs11WrapperSettings(_Section):
+    """KEK held in a PKCS#11 token (an HSM; SoftHSM2 in tests) as a non-extractable AES-256 key."""
+
+    type: Literal["pkcs11"]
+    module: Path = Field(description="the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
+    token_label: str
+    key_label: str = "keybroker-kek"
+    pin: SecretSource = Field(description="the user PIN: {env = ...} or {file = ...}")
+    sessions: int = Field(default=4, ge=1, le=64, description="session pool size")
+
+
+def _wrapper_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "local"))
+    return str(getattr(value, "type", ""))
+
+
+WrapperSettings = Annotated[
+    Annotated[LocalWrapperSettings, Tag("local")]
+    | Annotated[TransitWrapperSettings, Tag("vault-transit")]
+    | Annotated[Pkcs11WrapperSettings, Tag("pkcs11")],
+    Discriminator(_wrapper_type),
+]
+
+
 class EmbeddedBackendSettings(_Section):
     type: Literal["embedded"] = "embedded"
-    wrapper: LocalWrapperSettings = LocalWrapperSettings()
+    wrapper: WrapperSettings = LocalWrapperSettings()
+
+
+class VaultBackendSettings(VaultConnectionSettings):
+    """Key material in a Vault/OpenBao KV engine, one secret per key at ``<mount>/<path_prefix><key id>``."""
+
+    type: Literal["vault"]
+    mount: str = "keybroker"
+    kv_version: Literal[1, 2] = 1
+    path_prefix: str = ""
+
+
+class KmipBackendSettings(_Section):
+    """Key material in a KMIP server, over mutual TLS."""
+
+    type: Literal["kmip"]
+    host: str
+    port: int = Field(default=5696, ge=1, le=65535)
+    cert_file: Path = Field(description="client certificate (clientAuth); its CN is the KMIP owner")
+    key_file: Path
+    ca_file: Path = Field(description="CA that signed the KMIP server's certificate")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    connections: int = Field(default=4, ge=1, le=64, description="connection pool size")
 
 
 def _backend_type(value: Any) -> str:
@@ -106,9 +207,25 @@ def _backend_type(value: Any) -> str:
 
 
 BackendSettings = Annotated[
-    Annotated[EmbeddedBackendSettings, Tag("embedded")],
+    Annotated[EmbeddedBackendSettings, Tag("embedded")]
+    | Annotated[VaultBackendSettings, Tag("vault")]
+    | Annotated[KmipBackendSettings, Tag("kmip")],
     Discriminator(_backend_type),
 ]
+
+
+def _default_backends() -> dict[str, BackendSettings]:
+    return {"embedded": EmbeddedBackendSettings()}
+
+
+def _check_url(value: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    if parts.scheme == "http" and parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
+        raise ValueError("plain http is only allowed to a loopback address; use https")
 
 
 class KeySettings(_Section):
@@ -174,7 +291,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     keys: KeySettings = KeySettings()
-    backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"embedded": EmbeddedBackendSettings()})
+    backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
     attestation: AttestationSettings = AttestationSettings()
@@ -214,6 +331,27 @@ class Settings(BaseSettings):
     def resolve(self, path: Path) -> Path:
         """A configured path, relative ones taken from the data directory."""
         return path if path.is_absolute() else self.data_dir / path
+
+    def read_secret(self, source: SecretSource, what: str) -> str:
+        """The credential ``source`` points at. Raises ``ConfigurationError`` naming ``what`` and where it looked,
+        never the value; a file readable by group or others is refused."""
+        if source.env is not None:
+            value = os.environ.get(source.env)
+            if not value:
+                raise ConfigurationError(f"{what}: environment variable {source.env} is not set")
+            return value
+        assert source.file is not None
+        path = self.resolve(source.file)
+        try:
+            mode = path.stat().st_mode
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigurationError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise ConfigurationError(f"{what}: {path} is readable by others; chmod 600 it")
+        if not value:
+            raise ConfigurationError(f"{what}: {path} is empty")
+        return value
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings for display: secrets shown as ``**********``, database passwords hidden."""

@@ -24,13 +24,13 @@ from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, intel_ro
 from keybroker.audit.log import SYSTEM, AuditLog
 from keybroker.auth.roles import RoleStore
 from keybroker.auth.tokens import TokenStore, deployment_id
-from keybroker.backends import build_key_stores, service_wrapper
+from keybroker.backends import Backends, build_backends
 from keybroker.backends.base import KeyWrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.ca import ServiceCA
 from keybroker.clock import Clock, SystemClock
-from keybroker.config import EmbeddedBackendSettings, Settings
+from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings
 from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
@@ -57,12 +57,15 @@ class Services:
     attestation: AttestationService
     transfer: TransferService
     upstream: PcsClient | None = None
+    backends: Backends | None = None
 
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.close()
         if isinstance(self.transfer.attester, RemoteAttester):
             self.transfer.attester.close()
+        if self.backends is not None:
+            self.backends.close()
         self.database.close()
 
 
@@ -74,18 +77,23 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     roles = RoleStore(database, audit, clock)
     tokens = TokenStore(database, roles, audit, clock)
     policies = PolicyStore(database, audit, clock)
-    stores = build_key_stores(settings, database, clock)
-    keys = KeyService(database, stores, settings.keys.default_backend, policies, audit, clock)
-    for store in stores.values():
+    try:
+        backends = build_backends(settings, database, clock)
+    except BaseException:
+        database.close()
+        raise
+    keys = KeyService(database, backends.stores, settings.keys.default_backend, policies, audit, clock)
+    for store in backends.stores.values():
         if isinstance(store, EmbeddedKeyStore):
             foreign = store.kek_ids() - {store.wrapper.kek_id}
             if foreign:
+                backends.close()
                 database.close()
                 raise ConfigurationError(
                     f"backend {store.name!r} holds keys wrapped by KEK {', '.join(sorted(foreign))}, but the "
-                    f"configured master key is {store.wrapper.kek_id}; refusing to start with the wrong master key"
+                    f"configured KEK is {store.wrapper.kek_id}; refusing to start with the wrong KEK"
                 )
-    wrapper = service_wrapper(settings)
+    wrapper = backends.service_wrapper
     ca = ServiceCA(settings.data_dir, wrapper)
     collateral = CollateralStore(database, clock)
     anchors = trust_anchors(settings)
@@ -135,6 +143,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         attestation,
         transfer,
         upstream,
+        backends,
     )
 
 
@@ -207,9 +216,16 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
     database = Database.from_url(settings.database_url)
     try:
         already = database.is_migrated()
-        for backend in settings.backends.values():
-            if isinstance(backend, EmbeddedBackendSettings) and backend.wrapper.master_key is None:
-                path = settings.resolve(backend.wrapper.master_key_file)
+        local_wrappers = [
+            backend.wrapper
+            for backend in settings.backends.values()
+            if isinstance(backend, EmbeddedBackendSettings) and isinstance(backend.wrapper, LocalWrapperSettings)
+        ]
+        if not any(isinstance(backend, EmbeddedBackendSettings) for backend in settings.backends.values()):
+            local_wrappers.append(LocalWrapperSettings())  # protects the service's own keys (Backends docstring)
+        for local in local_wrappers:
+            if local.master_key is None:
+                path = settings.resolve(local.master_key_file)
                 if path.exists():
                     continue
                 if already:
@@ -221,6 +237,14 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 LocalKeyWrapper.create_file(path)
         database.migrate()
+        backends = build_backends(settings, database, clock)
+        try:
+            for held in backends.wrappers:
+                held.prepare()
+            service_wrapper = backends.service_wrapper
+            ServiceCA(data_dir, service_wrapper).create(clock.now(), "keybroker service CA")
+        finally:
+            backends.close()
         audit = AuditLog(database, clock)
         roles = RoleStore(database, audit, clock)
         with database.transaction(write=True) as session:
@@ -228,7 +252,6 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
             if created:
                 session.add(DeploymentRow(id=1, deployment_id=uuid.uuid4().hex, created_at=clock.now()))
             roles.seed(session)
-        ServiceCA(data_dir, service_wrapper(settings)).create(clock.now(), "keybroker service CA")
         tokens = TokenStore(database, roles, audit, clock)
         admin_token = None
         if tokens.count() == 0 or new_admin_token:

@@ -4,6 +4,7 @@ with an advisory, Revoked), and helpers that speak PROTOCOL.md §3 like a worklo
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,8 +94,16 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, sim_dir: Path) -> Iterator[World]:
+    with open_world(tmp_path, sim_dir) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_world(tmp_path: Path, sim_dir: Path, **overrides: Any) -> Iterator[World]:
+    """A World whose settings add ``overrides`` (e.g. ``backends``) to the simulated-TEE configuration."""
     settings = load_settings(
-        data_dir=tmp_path / "data", overrides={"attestation": {"simulated_root": str(sim_dir / "root-ca.pem")}}
+        data_dir=tmp_path / "data",
+        overrides={"attestation": {"simulated_root": str(sim_dir / "root-ca.pem")}, **overrides},
     )
     clock = FixedClock(NOW)
     token = initialise(settings, clock).admin_token

@@ -139,5 +139,5 @@ def test_the_service_refuses_to_start_with_another_master_key(settings: Settings
     path = settings.data_dir / "master.key"
     path.unlink()
     LocalKeyWrapper.create_file(path)
-    with pytest.raises(ConfigurationError, match="refusing to start with the wrong master key"):
+    with pytest.raises(ConfigurationError, match="refusing to start with the wrong KEK"):
         build_services(settings)

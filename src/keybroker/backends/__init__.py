@@ -1,39 +1,98 @@
-"""Backends by name: builds the configured ``KeyStore`` objects. Optional dependencies load only when chosen."""
+"""Backends by name: builds the configured ``KeyStore`` and ``KeyWrapper`` objects once. The optional vendor
+libraries (hvac, PyKMIP, python-pkcs11) are imported only when a backend that needs them is configured."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from keybroker.backends.base import Capability, KeyStore, KeyWrapper
+from keybroker.backends.base import Capability, KeyStore, KeyWrapper, RegisteringKeyStore
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import Clock
-from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings
+from keybroker.config import (
+    EmbeddedBackendSettings,
+    KmipBackendSettings,
+    LocalWrapperSettings,
+    Pkcs11WrapperSettings,
+    Settings,
+    TransitWrapperSettings,
+    VaultBackendSettings,
+    WrapperSettings,
+)
 from keybroker.errors import ConfigurationError
 from keybroker.storage.db import Database
 
-__all__ = ["Capability", "KeyStore", "KeyWrapper", "build_key_stores", "service_wrapper"]
+__all__ = [
+    "Backends",
+    "Capability",
+    "KeyStore",
+    "KeyWrapper",
+    "RegisteringKeyStore",
+    "build_backends",
+    "build_wrapper",
+]
 
 
-def build_key_stores(settings: Settings, database: Database, clock: Clock) -> Mapping[str, KeyStore]:
+@dataclass(frozen=True)
+class Backends:
+    """The configured stores by name, and the wrapper that also protects keybroker's own secrets (CA and TLS
+    private keys, the nonce key): the default backend's wrapper if it is embedded, else the first embedded
+    backend's, else the local master key file of the data directory."""
+
+    stores: Mapping[str, KeyStore]
+    service_wrapper: KeyWrapper
+    wrappers: tuple[KeyWrapper, ...]
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        for wrapper in self.wrappers:
+            wrapper.close()
+
+
+def build_backends(settings: Settings, database: Database, clock: Clock) -> Backends:
+    wrappers: dict[str, KeyWrapper] = {}
     stores: dict[str, KeyStore] = {}
-    for name, backend in settings.backends.items():
-        if isinstance(backend, EmbeddedBackendSettings):
-            stores[name] = EmbeddedKeyStore(name, database, _build_wrapper(settings, backend.wrapper), clock)
-    return stores
+    try:
+        for name, backend in settings.backends.items():
+            if isinstance(backend, EmbeddedBackendSettings):
+                wrappers[name] = build_wrapper(settings, backend.wrapper, clock)
+                stores[name] = EmbeddedKeyStore(name, database, wrappers[name], clock)
+            elif isinstance(backend, VaultBackendSettings):
+                from keybroker.backends.vault import VaultKvStore
+
+                stores[name] = VaultKvStore.from_settings(name, settings, backend, clock)
+            elif isinstance(backend, KmipBackendSettings):
+                from keybroker.backends.kmip import KmipKeyStore
+
+                stores[name] = KmipKeyStore.from_settings(name, settings, backend)
+        default = settings.keys.default_backend
+        service = wrappers.get(default) or next(iter(wrappers.values()), None)
+        extra: tuple[KeyWrapper, ...] = ()
+        if service is None:
+            service = build_wrapper(settings, LocalWrapperSettings(), clock)
+            extra = (service,)
+    except BaseException:
+        for store in stores.values():
+            store.close()
+        for wrapper in wrappers.values():
+            wrapper.close()
+        raise
+    return Backends(stores, service, (*wrappers.values(), *extra))
 
 
-def _build_wrapper(settings: Settings, wrapper: LocalWrapperSettings) -> KeyWrapper:
-    if wrapper.master_key is not None:
-        return LocalKeyWrapper.from_base64(wrapper.master_key.get_secret_value())
-    return LocalKeyWrapper.from_file(settings.resolve(wrapper.master_key_file))
+def build_wrapper(settings: Settings, wrapper: WrapperSettings, clock: Clock) -> KeyWrapper:
+    if isinstance(wrapper, LocalWrapperSettings):
+        if wrapper.master_key is not None:
+            return LocalKeyWrapper.from_base64(wrapper.master_key.get_secret_value())
+        return LocalKeyWrapper.from_file(settings.resolve(wrapper.master_key_file))
+    if isinstance(wrapper, TransitWrapperSettings):
+        from keybroker.backends.transit import TransitKeyWrapper
 
+        return TransitKeyWrapper.from_settings(settings, wrapper, clock)
+    if isinstance(wrapper, Pkcs11WrapperSettings):
+        from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
 
-def service_wrapper(settings: Settings) -> KeyWrapper:
-    """The KEK holder that also protects keybroker's own secrets on disk (the CA and TLS private keys): the
-    default backend's wrapper, else the first embedded backend's."""
-    candidates = [settings.backends[settings.keys.default_backend], *settings.backends.values()]
-    for backend in candidates:
-        if isinstance(backend, EmbeddedBackendSettings):
-            return _build_wrapper(settings, backend.wrapper)
-    raise ConfigurationError("no backend with a key wrapper is configured to protect the service's own keys")
+        return Pkcs11KeyWrapper.from_settings(settings, wrapper)
+    raise ConfigurationError(f"unknown wrapper type {wrapper!r}")  # pragma: no cover - the union is exhaustive

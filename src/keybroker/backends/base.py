@@ -13,13 +13,13 @@ safe to call from several threads at once.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
 
 
 class Capability(enum.StrEnum):
-    STORE = "store"  # put/get/delete of key material (every KeyStore)
+    STORE = "store"  # put/get/delete/purge of key material (every KeyStore)
     REGISTER_EXISTING = "register_existing"  # adopt an object that already exists (KMIP ``kmip_key_id``)
 
 
@@ -27,8 +27,13 @@ class KeyStore(Protocol):
     name: str
     capabilities: frozenset[Capability]
 
+    def supports(self, spec: KeySpec) -> bool:
+        """Whether ``put`` can store keys of ``spec`` (checked before a key is generated)."""
+        ...
+
     def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
-        """Store ``material`` for ``key_id`` and return the backend's handle for it."""
+        """Store ``material`` for ``key_id`` and return the backend's handle for it. Never overwrites: material
+        already stored for ``key_id`` is a ``Conflict``."""
         ...
 
     def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
@@ -42,8 +47,27 @@ class KeyStore(Protocol):
         """Remove the material under ``ref``. Deleting something already gone is not an error."""
         ...
 
+    def purge(self, key_id: KeyId) -> None:
+        """Remove any material stored for ``key_id``, whatever its ref (crash recovery: a put whose record was
+        never written). Idempotent; raises ``BackendUnavailable`` if the backend cannot be reached."""
+        ...
+
     def check(self) -> None:
         """Raise ``BackendUnavailable`` if the backend cannot serve requests now (readiness)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and sessions (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class RegisteringKeyStore(KeyStore, Protocol):
+    """A store with ``Capability.REGISTER_EXISTING``: adopts an object created outside keybroker."""
+
+    def register_existing(self, key_id: KeyId, object_id: str, spec: KeySpec) -> BackendRef:
+        """Check that ``object_id`` exists, holds a key matching ``spec`` and can be read; return its ref. Raises
+        ``UnknownReference`` (code ``kmip_object_not_found``) or ``InvalidKeyMaterial`` when it does not match."""
         ...
 
 
@@ -62,4 +86,16 @@ class KeyWrapper(Protocol):
     def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
         """Reverse ``wrap``. Raises ``BackendUnavailable`` if the KEK is unreachable, ``StoredKeyCorrupt`` if the
         blob or context was tampered with."""
+        ...
+
+    def prepare(self) -> None:
+        """At ``keybroker init``: create the KEK if the holder has none yet (never replaces one)."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``BackendUnavailable`` if the KEK cannot be used now (readiness)."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions and connections (idempotent)."""
         ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 
 from keybroker.backends.base import Capability, KeyWrapper
 from keybroker.clock import Clock
@@ -40,12 +40,16 @@ class EmbeddedKeyStore:
     def __repr__(self) -> str:
         return f"EmbeddedKeyStore(name={self.name!r}, wrapper={self._wrapper!r})"
 
+    def supports(self, spec: KeySpec) -> bool:
+        return True
+
     def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
         ref = str(uuid.uuid4())
         context = _context(key_id, ref, material.spec)
         dek = os.urandom(32)
         row = EmbeddedMaterialRow(
             ref=ref,
+            key_id=key_id,
             kek_id=self._wrapper.kek_id,
             wrapped_dek=self._wrapper.wrap(dek, context),
             ciphertext=seal(dek, material.secret, context),
@@ -74,8 +78,16 @@ class EmbeddedKeyStore:
             if row is not None:
                 session.delete(row)
 
+    def purge(self, key_id: KeyId) -> None:
+        with self._db.transaction(write=True) as session:
+            session.execute(delete(EmbeddedMaterialRow).where(EmbeddedMaterialRow.key_id == key_id))
+
     def check(self) -> None:
         self._db.ping()
+        self._wrapper.check()
+
+    def close(self) -> None:
+        """The database and the wrapper belong to the caller."""
 
     def kek_ids(self) -> set[str]:
         """The KEKs that wrapped the stored data keys (to refuse starting with the wrong master key)."""

@@ -1,7 +1,7 @@
 """A ``KeyWrapper`` whose KEK is a 32-byte master key from a file (mode 0600) or the environment.
 
 Anyone who can read the master key and the database can read every key: keep the data directory on an
-encrypted disk, or hold the KEK in Vault Transit or an HSM instead (later backends).
+encrypted disk, or hold the KEK in Vault Transit (``backends/transit.py``) or an HSM (``backends/pkcs11.py``) instead.
 """
 
 from __future__ import annotations
@@ -63,6 +63,15 @@ class LocalKeyWrapper:
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
         return seal(self._key, data_key, context)
+
+    def prepare(self) -> None:
+        """The master key file is created by ``keybroker init`` itself (``create_file``)."""
+
+    def check(self) -> None:
+        """A key in memory is always usable."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
         if kek_id != self._kek_id:

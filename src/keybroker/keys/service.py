@@ -1,21 +1,30 @@
 """KeyService: creates, imports, lists, re-assigns and deletes keys; routes material to its backend.
 
-Creation is ordered so that a failure never leaves a record without material: material goes to the backend
-first, then the record is written; if the record cannot be written the material is deleted again. Deletion
-removes the backend material first (idempotently), then the record, so a retried delete always converges.
+Keys span two systems, keybroker's database (the record) and a backend (the material), with no transaction
+across them; an outbox (``pending_material``) makes every failure order converge:
+
+* create: an outbox row for the key id is committed first (it also reserves the id), then the material is written
+  to the backend, then the record is written *and* the outbox row removed in one transaction. If the backend
+  write or the record fails, the material is purged again; if that purge cannot reach the backend, the outbox row
+  stays and ``reconcile`` purges it later. So there is never a record without material, and material without a
+  record only until the backend is reachable again.
+* delete: the record is removed and an outbox row written in one transaction, then the material is deleted and
+  the outbox row removed. An unreachable backend leaves the row for ``reconcile``.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
-from keybroker.backends.base import KeyStore
+from keybroker.backends.base import Capability, KeyStore, RegisteringKeyStore
 from keybroker.clock import Clock
 from keybroker.errors import (
     BackendUnavailable,
@@ -43,7 +52,7 @@ from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.storage.pagination import Page
-from keybroker.storage.tables import KeyRow
+from keybroker.storage.tables import KeyRow, PendingMaterialRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,12 @@ class NewKey:
     key_id: KeyId | None = None
     key_string: str | None = field(default=None, repr=False)
     kmip_key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    finished: int = 0
+    waiting: int = 0  # backend still unreachable (or not configured): retried on the next run
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +171,12 @@ class KeyService:
                 f"backend {backend!r} is not configured (configured: {', '.join(sorted(self._stores))})",
                 code="unknown_backend",
             )
-        if new.kmip_key_id is not None:
+        if new.kmip_key_id is not None and Capability.REGISTER_EXISTING not in self._stores[backend].capabilities:
             raise BackendUnsupported(
-                f"backend {backend!r} cannot register existing objects by kmip_key_id; configure a KMIP backend"
+                f"backend {backend!r} cannot register existing objects by kmip_key_id; choose a KMIP backend"
             )
+        if new.kmip_key_id is None and not self._stores[backend].supports(new.spec):
+            raise BackendUnsupported(f"backend {backend!r} cannot store {new.spec.describe()} keys")
         if not self._policies.exists(new.transfer_policy_id):
             raise UnknownReference(
                 f"transfer_policy_id {new.transfer_policy_id} does not exist", code="unknown_transfer_policy"
@@ -177,10 +194,73 @@ class KeyService:
         return key_material.generate(new.spec)
 
     def store(self, new: NewKey, material: KeyMaterial, audit: AuditContext) -> KeyRecord:
+        """Write ``material`` to the chosen backend and the record to the database (module docstring)."""
         backend = new.backend or self._default_backend
         store = self._stores[backend]
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
-        ref = store.put(key_id, material)
+        self._reserve(key_id, backend, new.transfer_policy_id)
+        try:
+            ref = store.put(key_id, material)
+        except BaseException:
+            self._abandon(store, key_id)
+            raise
+        mode = "import" if new.key_string is not None else "generate"
+        return self._record_new(new, key_id, backend, ref, mode, audit)
+
+    def register(self, new: NewKey, audit: AuditContext) -> KeyRecord:
+        """The third create mode: adopt an object that already exists in a KMIP backend (``kmip_key_id``)."""
+        backend = new.backend or self._default_backend
+        store = self._stores[backend]
+        assert new.kmip_key_id is not None
+        if Capability.REGISTER_EXISTING not in store.capabilities or not isinstance(store, RegisteringKeyStore):
+            raise BackendUnsupported(f"backend {backend!r} cannot register existing objects by kmip_key_id")
+        key_id = new.key_id or KeyId(str(uuid.uuid4()))
+        self._reserve(key_id, backend, new.transfer_policy_id)
+        try:
+            ref = store.register_existing(key_id, new.kmip_key_id, new.spec)
+        except BaseException:
+            self._release(key_id)  # nothing was written to the backend
+            raise
+        return self._record_new(new, key_id, backend, ref, "register", audit, kmip_key_id=new.kmip_key_id)
+
+    def _reserve(self, key_id: KeyId, backend: str, policy_id: PolicyId) -> None:
+        """Commit the outbox row that reserves ``key_id`` before anything is written to a backend."""
+        try:
+            with self._db.transaction(write=True) as session:
+                session.add(
+                    PendingMaterialRow(key_id=key_id, backend=backend, operation="create", created_at=self._clock.now())
+                )
+                session.flush()  # the row first: a concurrent create of the same id now waits or fails here
+                if session.get(KeyRow, key_id) is not None:
+                    raise IntegrityError("key exists", None, Exception("key exists"))
+        except IntegrityError:
+            raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
+
+    def _release(self, key_id: KeyId) -> None:
+        with self._db.transaction(write=True) as session:
+            session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
+
+    def _abandon(self, store: KeyStore, key_id: KeyId) -> None:
+        """Undo a put whose record will not be written; leaves the outbox row if the backend is unreachable."""
+        try:
+            store.purge(key_id)
+        except BackendUnavailable:
+            return  # reconcile() finishes it once the backend is back
+        except Exception:  # the original error is the one to report; the row stays for reconcile
+            return
+        self._release(key_id)
+
+    def _record_new(
+        self,
+        new: NewKey,
+        key_id: KeyId,
+        backend: str,
+        ref: BackendRef,
+        mode: str,
+        audit: AuditContext,
+        kmip_key_id: str | None = None,
+    ) -> KeyRecord:
+        store = self._stores[backend]
         row = KeyRow(
             id=key_id,
             algorithm=new.spec.algorithm.value,
@@ -191,27 +271,28 @@ class KeyService:
             transfer_policy_id=new.transfer_policy_id,
             backend=backend,
             backend_ref=ref,
-            kmip_key_id=None,
+            kmip_key_id=kmip_key_id,
             created_at=self._clock.now(),
         )
         details = {
-            "mode": "import" if new.key_string is not None else "generate",
+            "mode": mode,
             "algorithm": new.spec.algorithm.value,
             "key_length": new.spec.key_length,
             "curve_type": row.curve_type,
             "backend": backend,
             "transfer_policy_id": new.transfer_policy_id,
             "label": new.label,
+            "kmip_key_id": kmip_key_id,
         }
         try:
             with self._db.transaction(write=True) as session:
                 revision.bump(session)
                 session.add(row)
                 session.flush()  # the record's constraints are checked before the audit entry is written
+                session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
                 self._audit.append(session, audit, AuditEvent("key.create", "success", key_id, details))
         except IntegrityError:
-            store.delete(ref)
-            # Either the policy vanished since check_new, or the client-chosen id was taken meanwhile.
+            self._undo_new(store, key_id, kmip_key_id)
             if not self._policies.exists(new.transfer_policy_id):
                 raise UnknownReference(
                     f"transfer_policy_id {new.transfer_policy_id} does not exist",
@@ -219,9 +300,15 @@ class KeyService:
                 ) from None
             raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
         except BaseException:
-            store.delete(ref)
+            self._undo_new(store, key_id, kmip_key_id)
             raise
         return _record(row)
+
+    def _undo_new(self, store: KeyStore, key_id: KeyId, kmip_key_id: str | None) -> None:
+        if kmip_key_id is None:
+            self._abandon(store, key_id)
+        else:
+            self._release(key_id)  # a registered object is not ours to destroy
 
     def get(self, key_id: str) -> KeyRecord:
         if canonical_uuid(key_id) is None:
@@ -279,10 +366,11 @@ class KeyService:
         return self._stores[record.backend].get(record.id, record.backend_ref, record.spec)
 
     def delete(self, key_id: str, audit: AuditContext) -> None:
-        """Delete the record (with its audit entry), then the backend material.
+        """Delete the record (with its audit entry and an outbox row), then the backend material.
 
         The record goes first so that a failed audit write leaves the key fully intact. If the backend then
-        cannot delete the material, the failure is audited with the orphaned reference and raised (503).
+        cannot delete the material, the failure is audited with the orphaned reference and raised (503); the
+        outbox row makes ``reconcile`` delete it once the backend is back.
         """
         record = self.get(key_id)
         store = self._stores.get(record.backend)
@@ -291,6 +379,7 @@ class KeyService:
                 f"key {key_id} lives in backend {record.backend!r}, which is not configured",
                 code="backend_not_configured",
             )
+        registered = record.kmip_key_id is not None
         with self._db.transaction(write=True) as session:
             revision.bump(session)
             row = session.get(KeyRow, key_id, with_for_update=True)
@@ -298,8 +387,10 @@ class KeyService:
                 raise key_not_found(key_id)
             session.delete(row)
             session.flush()
+            if not registered:
+                self._add_pending_delete(session, record)
             self._audit.append(session, audit, AuditEvent("key.delete", "success", key_id, {"backend": record.backend}))
-        if record.kmip_key_id is not None:
+        if registered:
             return  # registered objects belong to the KMIP server's owner; keybroker only forgets them
         try:
             store.delete(record.backend_ref)
@@ -314,3 +405,49 @@ class KeyService:
                 ),
             )
             raise
+        self._release(record.id)
+
+    def _add_pending_delete(self, session: Session, record: KeyRecord) -> None:
+        session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == record.id))
+        session.add(
+            PendingMaterialRow(
+                key_id=record.id,
+                backend=record.backend,
+                backend_ref=record.backend_ref,
+                operation="delete",
+                created_at=self._clock.now(),
+            )
+        )
+
+    def pending(self) -> Sequence[PendingMaterialRow]:
+        """The outbox (for ``keybroker backends status`` and tests)."""
+        with self._db.transaction() as session:
+            rows = list(session.scalars(select(PendingMaterialRow).order_by(PendingMaterialRow.created_at)))
+            session.expunge_all()
+            return rows
+
+    def reconcile(self, older_than: timedelta = timedelta(minutes=10)) -> ReconcileResult:
+        """Finish outbox rows older than ``older_than`` (younger ones may belong to a create still in flight):
+        purge the material of creates that never got their record, delete the material of deleted keys."""
+        cutoff = self._clock.now() - older_than
+        finished = waiting = 0
+        for row in self.pending():
+            if row.created_at > cutoff:
+                continue
+            store = self._stores.get(row.backend)
+            if store is None:
+                waiting += 1
+                continue
+            try:
+                with self._db.transaction() as session:
+                    exists = session.get(KeyRow, row.key_id) is not None
+                if row.operation == "create" and not exists:
+                    store.purge(KeyId(row.key_id))
+                elif row.operation == "delete" and row.backend_ref is not None:
+                    store.delete(BackendRef(row.backend_ref))
+            except BackendUnavailable:
+                waiting += 1
+                continue
+            self._release(KeyId(row.key_id))
+            finished += 1
+        return ReconcileResult(finished, waiting)

@@ -54,9 +54,22 @@ class EmbeddedMaterialRow(Base):
     __tablename__ = "embedded_key_material"
 
     ref: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_id: Mapped[str | None] = mapped_column(String(36), index=True)  # None for rows written before 0005
     kek_id: Mapped[str] = mapped_column(String(128))
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PendingMaterialRow(Base):
+    """Outbox of backend writes not yet matched by the key table (see migration 0005 and KeyService)."""
+
+    __tablename__ = "pending_material"
+
+    key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(64))
+    backend_ref: Mapped[str | None] = mapped_column(String(256))
+    operation: Mapped[str] = mapped_column(String(16))  # "create" or "delete"
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

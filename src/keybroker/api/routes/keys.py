@@ -30,6 +30,9 @@ async def create_key(
 ) -> KeyOut:
     new = body.to_new_key()
     await run_in_threadpool(services.keys.check_new, new)
+    if new.kmip_key_id is not None:
+        registered = await run_in_threadpool(services.keys.register, new, audit)
+        return KeyOut.of(registered, base_url(services))
     if new.spec.algorithm is Algorithm.RSA:
         # RSA generation takes up to seconds (7680 bits) and validating an imported RSA key is costly too; a small
         # dedicated pool keeps them from starving the threads that serve every other request.

