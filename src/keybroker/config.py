@@ -230,6 +230,10 @@ def _check_url(value: str) -> None:
 
 class KeySettings(_Section):
     default_backend: str = "embedded"
+    reconcile_after_seconds: int = Field(
+        default=600, ge=0, description="finish key writes interrupted at least this long ago (crash, KMS down)"
+    )
+    reconcile_interval_seconds: int = Field(default=60, ge=1)
 
 
 class TlsSettings(_Section):

@@ -60,6 +60,19 @@ async def _purge_nonces(services: Services) -> None:
             log.warning("nonce_purge_failed", error_type=type(exc).__name__)
 
 
+async def _reconcile_backends(services: Services) -> None:
+    """Finish key writes that a crash or an unreachable backend interrupted (KeyService's outbox)."""
+    config = services.settings.keys
+    while True:
+        try:
+            result = await run_in_threadpool(services.keys.reconcile, timedelta(seconds=config.reconcile_after_seconds))
+            if result.finished or result.waiting:
+                log.info("backends_reconciled", finished=result.finished, waiting=result.waiting)
+        except Exception as exc:  # a failed round must not end the loop
+            log.warning("backends_reconcile_failed", error_type=type(exc).__name__)
+        await asyncio.sleep(config.reconcile_interval_seconds)
+
+
 async def _refresh_collateral(services: Services) -> None:
     """Fetch collateral from the upstream before it expires, every ``refresh_interval_seconds``."""
     config = services.settings.attestation
@@ -108,10 +121,13 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
         app.state.keygen_executor = executor
         refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
         purger = asyncio.create_task(_purge_nonces(services))
+        reconciler = asyncio.create_task(_reconcile_backends(services)) if role != "attestation" else None
         try:
             yield
         finally:
             purger.cancel()
+            if reconciler is not None:
+                reconciler.cancel()
             if refresher is not None:
                 refresher.cancel()
             executor.shutdown(wait=False, cancel_futures=True)

@@ -33,9 +33,13 @@ app = typer.Typer(
 key_app = typer.Typer(help="Create, import, list, show and delete keys.", no_args_is_help=True)
 policy_app = typer.Typer(help="Manage key transfer policies.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+backends_app = typer.Typer(
+    help="Check the configured KMS backends and finish interrupted writes.", no_args_is_help=True
+)
 app.add_typer(key_app, name="key")
 app.add_typer(policy_app, name="policy")
 app.add_typer(config_app, name="config")
+app.add_typer(backends_app, name="backends")
 app.add_typer(token_app, name="token")
 app.add_typer(role_app, name="role")
 app.add_typer(audit_app, name="audit")
@@ -192,6 +196,54 @@ def config_check(
         output.details(settings.redacted())
 
 
+@backends_app.command("check")
+@handled
+def backends_check(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
+    """Connect to every configured backend and its KEK holder and say whether each can serve now (exit 1 if not)."""
+    from keybroker.errors import KeybrokerError
+    from keybroker.services import build_services
+
+    services = build_services(load_settings(data_dir=data_dir, config_file=config))
+    failed = False
+    try:
+        for name, store in services.keys.backends.items():
+            try:
+                store.check()
+                output.stderr.print(f"{name}: ok ({store!r})")
+            except KeybrokerError as exc:
+                failed = True
+                output.stderr.print(f"{name}: {exc.instance_code}: {exc.detail}")
+    finally:
+        services.close()
+    if failed:
+        raise typer.Exit(1)
+
+
+@backends_app.command("reconcile")
+@handled
+def backends_reconcile(
+    data_dir: DataDir = Path(".data"),
+    config: ConfigFile = None,
+    older_than: Annotated[
+        int, typer.Option("--older-than", min=0, help="Only writes interrupted at least this many seconds ago.")
+    ] = 600,
+) -> None:
+    """Finish key writes interrupted by a crash or an unreachable backend (the server also does this on its own)."""
+    from datetime import timedelta
+
+    from keybroker.services import build_services
+
+    services = build_services(load_settings(data_dir=data_dir, config_file=config))
+    try:
+        result = services.keys.reconcile(timedelta(seconds=older_than))
+        left = len(services.keys.pending())
+    finally:
+        services.close()
+    output.stderr.print(f"finished {result.finished}, waiting for a backend {result.waiting}, pending {left}")
+    if result.waiting:
+        raise typer.Exit(1)
+
+
 # --- keys -----------------------------------------------------------------------------------------------------
 
 
@@ -288,6 +340,28 @@ def key_import(
     data = typer.get_binary_stream("stdin").read() if str(file) == "-" else file.read_bytes()
     key_string = _key_string(algorithm, data, key_format)
     info = {**_key_information(algorithm, length, curve), "key_string": key_string}
+    with api:
+        key = _create(api, info, policy, label, usage, backend)
+    _show_key(key, output_format)
+
+
+@key_app.command("register")
+@handled
+@remote
+def key_register(
+    api: AdminApi,
+    algorithm: Algo,
+    policy: Policy,
+    kmip_key_id: Annotated[str, typer.Option("--kmip-key-id", help="Unique identifier of the existing KMIP object.")],
+    backend: Annotated[str | None, typer.Option("--backend", help="A configured KMIP backend.")] = None,
+    length: Length = None,
+    curve: Curve = None,
+    label: Label = None,
+    usage: Usage = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Register an object that already exists in a KMIP server (deleting the key later leaves the object)."""
+    info = {**_key_information(algorithm, length, curve), "kmip_key_id": kmip_key_id}
     with api:
         key = _create(api, info, policy, label, usage, backend)
     _show_key(key, output_format)
