@@ -193,6 +193,21 @@ class ServiceCA:
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem())
         return ServerCertificate(cert_path, key_path, password)
 
+    # --- certificates for broker-held keys (the Nginx flow) ------------------------------------------------------
+
+    def certify_key(
+        self,
+        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+        subject: x509.Name,
+        sans: Sequence[x509.GeneralName],
+        now: datetime,
+        days: int,
+    ) -> x509.Certificate:
+        """A TLS server/client certificate for ``public_key`` (whose private key keybroker holds)."""
+        if not 1 <= days <= MAX_DAYS:
+            raise InvalidRequest(f"days must be between 1 and {MAX_DAYS}", code="invalid_days")
+        return self._issue(subject, public_key, sans, now, days)
+
     # --- CSRs of other services (the CMS role) --------------------------------------------------------------
 
     def sign_csr(self, csr_pem: str, now: datetime, days: int) -> bytes:

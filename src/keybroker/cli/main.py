@@ -367,6 +367,57 @@ def key_register(
     _show_key(key, output_format)
 
 
+def _write_certificate(certificate: dict[str, Any], out: Path | None, output_format: Output) -> None:
+    if out is not None:
+        out.write_text(certificate["certificate"], encoding="ascii")
+    summary = {name: certificate[name] for name in ("key_id", "serial", "subject", "san", "not_after", "sha384")}
+    if output_format is Output.JSON:
+        output.emit_json(certificate if out is None else summary)
+    elif out is None:
+        typer.echo(certificate["certificate"], nl=False)
+    else:
+        output.stderr.print(f"certificate for key {certificate['key_id']} written to {out}")
+        output.details(summary)
+
+
+@key_app.command("certify")
+@handled
+@remote
+def key_certify(
+    api: AdminApi,
+    key_id: Annotated[str, typer.Argument(help="An RSA or EC key held by keybroker.")],
+    subject: Annotated[str, typer.Option("--subject", help='RFC 4514 subject, e.g. "CN=web.example,O=Example".')],
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", help="DNS:name or IP:address; repeat it or separate with commas."),
+    ] = None,
+    days: Annotated[int, typer.Option("--days", min=1, max=825)] = 365,
+    out: Annotated[Path | None, typer.Option("--out", "-O", help="Write the PEM chain here (default: stdout).")] = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Issue a certificate for a broker-held key, signed by the service CA (the guide's run.sh step for Nginx)."""
+    sans = [entry.strip() for value in san or [] for entry in value.split(",") if entry.strip()]
+    body = {"subject": subject, "san": sans, "days": days}
+    with api:
+        certificate = api.request("POST", f"/kbs/v1/keys/{segment(key_id)}/certificate", json=body).json()
+    _write_certificate(certificate, out, output_format)
+
+
+@key_app.command("certificate")
+@handled
+@remote
+def key_certificate(
+    api: AdminApi,
+    key_id: Annotated[str, typer.Argument()],
+    out: Annotated[Path | None, typer.Option("--out", "-O", help="Write the PEM chain here (default: stdout).")] = None,
+    output_format: OutputOpt = Output.TABLE,
+) -> None:
+    """Fetch the newest certificate issued for a key."""
+    with api:
+        certificate = api.request("GET", f"/kbs/v1/keys/{segment(key_id)}/certificate").json()
+    _write_certificate(certificate, out, output_format)
+
+
 def _key_string(algorithm: str, data: bytes, key_format: ImportFormat) -> str:
     if key_format is ImportFormat.AUTO:
         key_format = ImportFormat.RAW if algorithm.upper() == "AES" else ImportFormat.PEM

@@ -61,6 +61,19 @@ class EmbeddedMaterialRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class KeyCertificateRow(Base):
+    """A certificate (leaf + CA chain, PEM) the service CA issued for a broker-held key; deleted with the key."""
+
+    __tablename__ = "key_certificates"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(36), ForeignKey("keys.id", ondelete="CASCADE"))
+    chain_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_key_certificates_key", "key_id", "created_at"),)
+
+
 class PendingMaterialRow(Base):
     """Outbox of backend writes not yet matched by the key table (see migration 0005 and KeyService)."""
 

@@ -6,11 +6,13 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
 from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
+from keybroker.keys.certificates import KeyCertificates
 from keybroker.keys.models import Algorithm, PolicyId
 from keybroker.keys.service import KeyFilter, parse_algorithm, parse_curve
 from keybroker.services import Services
@@ -84,6 +86,35 @@ def update_key(
 ) -> KeyOut:
     record = services.keys.set_policy(key_id, PolicyId(body.transfer_policy_id), audit)
     return KeyOut.of(record, base_url(services))
+
+
+class CertifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: Annotated[str, Field(min_length=3, max_length=1024)]
+    san: Annotated[list[Annotated[str, Field(min_length=1, max_length=300)]], Field(max_length=100)] = []
+    days: Annotated[int, Field(strict=True, ge=1, le=825)] = 365
+
+
+def _certificates(services: Services) -> KeyCertificates:
+    return KeyCertificates(services.database, services.keys, services.ca, services.audit, services.clock)
+
+
+@router.post("/{key_id}/certificate", status_code=201, dependencies=[requires("keys:certify")])
+def certify_key(
+    key_id: str,
+    services: ServicesDep,
+    body: Annotated[CertifyRequest, Depends(json_body(CertifyRequest))],
+    audit: AuditDep,
+) -> dict[str, object]:
+    """Issue an X.509 certificate for an RSA/EC key, signed by the service CA (PROTOCOL.md §1)."""
+    return _certificates(services).issue(key_id, body.subject, body.san, body.days, audit).describe()
+
+
+@router.get("/{key_id}/certificate", dependencies=[requires("keys:certify")])
+def key_certificate(key_id: str, services: ServicesDep) -> dict[str, object]:
+    """The newest certificate issued for the key."""
+    return _certificates(services).latest(key_id).describe()
 
 
 @router.delete("/{key_id}", status_code=204, dependencies=[requires("keys:delete")])
