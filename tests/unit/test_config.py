@@ -98,3 +98,23 @@ def test_database_password_is_not_displayed(tmp_path: Path, monkeypatch: pytest.
     shown = load_settings(data_dir=tmp_path).redacted()
     assert "S3cretPW" not in str(shown)
     assert shown["database"]["url"] == "postgresql+psycopg://kbs:***@db/kbs"
+
+
+def test_every_toml_block_of_the_readme_is_a_valid_configuration(tmp_path: Path) -> None:
+    """The backend sections' configurations work as written (paths and credentials are only read when used)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 6
+    kinds: set[str] = set()
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"block{number}.toml"
+        path.write_text(block)
+        settings = load_settings(data_dir=tmp_path / "data", config_file=path)
+        for backend in settings.backends.values():
+            kinds.add(backend.type)
+            wrapper = getattr(backend, "wrapper", None)
+            if wrapper is not None:
+                kinds.add(wrapper.type)
+    assert {"embedded", "vault", "kmip", "local", "vault-transit", "pkcs11"} <= kinds
