@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -176,3 +177,35 @@ def test_delete_while_the_backend_is_down_finishes_later(world: World, backend_n
     assert world.services.keys.pending() == []
     with pytest.raises(NotFound):
         _store(world).get(KeyId(key_id), ref, AES)
+
+
+@pytest.mark.parametrize("backend_name", ["vault-kv2"], indirect=True)
+def test_keybroker_starts_while_vault_is_sealed_and_serves_once_it_is_unsealed(
+    tmp_path: Path, backend_name: str, backend_config: dict[str, Any], peers: Peers
+) -> None:
+    from keybroker.clock import FixedClock
+    from keybroker.config import load_settings
+    from keybroker.keys.models import KeyMaterial
+    from keybroker.services import build_services, initialise
+    from tests.conftest import NOW
+
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        overrides={"backends": {"embedded": {}, UNDER_TEST: backend_config}, "keys": {"default_backend": UNDER_TEST}},
+    )
+    initialise(settings, FixedClock(NOW))
+    with outage(backend_name, peers):
+        services = build_services(settings, FixedClock(NOW))  # does not need Vault to start
+        store = services.keys.backends[UNDER_TEST]
+        with pytest.raises(BackendUnavailable):
+            store.check()
+        with pytest.raises(BackendUnavailable):
+            store.put(KeyId("00000000-0000-4000-8000-000000000001"), KeyMaterial(AES, os.urandom(32)))
+    try:
+        store.check()
+        key_id = KeyId(str(uuid.uuid4()))
+        secret = os.urandom(32)
+        ref = store.put(key_id, KeyMaterial(AES, secret))
+        assert store.get(key_id, ref, AES).secret == secret
+    finally:
+        services.close()

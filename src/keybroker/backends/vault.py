@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -50,24 +51,41 @@ class VaultSession:
             url=config.url, verify=verify, timeout=config.timeout_seconds, namespace=config.namespace
         )
         self._renew_after: datetime | None = None  # None: the token does not expire
-        self._login()
+        self._logged_in = False
+        # Credentials are read now, so that a missing token file stops the start; an unreachable or sealed Vault
+        # does not: keybroker starts, reports the backend unavailable (/readyz, 503s) and logs in once it is back.
+        self._credentials()
+        with contextlib.suppress(BackendUnavailable):
+            self._login()
 
     def __repr__(self) -> str:
         return f"VaultSession(url={self.url!r}, auth={self._config.auth.method!r})"
+
+    def _credentials(self) -> str:
+        auth = self._config.auth
+        if auth.method == "token":
+            assert auth.token is not None
+            return self._settings.read_secret(auth.token, "Vault token")
+        assert auth.secret_id is not None
+        return self._settings.read_secret(auth.secret_id, "Vault AppRole secret id")
+
+    def _ensure_login(self) -> None:
+        if not self._logged_in:
+            with self._lock:
+                if not self._logged_in:
+                    self._login()
 
     def _login(self) -> None:
         auth = self._config.auth
         try:
             if auth.method == "token":
-                assert auth.token is not None
-                self._client.token = self._settings.read_secret(auth.token, "Vault token")
+                self._client.token = self._credentials()
                 data = self._client.auth.token.lookup_self()["data"]
                 ttl = int(data.get("ttl") or 0)
                 renewable = bool(data.get("renewable"))
             else:
                 assert auth.role_id is not None
-                assert auth.secret_id is not None
-                secret_id = self._settings.read_secret(auth.secret_id, "Vault AppRole secret id")
+                secret_id = self._credentials()
                 result = self._client.auth.approle.login(
                     role_id=auth.role_id, secret_id=secret_id, mount_point=auth.approle_mount
                 )
@@ -81,6 +99,7 @@ class VaultSession:
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
             raise _unavailable(self.url, exc) from None
         self._schedule(ttl, renewable or auth.method == "approle")
+        self._logged_in = True
 
     def _schedule(self, ttl: int, refreshable: bool) -> None:
         self._renew_after = self._clock.now() + timedelta(seconds=ttl * _RENEW_AT) if ttl and refreshable else None
@@ -105,6 +124,7 @@ class VaultSession:
     def call(self, what: str, operation: Callable[[hvac.Client], T]) -> T:
         """Run ``operation`` with the authenticated client; ``what`` names the path for error messages. A
         refusal under AppRole triggers one fresh login and retry (the token may have been revoked)."""
+        self._ensure_login()
         self._refresh_if_due()
         try:
             return operation(self._client)
@@ -136,6 +156,7 @@ class VaultSession:
         if status != 200:
             state = {501: "not initialised", 503: "sealed", 429: "a standby"}.get(status, f"status {status}")
             raise BackendUnavailable(f"Vault at {self.url} is {state}")
+        self._ensure_login()
         self._refresh_if_due()
 
     def close(self) -> None:
