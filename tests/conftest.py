@@ -18,6 +18,7 @@ from keybroker.clock import FixedClock
 from keybroker.config import Settings, load_settings
 from keybroker.services import Services, build_services, initialise
 from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, RoleRow, TransferPolicyRow
+from tests.peers.softhsm import SoftHsm
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = json.loads((REPO / "examples" / "transfer-policy.json").read_text())
@@ -32,6 +33,13 @@ def _no_keybroker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("KEYBROKER_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    """One SoftHSM2 token directory for the whole run: SoftHSM reads SOFTHSM2_CONF once per C_Initialize and
+    python-pkcs11 keeps one library per path, so every in-process user shares it (tests make tokens by label)."""
+    return SoftHsm(tmp_path_factory.mktemp("softhsm"))
 
 
 @pytest.fixture

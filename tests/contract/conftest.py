@@ -8,7 +8,6 @@ fresh names (key ids are UUIDs, the PKCS#11 KEK gets its own label), so tests do
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ KV2_MOUNT = "keybroker-v2"
 @dataclass
 class Peers:
     tmp: Path
+    _hsm: SoftHsm
     _bao: DevBao | None = None
-    _hsm: SoftHsm | None = None
     _token: Token | None = None
     _kmip: Any = None
 
@@ -44,7 +43,6 @@ class Peers:
 
     def token(self) -> Token:
         if self._token is None:
-            self._hsm = SoftHsm(self.tmp / "softhsm")
             self._token = self._hsm.token("kb-contract")
         return self._token
 
@@ -64,8 +62,8 @@ class Peers:
 
 
 @pytest.fixture(scope="session")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
-    started = Peers(tmp_path_factory.mktemp("peers"))
+def peers(tmp_path_factory: pytest.TempPathFactory, softhsm: SoftHsm) -> Iterator[Peers]:
+    started = Peers(tmp_path_factory.mktemp("peers"), softhsm)
     yield started
     started.close()
 
@@ -128,8 +126,6 @@ def backend_config(backend_name: str, peers: Peers, monkeypatch: pytest.MonkeyPa
     """The settings table of the backend under test; its credentials come from the environment, as in production."""
     monkeypatch.setenv(BAO_TOKEN_ENV, ROOT_TOKEN)
     monkeypatch.setenv(HSM_PIN_ENV, peers.token().pin if backend_name == "embedded-pkcs11" else "unused")
-    if backend_name == "embedded-pkcs11":
-        os.environ.setdefault("SOFTHSM2_CONF", str(peers.token().conf))
     return BACKENDS[backend_name](peers)
 
 
@@ -161,17 +157,13 @@ def outage(backend_name: str, peers: Peers) -> Iterator[None]:
 
 @contextlib.contextmanager
 def token_outage(peers: Peers) -> Iterator[None]:
-    """SoftHSM2 keeps each token in a directory of its own under the token directory: moving it away makes the
-    token vanish for the running library (its slot reports no token); moving it back restores it."""
-    token = peers.token()
-    assert peers._hsm is not None
-    tokendir = peers._hsm.tokendir
-    moved = tokendir.parent / "tokens-away"
-    tokendir.rename(moved)
-    tokendir.mkdir()
+    """SoftHSM2 keeps each token in a directory of its own: moved away, the token is gone for the running library
+    (its handles become invalid, re-initialising finds no such token); moved back, it returns."""
+    directory = peers.token().directory
+    assert directory is not None
+    away = peers.tmp / f"away-{directory.name}"  # out of the token directory, which SoftHSM scans for tokens
+    directory.rename(away)
     try:
         yield
     finally:
-        tokendir.rmdir()
-        moved.rename(tokendir)
-        del token
+        away.rename(directory)

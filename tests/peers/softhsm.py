@@ -34,6 +34,7 @@ class Token:
     pin: str
     module: str
     conf: Path  # the SOFTHSM2_CONF that finds it
+    directory: Path | None = None  # SoftHSM's directory of this token (moving it away makes the token vanish)
 
 
 class SoftHsm:
@@ -54,6 +55,7 @@ class SoftHsm:
     def token(self, label: str | None = None, pin: str = "1234") -> Token:
         label = label or f"kb-{uuid.uuid4().hex[:12]}"
         util = shutil.which("softhsm2-util") or "/usr/bin/softhsm2-util"
+        before = set(self.tokendir.iterdir())
         subprocess.run(
             [util, "--init-token", "--free", "--label", label, "--so-pin", SO_PIN, "--pin", pin],
             check=True,
@@ -61,4 +63,5 @@ class SoftHsm:
             env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
             timeout=30,
         )
-        return Token(label, pin, self.module, self.conf)
+        made = set(self.tokendir.iterdir()) - before
+        return Token(label, pin, self.module, self.conf, made.pop() if len(made) == 1 else None)
