@@ -65,3 +65,51 @@ def test_transfer_of_keys_in_each_backend(world: World, backend_name: str) -> No
         assert released_bytes(released) == expected
         transferred += 1
     assert transferred >= 2
+
+
+@pytest.mark.parametrize("backend_name", ["kmip"], indirect=True)
+def test_a_registered_kmip_object_is_released_and_survives_the_key_delete(
+    world: World, backend_name: str, peers: Any
+) -> None:
+    """The guide's third create mode: register an object that already exists in the KMIP server by kmip_key_id."""
+    from kmip.core import enums
+    from kmip.pie import objects
+
+    secret = os.urandom(32)
+    server = peers.kmip()
+    with server.client() as client:
+        uid = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, secret, name="made-by-ops"))
+    body = {
+        "key_information": {"algorithm": "AES", "key_length": 256, "kmip_key_id": uid},
+        "transfer_policy_id": world.policy(),
+        "backend": UNDER_TEST,
+    }
+    created = world.api.post("/kbs/v1/keys", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["key_information"]["kmip_key_id"] == uid
+    key_id = created.json()["id"]
+    released = request_transfer(world, key_id, world.evidence())
+    assert released.status_code == 200, released.text
+    assert released_bytes(released) == secret
+    assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
+    with server.client() as client:
+        assert client.get(uid).value == secret  # keybroker only forgot it
+    missing = world.api.post(
+        "/kbs/v1/keys", json={**body, "key_information": {**body["key_information"], "kmip_key_id": "999999"}}
+    )
+    assert (missing.status_code, missing.json()["code"]) == (400, "kmip_object_not_found")
+    wrong = world.api.post(
+        "/kbs/v1/keys", json={**body, "key_information": {"algorithm": "AES", "key_length": 128, "kmip_key_id": uid}}
+    )
+    assert (wrong.status_code, wrong.json()["code"]) == (400, "invalid_key_material")
+
+
+@pytest.mark.parametrize("backend_name", ["embedded", "vault-kv1"], indirect=True)
+def test_kmip_key_id_is_refused_by_a_backend_that_cannot_register(world: World, backend_name: str) -> None:
+    body = {
+        "key_information": {"algorithm": "AES", "key_length": 256, "kmip_key_id": "1"},
+        "transfer_policy_id": world.policy(),
+        "backend": UNDER_TEST,
+    }
+    refused = world.api.post("/kbs/v1/keys", json=body)
+    assert (refused.status_code, refused.json()["code"]) == (400, "backend_unsupported")
