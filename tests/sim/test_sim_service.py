@@ -194,3 +194,16 @@ def test_evidence_specs(sim_dir: Path) -> None:
     assert from_spec("sgx-gramine").tee_type == "SGX"
     with pytest.raises(ValueError, match="unknown evidence"):
         from_spec("sev")
+    # Measurements of a simulated workload: they end up in the quote.
+    quote = from_spec(f"sim:{sim_dir}:sgx:mrenclave={'ab' * 32},isvsvn=7").quote(bytes(64))
+    assert bytes.fromhex("ab" * 32) in quote
+    assert from_spec(f"sim:{sim_dir}:mrenclave={'cd' * 32}").tee_type == "SGX"  # the TEE may be left out
+    for bad, message in (
+        (f"sim:{sim_dir}:sgx:mrenclave=zz", "must be hex"),
+        (f"sim:{sim_dir}:sgx:isvsvn=-1", "decimal integer"),
+        (f"sim:{sim_dir}:sgx:colour=red", "unknown evidence field"),
+        (f"sim:{sim_dir}:sgx:mrenclave", "NAME=VALUE"),
+        (f"sim:{sim_dir}:sgx:mrtd={'cd' * 48}", "not a measurement of SGX"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            from_spec(bad)

@@ -1,10 +1,15 @@
-"""``keybroker-client fetch-key``: attest and receive a key (the workload side)."""
+"""``keybroker-client fetch-key``: attest and receive a key (the workload side).
+
+``keybroker-client provision``: attest, receive every key of a ``keys.txt`` and import them into PKCS#11 token(s)
+(Intel's SKC / Nginx flow; see ``keybroker_client.provision``). Exit codes: 0 ok, 1 refused or failed, 2 usage.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Literal
 
 from keybroker_client._client import Client, ReleasedKey
 from keybroker_client._errors import KeybrokerClientError, ProblemError
@@ -31,24 +36,99 @@ def _write(released: ReleasedKey, out: str, force: bool) -> None:
         raise
 
 
+def _connection_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--kbs", required=True, help="keybroker URL, e.g. https://kbs:9443")
+    command.add_argument("--ca", help="the service CA certificate (PEM)")
+    command.add_argument("--ca-fingerprint", help="or: the SHA-384 fingerprint of the service CA")
+    command.add_argument(
+        "--evidence",
+        required=True,
+        help="sim:DIR[:sgx|tdx][:FIELD=VALUE,...] (e.g. mrenclave=HEX,isvsvn=2), tdx or sgx-gramine",
+    )
+    command.add_argument("--passport", action="store_true", help="attest first, then present the token")
+    command.add_argument(
+        "--token",
+        default=os.environ.get("KEYBROKER_TOKEN"),
+        help="bearer token, if the key's policy names client permissions",
+    )
+
+
+def _read_secret_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = handle.read().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not value:
+        raise ValueError(f"the {what} file {path} is empty")
+    return value
+
+
+def _provision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from keybroker_client.provision import USAGE, KeysFileError, parse_keys_file, provision
+
+    if args.init_token != bool(args.so_pin_file):
+        parser.error("--init-token and --so-pin-file go together")
+    try:
+        with open(args.keys, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read {args.keys}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return USAGE
+    try:
+        entries = parse_keys_file(text, args.keys)
+        so_pin = _read_secret_file(args.so_pin_file, "SO PIN") if args.so_pin_file else None
+        for option, path in (("--pkcs11-module", args.pkcs11_module), ("--ca", args.ca)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{option} {path}: no such file")
+        evidence = from_spec(args.evidence)
+    except KeysFileError as exc:
+        print(str(exc), file=sys.stderr)
+        print("nothing was fetched", file=sys.stderr)
+        return USAGE
+    except (ValueError, OSError, KeybrokerClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    mode: Literal["background", "passport"] = "passport" if args.passport else "background"
+    try:
+        client = Client(args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token)
+    except (KeybrokerClientError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with client:
+        return provision(
+            entries,
+            args.pkcs11_module,
+            lambda key_id: client.fetch_key(key_id, evidence, mode=mode),
+            out=sys.stdout,
+            err=sys.stderr,
+            so_pin=so_pin,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keybroker-client", description="The keybroker workload client.")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch-key", help="attest and receive a key")
     fetch.add_argument("key_id")
-    fetch.add_argument("--kbs", required=True, help="keybroker URL, e.g. https://kbs:9443")
-    fetch.add_argument("--ca", help="the service CA certificate (PEM)")
-    fetch.add_argument("--ca-fingerprint", help="or: the SHA-384 fingerprint of the service CA")
-    fetch.add_argument("--evidence", required=True, help="sim:DIR[:sgx|tdx], tdx or sgx-gramine")
-    fetch.add_argument("--passport", action="store_true", help="attest first, then present the token")
-    fetch.add_argument(
-        "--token",
-        default=os.environ.get("KEYBROKER_TOKEN"),
-        help="bearer token, if the key's policy names client permissions",
-    )
+    _connection_options(fetch)
     fetch.add_argument("--out", required=True, help="file to create with mode 0600, or - with --force")
     fetch.add_argument("--force", action="store_true", help="allow --out - (the key on stdout)")
+    prov = commands.add_parser(
+        "provision",
+        help="attest, receive the keys of a keys.txt and import them into PKCS#11 token(s)",
+        description="Fetch every key listed in KEYS (one pkcs11: URI per line, e.g. "
+        "pkcs11:token=KMS;id=<key id>;object=RSAKEY;type=private;pin-value=1234) by attestation, then import "
+        "them all as sensitive, non-extractable objects. Nothing is imported unless every key was released.",
+    )
+    prov.add_argument("--keys", required=True, help="the keys file (one RFC 7512 URI per line)")
+    prov.add_argument("--pkcs11-module", required=True, help="the PKCS#11 module, e.g. libsofthsm2.so")
+    _connection_options(prov)
+    prov.add_argument("--init-token", action="store_true", help="initialise tokens that do not exist yet")
+    prov.add_argument("--so-pin-file", help="the SO PIN for --init-token (a file, one line)")
     args = parser.parse_args(argv)
+    if args.command == "provision":
+        return _provision(parser, args)
     try:
         with Client(args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token) as client:
             released = client.fetch_key(

@@ -142,16 +142,51 @@ class GramineSgxEvidence:
         return quote
 
 
+_HEX_FIELDS = frozenset({"mrenclave", "mrsigner", "config_id", "mrtd", "mrconfigid", "mrowner", "mrownerconfig"})
+_INT_FIELDS = frozenset({"isvprodid", "isvsvn", "config_svn"})
+
+
 def from_spec(spec: str) -> EvidenceProvider:
-    """``sim:DIR[:sgx|tdx]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's ``--evidence``)."""
+    """``sim:DIR[:sgx|tdx][:FIELD=VALUE,...]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's ``--evidence``).
+
+    A simulated workload has all-zero measurements unless given: hex for ``mrenclave``, ``mrsigner``,
+    ``config_id``, ``mrtd``, ``mrconfigid``, ``mrowner``, ``mrownerconfig``; integers for ``isvprodid``,
+    ``isvsvn``, ``config_svn``; ``platform=NAME`` picks a simulated platform other than ``default``.
+    """
     if spec.startswith("sim:"):
-        directory, _, tee = spec[4:].partition(":")
-        return SimulatedEvidence(directory, tee or "sgx")
+        directory, _, rest = spec[4:].partition(":")
+        tee, _, fields = rest.partition(":")
+        if "=" in tee:  # sim:DIR:FIELD=VALUE (the TEE left out)
+            tee, fields = "", rest
+        measurements: dict[str, object] = {}
+        platform = "default"
+        for item in filter(None, fields.split(",")):
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"evidence field {item!r} is not NAME=VALUE")
+            if name == "platform":
+                platform = value
+            elif name in _HEX_FIELDS:
+                try:
+                    measurements[name] = bytes.fromhex(value)
+                except ValueError:
+                    raise ValueError(f"evidence field {name} must be hex") from None
+            elif name in _INT_FIELDS:
+                if not value.isdigit():
+                    raise ValueError(f"evidence field {name} must be a decimal integer")
+                measurements[name] = int(value)
+            else:
+                raise ValueError(f"unknown evidence field {name!r}")
+        try:
+            return SimulatedEvidence(directory, tee or "sgx", platform=platform, **measurements)
+        except TypeError:
+            names = ", ".join(sorted(measurements))
+            raise ValueError(f"{names}: not a measurement of {(tee or 'sgx').upper()}") from None
     if spec == "tdx":
         return TdxEvidence()
     if spec == "sgx-gramine":
         return GramineSgxEvidence()
-    raise ValueError(f"unknown evidence {spec!r}: use sim:DIR[:sgx|tdx], tdx or sgx-gramine")
+    raise ValueError(f"unknown evidence {spec!r}: use sim:DIR[:sgx|tdx][:FIELD=VALUE,...], tdx or sgx-gramine")
 
 
 __all__ = ["EvidenceError", "EvidenceProvider", "GramineSgxEvidence", "SimulatedEvidence", "TdxEvidence", "from_spec"]

@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# Starts Debian's nginx serving TLS on 127.0.0.1:PORT with its private key in a PKCS#11 token (Intel guide §6.4):
+#   ssl_certificate_key "engine:pkcs11:pkcs11:token=KMS;object=RSAKEY;type=private;pin-value=...";
+# through the libp11 OpenSSL engine (libengine-pkcs11-openssl; nginx 1.22 has no store: keys). It writes nginx.conf
+# and openssl.cnf into a work directory and runs nginx there; the key is never in a file.
+#
+#   scripts/nginx-pkcs11.sh --port 18443 --cert cert.pem --token KMS --object RSAKEY --pin 1234 \
+#       [--module /usr/lib/softhsm/libsofthsm2.so] [--workdir DIR] [--softhsm-conf FILE] [--user U --group G]
+#   scripts/nginx-pkcs11.sh --stop [--workdir DIR]
+#
+# Provision the key first (keybroker-client provision --keys keys.txt ...); this script refuses to start when the
+# token holds no private key with that label.
+#
+# Privileges: as root, the master starts as root (it reads the config and loads the key) and the workers run as
+# nobody:softhsm (Debian's softhsm2 group; nogroup if it does not exist), never as root. After fork the engine
+# re-opens the token in each worker, and SoftHSM re-reads the token's files there, so for a SoftHSM module this
+# script gives that group read access (no write) to the token's directory; reading is enough, also for SoftHSM's
+# locks. Every directory above the token directory, SOFTHSM2_CONF and the work directory must be traversable by the
+# worker user; the script checks that as that user before starting and refuses otherwise (or pass --user root).
+# As a normal user, nginx runs as that user and nothing is changed.
+set -euo pipefail
+
+say() { printf 'nginx: %s\n' "$*"; }
+die() { printf 'nginx: %s\n' "$*" >&2; exit "${2:-1}"; }
+usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+port= cert= token=KMS object=RSAKEY pin= module= workdir=./nginx-pkcs11 softhsm_conf=${SOFTHSM2_CONF:-}
+user= group= stop=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --port) port=${2:?}; shift 2 ;;
+    --cert) cert=${2:?}; shift 2 ;;
+    --token) token=${2:?}; shift 2 ;;
+    --object) object=${2:?}; shift 2 ;;
+    --pin) pin=${2:?}; shift 2 ;;
+    --module) module=${2:?}; shift 2 ;;
+    --workdir) workdir=${2:?}; shift 2 ;;
+    --softhsm-conf) softhsm_conf=${2:?}; shift 2 ;;
+    --user) user=${2:?}; shift 2 ;;
+    --group) group=${2:?}; shift 2 ;;
+    --stop) stop=1; shift ;;
+    -h|--help) usage ;;
+    *) printf 'nginx: unknown option %s\n' "$1" >&2; usage ;;
+  esac
+done
+workdir=$(realpath -m -- "$workdir")
+pidfile=$workdir/logs/nginx.pid
+
+# Whether PID is a live (not zombie) nginx master of this work directory: pid files go stale and pids are reused.
+alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] || return 1
+  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "nginx.*$workdir/nginx.conf"
+}
+# The master's pid, if it is running.
+running_pid() {
+  local pid
+  pid=$(cat "$pidfile" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 1
+  echo "$pid"
+}
+
+if [ "$stop" = 1 ]; then
+  pid=$(running_pid) || { say "not running (no live master in $pidfile)"; exit 0; }
+  kill -QUIT "$pid"  # graceful: workers finish their connections
+  for _ in $(seq 200); do alive "$pid" || { say "stopped (master pid $pid)"; exit 0; }; sleep 0.05; done
+  say "master $pid did not quit in 10 s; sending TERM"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do alive "$pid" || { say "stopped (master pid $pid)"; exit 0; }; sleep 0.05; done
+  die "master $pid is still running"
+fi
+
+# ---- checks -----------------------------------------------------------------------------------------------------
+[ -n "$port" ] && [ -n "$cert" ] && [ -n "$pin" ] || { printf 'nginx: --port, --cert and --pin are required\n' >&2; usage; }
+[[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port $port is not a port" 2
+[ -r "$cert" ] || die "--cert $cert: no such file" 2
+cert=$(realpath -- "$cert")
+openssl x509 -in "$cert" -noout 2>/dev/null || die "--cert $cert is not a PEM certificate" 2
+if [ -z "$module" ]; then
+  for m in /usr/lib/softhsm/libsofthsm2.so "/usr/lib/$(uname -m)-linux-gnu/softhsm/libsofthsm2.so"; do
+    [ -e "$m" ] && { module=$m; break; }
+  done
+  [ -n "$module" ] || die "no --module given and SoftHSM2 is not installed" 2
+fi
+[ -r "$module" ] || die "--module $module: no such file" 2
+module=$(realpath -- "$module")
+if [ -n "$softhsm_conf" ]; then
+  [ -r "$softhsm_conf" ] || die "--softhsm-conf $softhsm_conf: no such file" 2
+  softhsm_conf=$(realpath -- "$softhsm_conf")
+  export SOFTHSM2_CONF=$softhsm_conf
+fi
+NGINX=$(command -v nginx || true); [ -n "$NGINX" ] || NGINX=/usr/sbin/nginx
+[ -x "$NGINX" ] || die "nginx is not installed (apt-get install nginx, or bash scripts/bootstrap.sh --test)"
+command -v pkcs11-tool >/dev/null || die "pkcs11-tool is not installed (apt-get install opensc)"
+enginesdir=$(openssl version -e | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
+engine=$enginesdir/pkcs11.so
+[ -e "$engine" ] || die "the pkcs11 OpenSSL engine $engine is missing (apt-get install libengine-pkcs11-openssl)"
+pid=$(running_pid) && die "already running in $workdir (master pid $pid); stop it with --stop --workdir $workdir"
+
+if [ "$(id -u)" = 0 ]; then
+  user=${user:-nobody}
+  if [ -z "$group" ]; then
+    if [ "$user" != root ] && getent group softhsm >/dev/null; then group=softhsm; else group=$(id -gn "$user"); fi
+  fi
+  getent passwd "$user" >/dev/null || die "no user $user" 2
+  getent group "$group" >/dev/null || die "no group $group" 2
+  [ "$user" = root ] && say "warning: --user root: the workers run as root"
+elif [ -n "$user" ] && [ "$user" != "$(id -un)" ]; then
+  die "--user needs root (nginx can only switch users when started as root)" 2
+fi
+
+# As USER:GROUP (only when root and USER is not root), else as ourselves.
+as_worker() {
+  if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
+    setpriv --reuid="$user" --regid="$group" --clear-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# The private key objects labelled OBJECT that the token shows after login (one line per object).
+list_keys() {
+  "$@" pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" --list-objects --type privkey \
+    2>"$workdir/.pkcs11-tool.err" \
+    | awk -v want="$object" '
+        /^[A-Z]/ { inkey = ($0 ~ /^Private Key Object/) }
+        inkey && $1 == "label:" { sub(/^[ \t]*label:[ \t]*/, ""); if ($0 == want) print "key" }'
+}
+
+mkdir -p "$workdir/logs" "$workdir/tmp" "$workdir/html"
+found=$(list_keys) || true
+if [ -z "$found" ]; then
+  if grep -q 'No slot with token named' "$workdir/.pkcs11-tool.err"; then
+    die "there is no token $token in $module; run keybroker-client provision first (with --init-token)"
+  elif grep -q 'CKR_PIN_INCORRECT\|CKR_PIN_LEN_RANGE' "$workdir/.pkcs11-tool.err"; then
+    die "wrong PIN for the token $token"
+  elif grep -qi 'error' "$workdir/.pkcs11-tool.err"; then
+    die "pkcs11-tool failed: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")"
+  fi
+  die "the token $token has no private key $object; run keybroker-client provision first"
+fi
+[ "$(wc -l <<<"$found")" -gt 1 ] && say "warning: the token $token holds $(wc -l <<<"$found") private keys labelled $object; the engine uses the first it finds"
+
+# The certificate must be for that key (nginx would only say "key values mismatch").
+if pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" --read-object --type pubkey \
+     --label "$object" -o "$workdir/.token-pub.der" >/dev/null 2>&1; then
+  token_pub=$(openssl pkey -pubin -inform DER -in "$workdir/.token-pub.der" 2>/dev/null || true)
+  cert_pub=$(openssl x509 -in "$cert" -noout -pubkey)
+  [ -z "$token_pub" ] || [ "$token_pub" = "$cert_pub" ] \
+    || die "the certificate $cert is not for the key $object in the token $token"
+fi
+rm -f "$workdir/.token-pub.der"
+
+# ---- the worker's access to the token (root only) ---------------------------------------------------------------
+if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
+  conf=${SOFTHSM2_CONF:-/etc/softhsm/softhsm2.conf}
+  tokendir=$(sed -n 's/^[ \t]*directories\.tokendir[ \t]*=[ \t]*//p' "$conf" | tail -n1 | sed 's/[ \t]*$//')
+  serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | awk -v want="$token" '
+      /^Slot / { label = "" }
+      $1 == "token" && $2 == "label" { sub(/^[^:]*:[ \t]*/, ""); label = $0 }
+      $1 == "serial" && $2 == "num" && label == want { sub(/^[^:]*:[ \t]*/, ""); print; exit }')
+  tokdir=
+  if [ -n "$tokendir" ] && [ -n "$serial" ]; then
+    for d in "$tokendir"/*/; do  # SoftHSM's serial is the last 16 hex digits of the token directory's UUID
+      name=$(basename "$d"); name=${name//-/}
+      [ "${name: -16}" = "$serial" ] && { tokdir=${d%/}; break; }
+    done
+  fi
+  [ -n "$tokdir" ] || die "cannot find the SoftHSM directory of token $token under '$tokendir'; use --user root"
+  # Refuse before changing anything when the worker could not get there anyway.
+  as_worker test -r "$conf" \
+    || die "the workers ($user:$group) cannot read $conf (a directory above it is not traversable?); use --user root"
+  as_worker test -x "$(dirname "$tokendir")" \
+    || die "the workers ($user:$group) cannot reach $tokendir (a directory above it is not traversable); use --user root"
+  if ! as_worker test -r "$tokendir" -a -x "$tokendir"; then
+    [ "$(stat -c %G "$tokendir")" = root ] || [ "$(stat -c %G "$tokendir")" = "$group" ] \
+      || die "$user:$group cannot list $tokendir (group $(stat -c %G "$tokendir")); use --group or --user root"
+    chgrp "$group" "$tokendir" && chmod g+rx "$tokendir"
+  fi
+  chgrp -R "$group" "$tokdir"
+  chmod g+rx "$tokdir"
+  find "$tokdir" -maxdepth 1 -type f -exec chmod g+r {} +
+  say "the workers run as $user:$group; gave $group read access to $tokdir"
+fi
+if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
+  found=$(list_keys as_worker) || true
+  [ -n "$found" ] || die "the workers ($user:$group) cannot use the token $token: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")
+  every directory above the token directory and SOFTHSM2_CONF must be traversable and readable for them (or use --user root)"
+fi
+rm -f "$workdir/.pkcs11-tool.err"
+
+# ---- configuration -----------------------------------------------------------------------------------------------
+pct() {  # RFC 3986 percent-encoding of everything but unreserved characters (also keeps nginx's "$" out)
+  local LC_ALL=C s=$1 out= c h i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in [A-Za-z0-9._~-]) out+=$c ;; *) printf -v h '%%%02X' "'$c"; out+=$h ;; esac
+  done
+  printf '%s' "$out"
+}
+uri="pkcs11:token=$(pct "$token");object=$(pct "$object");type=private;pin-value=$(pct "$pin")"
+
+cat >"$workdir/openssl.cnf" <<EOF
+# Written by scripts/nginx-pkcs11.sh: OpenSSL loads the libp11 engine for nginx (only nginx gets OPENSSL_CONF).
+openssl_conf = openssl_init
+
+[openssl_init]
+engines = engine_section
+
+[engine_section]
+pkcs11 = pkcs11_section
+
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = $engine
+MODULE_PATH = $module
+# init = 0 fails: "ENGINE_load_private_key() failed (...engine routines::not initialised)"
+init = 1
+EOF
+
+user_line="# (not root: the workers run as $(id -un))"
+[ "$(id -u)" = 0 ] && user_line="user $user $group;"
+umask 077  # nginx.conf holds the PIN
+cat >"$workdir/nginx.conf" <<EOF
+# Written by scripts/nginx-pkcs11.sh.
+daemon on;
+worker_processes 1;
+$user_line
+pid $pidfile;
+error_log $workdir/logs/error.log info;
+env SOFTHSM2_CONF;   # nginx clears the workers' environment; they re-open the token after fork
+env OPENSSL_CONF;
+events { worker_connections 64; }
+http {
+    default_type text/plain;
+    access_log $workdir/logs/access.log;
+    client_body_temp_path $workdir/tmp/body;
+    proxy_temp_path       $workdir/tmp/proxy;
+    fastcgi_temp_path     $workdir/tmp/fastcgi;
+    uwsgi_temp_path       $workdir/tmp/uwsgi;
+    scgi_temp_path        $workdir/tmp/scgi;
+    server {
+        listen 127.0.0.1:$port ssl;
+        ssl_certificate     $cert;
+        ssl_certificate_key "engine:pkcs11:$uri";
+        ssl_protocols TLSv1.2 TLSv1.3;
+        root $workdir/html;
+    }
+}
+EOF
+umask 022
+chmod 755 "$workdir" "$workdir/html"
+[ -e "$workdir/html/index.html" ] || printf 'served by nginx with its key in PKCS#11 token %s\n' "$token" >"$workdir/html/index.html"
+chmod 644 "$workdir/openssl.cnf" "$workdir/html/index.html"
+if [ "$(id -u)" = 0 ] && [ "$user" != root ] && ! as_worker test -r "$workdir/html/index.html"; then
+  say "warning: $user cannot read $workdir/html (a directory above it is not traversable); pages will fail, TLS works"
+fi
+
+# ---- start -------------------------------------------------------------------------------------------------------
+rm -f "$pidfile"
+# OPENSSL_CONF only for nginx: curl or python started with it would load the engine too.
+if ! out=$(OPENSSL_CONF="$workdir/openssl.cnf" "$NGINX" -p "$workdir" -c "$workdir/nginx.conf" \
+             -e "$workdir/logs/error.log" 2>&1); then
+  printf '%s\n' "$out" >&2
+  die "nginx did not start (see $workdir/logs/error.log)"
+fi
+for _ in $(seq 100); do pid=$(running_pid) && break; sleep 0.05; done
+[ -n "${pid:-}" ] || die "nginx did not write $pidfile (see $workdir/logs/error.log)"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+# A handshake proves that the workers can use the key (they re-open the token after fork).
+if ! env -u OPENSSL_CONF timeout 10 openssl s_client -connect "127.0.0.1:$port" -brief </dev/null >/dev/null 2>&1; then
+  tail -n 5 "$workdir/logs/error.log" >&2
+  kill -QUIT "$pid" 2>/dev/null || true
+  die "the TLS handshake on 127.0.0.1:$port failed, nginx stopped (see $workdir/logs/error.log)"
+fi
+say "master pid $pid, https://127.0.0.1:$port/ (key: token $token, object $object, through the pkcs11 engine)"
+say "try:  curl --cacert $cert https://127.0.0.1:$port/"
+say "stop: $0 --stop --workdir $workdir"

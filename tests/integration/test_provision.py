@@ -1,0 +1,547 @@
+"""``keybroker-client provision`` (the workload agent of the Intel guide's Nginx flow) and ``scripts/nginx-pkcs11.sh``
+against a real keybroker server with a simulated TEE, a real SoftHSM2 token and a real nginx.
+
+The simulated workload of ``--evidence sim:DIR:sgx`` has all-zero measurements: keys under the "zero" policy are
+released to it, keys under the "other" policy (another MRENCLAVE) are not.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
+
+from keybroker.cli.main import app
+from keybroker_client.provision import KeysFileError, parse_keys_file
+from tests.integration.conftest import Server, clean_env, free_port, start_server, stop
+from tests.peers import nginx
+from tests.peers.softhsm import SO_PIN, SoftHsm, Token, module_path
+
+pkcs11 = pytest.importorskip("pkcs11")
+from pkcs11 import Attribute, GCMParams, Mechanism, ObjectClass  # noqa: E402
+from pkcs11.exceptions import AttributeSensitive  # noqa: E402
+
+runner = CliRunner()
+OTHER_MRENCLAVE = "5a" * 32
+PKCS8 = (serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@dataclass
+class Key:
+    id: str
+    material: bytes = field(repr=False)  # raw AES, or PKCS#8 DER
+    private: Any = field(default=None, repr=False)  # the cryptography key, for RSA/EC
+
+
+@dataclass
+class Setup:
+    server: Server
+    sim: Path
+    base: Path  # pytest's temporary directory for this module
+    root: Path  # a directory nginx's workers (nobody) can traverse: the SoftHSM token dir and nginx's work dirs
+    hsm: SoftHsm
+    keys: dict[str, Key]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    with server.client() as http:
+        response = http.post(path, json=body)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def _import_key(server: Server, policy: str, info: dict[str, Any]) -> str:
+    return str(_post(server, "/kbs/v1/keys", {"key_information": info, "transfer_policy_id": policy})["id"])
+
+
+def transfers(server: Server, key_id: str) -> int:
+    with server.client() as http:
+        response = http.get("/kbs/v1/audit", params={"target": key_id})
+    assert response.status_code == 200, response.text
+    return sum(1 for entry in response.json() if entry["action"] == "key.transfer")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("provision")
+    # pytest's base dir is 0700; nginx's workers run as nobody when the tests run as root, so the token directory
+    # and nginx's work directories live in a traversable directory of their own.
+    root = Path(tempfile.mkdtemp(prefix="kb-provision-"))
+    root.chmod(0o755)
+    saved_conf = os.environ.get("SOFTHSM2_CONF")
+    sim = base / "sim"
+    assert runner.invoke(app, ["sim", "init", str(sim)]).exit_code == 0
+    assert runner.invoke(app, ["sim", "collateral", str(sim), "--out", str(sim / "coll")]).exit_code == 0
+    server = start_server(base / ".data", KEYBROKER_ATTESTATION__SIMULATED_ROOT=str(sim / "root-ca.pem"))
+    try:
+        result = runner.invoke(
+            app,
+            ["collateral", "import", str(sim / "coll"), "--addr", server.url, "--token", server.token,
+             "--cacert", str(server.ca_file)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        policy = {"attestation_type": "SGX", "allow_simulated": True}
+        zero = _post(server, "/kbs/v1/key-transfer-policies",
+                     {**policy, "sgx": {"attributes": {"mrenclave": ["00" * 32]}}})["id"]  # fmt: skip
+        other = _post(server, "/kbs/v1/key-transfer-policies",
+                      {**policy, "sgx": {"attributes": {"mrenclave": [OTHER_MRENCLAVE]}}})["id"]  # fmt: skip
+        keys: dict[str, Key] = {}
+        rsa_key = rsa.generate_private_key(65537, 3072)
+        pem = rsa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        keys["RSA"] = Key(
+            _import_key(server, zero, {"algorithm": "RSA", "key_length": 3072, "key_string": pem}),
+            rsa_key.private_bytes(*PKCS8),
+            rsa_key,
+        )
+        ec_key = ec.generate_private_key(ec.SECP256R1())
+        pem = ec_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        keys["EC"] = Key(
+            _import_key(server, zero, {"algorithm": "EC", "curve_type": "secp256r1", "key_string": pem}),
+            ec_key.private_bytes(*PKCS8),
+            ec_key,
+        )
+        for name, policy_id in (("AES", zero), ("DENIED", other)):
+            raw = os.urandom(32)
+            info = {"algorithm": "AES", "key_length": 256, "key_string": base64.b64encode(raw).decode()}
+            keys[name] = Key(_import_key(server, policy_id, info), raw)
+        hsm = SoftHsm(root / "hsm")
+        yield Setup(server, sim, base, root, hsm, keys)
+    finally:
+        stop(server.process)
+        # Leave SoftHSM finalised: the next user in this process initialises it with its own SOFTHSM2_CONF.
+        lib = pkcs11.lib(os.path.realpath(module_path()))
+        if lib.initialized:
+            lib.finalize()
+        if saved_conf is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved_conf
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def keys_line(token: Token, key: Key, label: str, kind: str = "private") -> str:
+    return f"pkcs11:token={token.label};id={key.id};object={label};type={kind};pin-value={token.pin};"
+
+
+def provision(setup: Setup, lines: list[str], *extra: str, name: str = "") -> subprocess.CompletedProcess[str]:
+    keys_file = setup.base / f"keys-{uuid.uuid4().hex[:8]}.txt"
+    keys_file.write_text("# the keys for nginx\n\n" + "\n".join(lines) + "\n")
+    command = [
+        sys.executable, "-m", "keybroker_client.cli", "provision", "--keys", str(keys_file),
+        "--pkcs11-module", setup.hsm.module, "--kbs", setup.server.url, "--ca", str(setup.server.ca_file),
+        "--evidence", f"sim:{setup.sim}:sgx", *extra,
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, check=False,
+        env=clean_env(SOFTHSM2_CONF=str(setup.hsm.conf)),
+    )  # fmt: skip
+    if name:
+        setup.timings[name] = time.monotonic() - started
+    return result
+
+
+@contextmanager
+def session(setup: Setup, token: Token) -> Iterator[Any]:
+    """A user session in this process. SoftHSM reads SOFTHSM2_CONF at C_Initialize and python-pkcs11 caches the
+    library, so re-initialise: that also makes tokens created by the subprocesses visible. (The fixture finalises
+    the library at the end of the module.)"""
+    os.environ["SOFTHSM2_CONF"] = str(setup.hsm.conf)
+    lib = pkcs11.lib(os.path.realpath(setup.hsm.module))  # the path keybroker's PKCS#11 backend loads it by
+    lib.reinitialize()
+    with lib.get_token(token_label=token.label).open(user_pin=token.pin) as opened:
+        yield opened
+
+
+def objects(opened: Any, label: str, key: Key | None = None) -> list[Any]:
+    template: dict[Any, Any] = {Attribute.LABEL: label}
+    if key is not None:
+        template[Attribute.ID] = key.id.encode()
+    return list(opened.get_objects(template))
+
+
+def pair(opened: Any, label: str, key: Key) -> tuple[Any, Any]:
+    """The private and the public key object with this label and id (exactly one each)."""
+    found = objects(opened, label, key)
+    classes = sorted(o[Attribute.CLASS] for o in found)
+    assert classes == [ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY], classes
+    private = next(o for o in found if o[Attribute.CLASS] == ObjectClass.PRIVATE_KEY)
+    public = next(o for o in found if o[Attribute.CLASS] == ObjectClass.PUBLIC_KEY)
+    return private, public
+
+
+def leaked(setup: Setup, key: Key) -> list[str]:
+    """Files under the test's directories that hold ``key``'s bytes (or its private components)."""
+    needles = [key.material, key.material.hex().encode(), base64.b64encode(key.material)]
+    if isinstance(key.private, rsa.RSAPrivateKey):
+        numbers = key.private.private_numbers()
+        needles += [n.to_bytes((n.bit_length() + 7) // 8, "big") for n in (numbers.d, numbers.p, numbers.q)]
+    elif isinstance(key.private, ec.EllipticCurvePrivateKey):
+        needles.append(key.private.private_numbers().private_value.to_bytes(32, "big"))
+    found = []
+    for top in (setup.base, setup.root):
+        for path in top.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [str(path) for needle in needles if needle in data]
+    return found
+
+
+def test_provision_imports_sensitive_non_extractable_keys(setup: Setup) -> None:
+    token = setup.hsm.token()
+    rsa_key, ec_key, aes_key = setup.keys["RSA"], setup.keys["EC"], setup.keys["AES"]
+    lines = [
+        keys_line(token, rsa_key, "RSAKEY"),
+        keys_line(token, ec_key, "ECKEY"),
+        keys_line(token, aes_key, "AESKEY", "secret-key"),
+    ]
+    result = provision(setup, lines, name="provision RSA-3072 + EC + AES-256")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out == [
+        f"imported {rsa_key.id}: token {token.label}, object RSAKEY, RSA-3072 (private key + public key)",
+        f"imported {ec_key.id}: token {token.label}, object ECKEY, EC-secp256r1 (private key + public key)",
+        f"imported {aes_key.id}: token {token.label}, object AESKEY, AES-256 (secret key)",
+    ]
+    for key in (rsa_key, ec_key, aes_key):
+        assert key.material.hex() not in result.stdout + result.stderr
+        assert base64.b64encode(key.material).decode() not in result.stdout + result.stderr
+
+    message = b"the launch codes"
+    with session(setup, token) as opened:
+        private, public = pair(opened, "RSAKEY", rsa_key)
+        for attribute, expected in (
+            (Attribute.TOKEN, True), (Attribute.PRIVATE, True), (Attribute.SENSITIVE, True),
+            (Attribute.EXTRACTABLE, False), (Attribute.SIGN, True), (Attribute.DECRYPT, True),
+        ):  # fmt: skip
+            assert private[attribute] == expected, attribute
+        # Imported, so not "always sensitive / never extractable / local" (PKCS#11 §4.9): a token says that only of
+        # keys it generated.
+        assert private[Attribute.ALWAYS_SENSITIVE] is False
+        for attribute in (Attribute.PRIVATE_EXPONENT, Attribute.PRIME_1, Attribute.PRIME_2):
+            with pytest.raises(AttributeSensitive):
+                private[attribute]
+        signature = private.sign(message, mechanism=Mechanism.SHA256_RSA_PKCS)
+        rsa_key.private.public_key().verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        numbers = rsa_key.private.public_key().public_numbers()
+        assert int.from_bytes(public[Attribute.MODULUS], "big") == numbers.n
+
+        ec_private, ec_public = pair(opened, "ECKEY", ec_key)
+        assert ec_private[Attribute.SENSITIVE] is True
+        assert ec_private[Attribute.EXTRACTABLE] is False
+        with pytest.raises(AttributeSensitive):
+            ec_private[Attribute.VALUE]
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(message)
+        raw = ec_private.sign(digest.finalize(), mechanism=Mechanism.ECDSA)  # SoftHSM 2.6 has no CKM_ECDSA_SHA256
+        der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        ec_key.private.public_key().verify(der, message, ec.ECDSA(hashes.SHA256()))
+        assert ec_public[Attribute.EC_POINT]
+
+        (secret,) = objects(opened, "AESKEY", aes_key)
+        assert secret[Attribute.CLASS] == ObjectClass.SECRET_KEY
+        assert secret[Attribute.SENSITIVE] is True
+        assert secret[Attribute.EXTRACTABLE] is False
+        with pytest.raises(AttributeSensitive):
+            secret[Attribute.VALUE]
+        iv = os.urandom(12)
+        sealed = secret.encrypt(message, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, b"aad", 128))
+        assert AESGCM(aes_key.material).decrypt(iv, sealed, b"aad") == message
+
+
+def test_rerunning_replaces_the_objects(setup: Setup) -> None:
+    token = setup.hsm.token()
+    lines = [keys_line(token, setup.keys["RSA"], "RSAKEY"), keys_line(token, setup.keys["AES"], "AESKEY", "secret")]
+    assert provision(setup, lines).returncode == 0
+    again = provision(setup, lines, "--passport", name="re-provision (replace) RSA + AES, passport mode")
+    assert again.returncode == 0, again.stderr
+    assert "replaced 2 old object(s)" in again.stdout.splitlines()[0]
+    assert "replaced 1 old object(s)" in again.stdout.splitlines()[1]
+    with session(setup, token) as opened:
+        private, _ = pair(opened, "RSAKEY", setup.keys["RSA"])
+        assert [o[Attribute.CLASS] for o in objects(opened, "AESKEY")] == [ObjectClass.SECRET_KEY]
+        assert len(list(opened.get_objects())) == 3
+        signature = private.sign(b"m", mechanism=Mechanism.SHA256_RSA_PKCS)
+        setup.keys["RSA"].private.public_key().verify(signature, b"m", padding.PKCS1v15(), hashes.SHA256())
+    # Another key id under the same label is added next to it, with a warning: nginx's URI selects by label only.
+    other = provision(setup, [keys_line(token, setup.keys["EC"], "RSAKEY")])
+    assert other.returncode == 0, other.stderr
+    assert f"warning: token {token.label} also holds 2 object(s) labelled RSAKEY with another id" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("pkcs11:token=KMS;id={id};object=RSAKEY;type=private;pin-value=1234;", ("KMS", "RSAKEY", "private", "1234")),
+        ("PKCS11:token=K%4DS;id={id};object=RSA%20KEY;type=secret-key?pin-value=%3B%26", ("KMS", "RSA KEY", "secret",
+                                                                                         ";&")),
+        ("pkcs11:object=o;type=secret;token=t;id={id};pin-source=file:pin.txt", ("t", "o", "secret", "4321")),
+    ],
+)  # fmt: skip
+def test_keys_file_uris(tmp_path: Path, line: str, expected: tuple[str, str, str, str]) -> None:
+    (tmp_path / "pin.txt").write_text("4321\n")
+    key_id = str(uuid.uuid4())
+    (entry,) = parse_keys_file(f"# comment\n\n  {line.format(id=key_id)}  \n", str(tmp_path / "keys.txt"))
+    assert (entry.token, entry.label, entry.kind, entry.pin) == expected
+    assert (entry.key_id, entry.cka_id, entry.line) == (key_id, key_id.encode(), 3)
+    assert "4321" not in repr(entry)
+    assert "1234" not in repr(entry)
+
+
+def test_keys_file_errors_name_every_bad_line(tmp_path: Path) -> None:
+    key_id = str(uuid.uuid4())
+    good = f"pkcs11:token=KMS;id={key_id};object=A;type=private;pin-value=1"
+    text = "\n".join(
+        [
+            good,
+            good,  # the same token+object twice
+            f"pkcs11:token=KMS;id={key_id};object=B;type=private;pin-value=2",  # another PIN for KMS
+            f"pkcs11:token=KMS;id={key_id};object=C;type=cert;pin-value=1",
+            f"pkcs11:token=KMS;id={key_id};object=D;object=E;type=private;pin-value=1",
+            f"pkcs11:token=KMS;id={key_id};object=F G;type=private;pin-value=1",
+            f"pkcs11:token=KMS;id={key_id};object=H;type=private",
+            f"pkcs11:token=KMS;id={key_id};object=I;type=private;pin-source=file:/nonexistent/pin",
+            f"pkcs11:token=KMS;id={key_id};object=J;type=private;pin-value=1;serial=42",
+            f"pkcs11:token={'T' * 33};id={key_id};object=K;type=private;pin-value=1",
+        ]
+    )
+    with pytest.raises(KeysFileError) as caught:
+        parse_keys_file(text, str(tmp_path / "keys.txt"))
+    lines = {line: message for line, message in caught.value.problems}
+    assert sorted(lines) == list(range(2, 11))
+    assert "already provisioned by line 1" in lines[2]
+    assert "another PIN" in lines[3]
+    assert "type=cert" in lines[4]
+    assert "appears twice" in lines[5]
+    assert "percent-encoded" in lines[6]
+    assert "no PIN" in lines[7]
+    assert "cannot read" in lines[8]
+    assert "serial" in lines[9]
+    assert "longer than 32 bytes" in lines[10]
+
+
+def test_a_malformed_line_is_a_usage_error_and_nothing_is_fetched(setup: Setup) -> None:
+    token = setup.hsm.token()
+    key = setup.keys["AES"]
+    before = transfers(setup.server, key.id)
+    lines = [
+        keys_line(token, key, "AESKEY", "secret-key"),
+        f"pkcs11:token={token.label};id=not-a-uuid;object=X;type=private;pin-value=1",
+        f"pkcs11:token={token.label};object=Y;type=private;pin-value=1",
+        f"pkcs11:token={token.label};id={key.id};object=Z;type=private;pin-value=1%G1",
+        "https://example.com/",
+    ]
+    result = provision(setup, lines)
+    assert result.returncode == 2, result.stderr
+    errors = result.stderr.splitlines()
+    # keys.txt starts with a comment and a blank line: the URIs are on lines 3..7.
+    assert any(":4: id='not-a-uuid' is not a keybroker key id" in e for e in errors), errors
+    assert any(":5: id= is required" in e for e in errors), errors
+    assert any(":6: attribute 'pin-value'" in e for e in errors), errors
+    assert any(":7: not a pkcs11: URI" in e for e in errors), errors
+    assert not any(":3:" in e for e in errors)
+    assert "nothing was fetched" in result.stderr
+    assert transfers(setup.server, key.id) == before
+    with session(setup, token) as opened:
+        assert list(opened.get_objects()) == []
+
+
+def test_a_missing_token_is_refused_before_fetching(setup: Setup) -> None:
+    key = setup.keys["AES"]
+    before = transfers(setup.server, key.id)
+    ghost = Token(f"absent-{uuid.uuid4().hex[:8]}", "1234", setup.hsm.module, setup.hsm.conf)
+    result = provision(setup, [keys_line(ghost, key, "AESKEY", "secret")])
+    assert result.returncode == 1
+    assert f"no token labelled {ghost.label}" in result.stderr
+    assert "--init-token" in result.stderr
+    assert transfers(setup.server, key.id) == before
+
+
+def test_init_token_creates_the_token(setup: Setup) -> None:
+    fresh = Token(f"kms-{uuid.uuid4().hex[:8]}", "5678", setup.hsm.module, setup.hsm.conf)
+    so_pin_file = setup.base / "so-pin"
+    so_pin_file.write_text(SO_PIN + "\n")
+    result = provision(
+        setup,
+        [keys_line(fresh, setup.keys["RSA"], "RSAKEY")],
+        "--init-token",
+        "--so-pin-file",
+        str(so_pin_file),
+        name="--init-token + provision RSA-3072",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"initialised token {fresh.label} (slot ")
+    assert f"imported {setup.keys['RSA'].id}: token {fresh.label}, object RSAKEY, RSA-3072" in result.stdout
+    with session(setup, fresh) as opened:
+        assert len(objects(opened, "RSAKEY", setup.keys["RSA"])) == 2
+    # The label is blank-padded like softhsm2-util's: pkcs11-tool finds the token by it.
+    listed = subprocess.run(
+        ["pkcs11-tool", "--module", setup.hsm.module, "--token-label", fresh.label, "--login", "--pin", fresh.pin,
+         "--list-objects", "--type", "privkey"],
+        capture_output=True, text=True, check=False, env={**os.environ, "SOFTHSM2_CONF": str(setup.hsm.conf)},
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "RSAKEY" in listed.stdout
+    # --init-token without its SO PIN file is a usage error.
+    result = provision(setup, [keys_line(fresh, setup.keys["RSA"], "RSAKEY")], "--init-token")
+    assert result.returncode == 2
+    assert "--so-pin-file" in result.stderr
+
+
+def test_a_refused_key_means_nothing_is_imported(setup: Setup) -> None:
+    token = setup.hsm.token()
+    allowed, denied = setup.keys["AES"], setup.keys["DENIED"]
+    before = transfers(setup.server, allowed.id)
+    lines = [keys_line(token, allowed, "AESKEY", "secret"), keys_line(token, denied, "DENIEDKEY", "secret")]
+    result = provision(setup, lines, name="refused (1 released, 1 denied)")
+    assert result.returncode == 1
+    assert f"refused: key {denied.id} (line 4)" in result.stderr
+    assert "policy_denied" in result.stderr
+    assert "mrenclave_mismatch" in result.stderr
+    assert "nothing was imported" in result.stderr
+    assert "imported " not in result.stdout
+    assert transfers(setup.server, allowed.id) == before + 1  # the first key was released, then dropped
+    with session(setup, token) as opened:
+        assert list(opened.get_objects()) == []
+
+
+def _certificate(key: rsa.RSAPrivateKey, path: Path) -> None:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def test_nginx_serves_tls_with_the_provisioned_key(setup: Setup) -> None:
+    token = setup.hsm.token()
+    key = setup.keys["RSA"]
+    assert provision(setup, [keys_line(token, key, "RSAKEY")]).returncode == 0
+    cert = setup.root / "nginx-cert.pem"
+    _certificate(key.private, cert)  # until POST /kbs/v1/keys/{id}/certificate exists: the test knows the key
+    workdir = setup.root / "nginx-ok"
+    port = free_port()
+    wrong = setup.root / "nginx-wrong-cert.pem"
+    _certificate(rsa.generate_private_key(65537, 2048), wrong)
+    refused = nginx.run_script(
+        "--port", str(port), "--cert", str(wrong), "--token", token.label, "--object", "RSAKEY", "--pin", token.pin,
+        "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert f"the certificate {wrong} is not for the key RSAKEY in the token {token.label}" in refused.stderr
+    known: list[int] = []
+    started = time.monotonic()
+    result = nginx.run_script(
+        "--port", str(port), "--cert", str(cert), "--token", token.label, "--object", "RSAKEY", "--pin", token.pin,
+        "--module", setup.hsm.module, "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
+    )  # fmt: skip
+    setup.timings["nginx-pkcs11.sh start (checks + handshake)"] = time.monotonic() - started
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        known = nginx.nginx_pids(workdir)
+        master = int((workdir / "logs" / "nginx.pid").read_text())
+        assert f"master pid {master}" in result.stdout
+        assert f"curl --cacert {cert} https://127.0.0.1:{port}/" in result.stdout
+        assert master in known
+        assert len(known) == 2  # the master and one worker
+        if os.geteuid() == 0:  # workers unprivileged: nobody, not root
+            worker = next(pid for pid in known if pid != master)
+            uid_line = next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                            if line.startswith("Uid:"))  # fmt: skip
+            assert uid_line.split()[1] != "0"
+        served, version = nginx.served_certificate(port, cert)
+        served_key = x509.load_der_x509_certificate(served).public_key()
+        assert served_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == key.private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert version in ("TLSv1.2", "TLSv1.3")
+        for _ in range(5):  # more handshakes, each signed by the worker through the token
+            nginx.served_certificate(port, cert)
+        config = (workdir / "nginx.conf").read_text()
+        assert "env SOFTHSM2_CONF;" in config
+        assert f'ssl_certificate_key "engine:pkcs11:pkcs11:token={token.label};object=RSAKEY;type=private' in config
+        assert "init = 1" in (workdir / "openssl.cnf").read_text()
+    finally:
+        stopped = time.monotonic()
+        result = nginx.stop(workdir)
+        setup.timings["nginx-pkcs11.sh --stop (SIGQUIT)"] = time.monotonic() - stopped
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 10
+        while nginx.leftovers(workdir, known) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nginx.leftovers(workdir, known) == []
+
+
+def test_nginx_refuses_a_token_without_the_key(setup: Setup) -> None:
+    token = setup.hsm.token()
+    cert = setup.root / "nginx-cert-missing.pem"
+    _certificate(setup.keys["RSA"].private, cert)
+    workdir = setup.root / "nginx-missing"
+    result = nginx.run_script(
+        "--port", str(free_port()), "--cert", str(cert), "--token", token.label, "--object", "RSAKEY", "--pin",
+        token.pin, "--module", setup.hsm.module, "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (
+        f"nginx: the token {token.label} has no private key RSAKEY; run keybroker-client provision first"
+        in result.stderr
+    )
+    assert nginx.nginx_pids(workdir) == []
+    assert not (workdir / "logs" / "nginx.pid").exists()
+
+
+def test_released_key_bytes_are_nowhere_on_disk(setup: Setup) -> None:
+    control = Key(str(uuid.uuid4()), os.urandom(32))  # the scan finds bytes that are there
+    (setup.root / "control.bin").write_bytes(b"x" + control.material + b"y")
+    assert leaked(setup, control) == [str(setup.root / "control.bin")]
+    (setup.root / "control.bin").unlink()
+    token = setup.hsm.token()
+    lines = [
+        keys_line(token, setup.keys["RSA"], "RSAKEY"),
+        keys_line(token, setup.keys["EC"], "ECKEY"),
+        keys_line(token, setup.keys["AES"], "AESKEY", "secret-key"),
+    ]
+    assert provision(setup, lines).returncode == 0
+    assert any(setup.hsm.tokendir.rglob("*.object"))
+    for name in ("RSA", "EC", "AES"):
+        assert leaked(setup, setup.keys[name]) == [], name
+    print("\ntimings: " + json.dumps({k: round(v, 3) for k, v in setup.timings.items()}, indent=1))

@@ -1,0 +1,88 @@
+"""nginx serving TLS with its key in a PKCS#11 token, through ``scripts/nginx-pkcs11.sh`` (the libp11 engine route).
+
+The script daemonises nginx; the master's pid is in ``WORKDIR/logs/nginx.pid``. ``stop`` sends it SIGQUIT (through the
+script's ``--stop``), and ``leftovers`` finds any nginx master of a work directory, or worker of a known master, that
+is still alive (zombies waiting to be reaped by init do not count).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "nginx-pkcs11.sh"
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a live process, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def _alive_nginx(pid: int) -> bool:
+    stat = _stat(pid)
+    if stat is None or stat[0] == "Z":
+        return False
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "nginx"
+    except OSError:
+        return False
+
+
+def nginx_pids(workdir: Path) -> list[int]:
+    """The live masters whose command line names ``workdir``'s nginx.conf, and their workers."""
+    conf = f"{workdir}/nginx.conf"
+    masters: list[int] = []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        stat = _stat(pid)
+        if stat is None or stat[0] == "Z":
+            continue
+        children.setdefault(stat[1], []).append(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if conf in cmdline and _alive_nginx(pid):
+            masters.append(pid)
+    return masters + [child for m in masters for child in children.get(m, []) if _alive_nginx(child)]
+
+
+def run_script(*args: str, softhsm_conf: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "SOFTHSM2_CONF")}
+    if softhsm_conf is not None:
+        env["SOFTHSM2_CONF"] = str(softhsm_conf)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def stop(workdir: Path) -> subprocess.CompletedProcess[str]:
+    return run_script("--stop", "--workdir", str(workdir))
+
+
+def leftovers(workdir: Path, known: list[int]) -> list[int]:
+    return sorted(set(nginx_pids(workdir)) | {pid for pid in known if _alive_nginx(pid)})
+
+
+def served_certificate(port: int, cafile: Path, timeout: float = 10.0) -> tuple[bytes, str]:
+    """Handshake with verification against ``cafile`` (hostname 127.0.0.1): (the server's DER cert, TLS version)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der, str(tls.version())
