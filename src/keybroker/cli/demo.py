@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +41,72 @@ def _keybroker(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([sys.executable, "-m", "keybroker", *args], check=True, capture_output=True, env=env)  # noqa: S603
 
 
+@dataclass
+class DemoServer:
+    """A keybroker server process trusting a simulated TEE, with its collateral imported."""
+
+    base: Path
+    sim: Path
+    data: Path
+    url: str
+    admin: httpx.Client
+
+
+@contextlib.contextmanager
+def demo_server(base: Path) -> Iterator[DemoServer]:
+    """``sim init`` + collateral, ``keybroker init`` and ``serve`` on a free port; stopped on exit."""
+    from keybroker.attestation.collateral import bundle_upload
+
+    sim, data = base / "sim", base / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
+    env["KEYBROKER_ATTESTATION__SIMULATED_ROOT"] = str(sim / "root-ca.pem")
+    _say(f"simulated TEE and collateral in {sim}")
+    _keybroker("sim", "init", str(sim))
+    _keybroker("sim", "collateral", str(sim), "--out", str(sim / "collateral"))
+    _say(f"keybroker init --data-dir {data}")
+    _keybroker("init", "--data-dir", str(data), env=env)
+    port = _free_port()
+    url = f"https://127.0.0.1:{port}"
+    with (base / "server.log").open("wb") as log, contextlib.ExitStack() as stack:
+        server = subprocess.Popen(  # noqa: S603 - this very interpreter, fixed arguments
+            [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+        def stop_server() -> None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+
+        stack.callback(stop_server)
+        ca = ssl.create_default_context(cafile=str(data / "ca.pem"))
+        token = (data / "admin-token").read_text().strip()
+        admin = stack.enter_context(
+            httpx.Client(base_url=url, verify=ca, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        )
+        for _ in range(300):
+            if server.poll() is not None:
+                break
+            try:
+                if admin.get("/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            output.stderr.print(f"[red]keybroker did not start; see {base / 'server.log'}[/red]")
+            raise typer.Exit(1)
+        if server.poll() is not None:
+            output.stderr.print(f"[red]keybroker exited; see {base / 'server.log'}[/red]")
+            raise typer.Exit(1)
+        _say(f"keybroker serving on {url} (trusting the simulated TEE, with a warning in its log)")
+        for tee in ("sgx", "tdx"):
+            items = bundle_upload(sim / "collateral" / tee)
+            admin.post("/collateral/v1/items", json={"items": items}).raise_for_status()
+        _say("imported the simulated platform's collateral")
+        yield DemoServer(base, sim, data, url, admin)
+
+
 @handled
 def demo(  # noqa: PLR0915 - a narrative, step by step
     directory: Annotated[Path | None, typer.Option("--dir", help="Keep everything here (default: a temp dir).")] = None,
@@ -53,44 +121,8 @@ def demo(  # noqa: PLR0915 - a narrative, step by step
     from keybroker_client.evidence import SimulatedEvidence
 
     base = directory or Path(tempfile.mkdtemp(prefix="keybroker-demo-"))
-    sim, data = base / "sim", base / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
-    env["KEYBROKER_ATTESTATION__SIMULATED_ROOT"] = str(sim / "root-ca.pem")
-    _say(f"simulated TEE and collateral in {sim}")
-    _keybroker("sim", "init", str(sim))
-    _keybroker("sim", "collateral", str(sim), "--out", str(sim / "collateral"))
-    _say(f"keybroker init --data-dir {data}")
-    _keybroker("init", "--data-dir", str(data), env=env)
-    port = _free_port()
-    url = f"https://127.0.0.1:{port}"
-    log = (base / "server.log").open("wb")
-    server = subprocess.Popen(  # noqa: S603 - this very interpreter, fixed arguments
-        [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    stack = contextlib.ExitStack()
-    try:
-        ca = ssl.create_default_context(cafile=str(data / "ca.pem"))
-        token = (data / "admin-token").read_text().strip()
-        admin = httpx.Client(base_url=url, verify=ca, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        stack.callback(admin.close)
-        for _ in range(300):
-            try:
-                if admin.get("/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            raise typer.Exit(1)
-        _say(f"keybroker serving on {url} (trusting the simulated TEE, with a warning in its log)")
-        from keybroker.attestation.collateral import bundle_upload
-
-        for tee in ("sgx", "tdx"):
-            items = bundle_upload(sim / "collateral" / tee)
-            admin.post("/collateral/v1/items", json={"items": items}).raise_for_status()
-        _say("imported the simulated platform's collateral")
+    with demo_server(base) as running:
+        sim, data, url, admin = running.sim, running.data, running.url, running.admin
         policy_document = {
             "attestation_type": "SGX",
             "allow_simulated": True,
@@ -148,9 +180,4 @@ def demo(  # noqa: PLR0915 - a narrative, step by step
                 _say(f"a second workload (MRENCLAVE {OTHER.hex()[:16]}…) was refused: {refusal.code} ({reasons})")
         audit = admin.get("/kbs/v1/audit", params={"target": keys["AES"]}).json()
         _say("audit trail of the AES key: " + json.dumps([(e["action"], e["outcome"]) for e in audit]))
-    finally:
-        stack.close()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
     output.stderr.print(f"done; files in {base}", highlight=False)

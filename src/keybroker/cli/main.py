@@ -18,6 +18,7 @@ from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
 from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled, remote, segment
 from keybroker.cli.demo import demo
+from keybroker.cli.demo_nginx import demo_nginx
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 from keybroker.cli.sim import sim_app
@@ -47,7 +48,23 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(attestation_app, name="attestation")
 app.add_typer(collateral_app, name="collateral")
 app.add_typer(sim_app, name="sim")
-app.command("demo")(demo)
+demo_app = typer.Typer(
+    help="See keybroker work end to end on this machine (simulated TEE).", invoke_without_command=True
+)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.callback()
+def demo_main(
+    ctx: typer.Context,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Keep everything here (default: a temp dir).")] = None,
+) -> None:
+    """Without a subcommand: release an AES-256 and an RSA-3072 key to an attested workload, refuse another."""
+    if ctx.invoked_subcommand is None:
+        demo(directory)
+
+
+demo_app.command("nginx")(demo_nginx)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,211 @@
+"""``keybroker demo nginx``: the guide's workload end to end on this machine.
+
+keybroker (simulated TEE) holds an RSA-3072 key under a policy naming one MRENCLAVE and issues a certificate for it;
+the workload agent (``keybroker-client provision``) attests, fetches the key and imports it into a SoftHSM2 token as
+a non-extractable private key; nginx serves TLS with ``ssl_certificate_key "engine:pkcs11:..."`` from that token
+(``scripts/nginx-pkcs11.sh``). Then a workload with another MRENCLAVE is refused and its nginx does not start.
+Runs until Ctrl-C, then stops nginx and keybroker and removes its files (unless ``--dir`` was given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from keybroker.cli import output
+from keybroker.cli.common import handled
+from keybroker.cli.demo import DemoServer, _free_port, _say, demo_server
+
+MRENCLAVE = bytes.fromhex("5eed" * 16)
+OTHER = bytes.fromhex("bad0" * 16)
+TOKEN, OBJECT, PIN = "KMS", "RSAKEY", "1234"  # as in the guide's keys.txt
+MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+)
+
+
+def _script() -> Path:
+    script = Path(__file__).resolve().parents[3] / "scripts" / "nginx-pkcs11.sh"
+    if not script.exists():
+        raise typer.BadParameter("scripts/nginx-pkcs11.sh is not here: run the demo from a keybroker checkout")
+    return script
+
+
+def _module() -> str:
+    for candidate in MODULES:
+        if Path(candidate).exists():
+            return candidate
+    output.stderr.print("[red]SoftHSM2 is not installed: bash scripts/bootstrap.sh --test (as root)[/red]")
+    raise typer.Exit(1)
+
+
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603
+
+
+def _show(result: subprocess.CompletedProcess[str]) -> None:
+    for line in (result.stdout + result.stderr).splitlines():
+        output.stdout.print(f"    {line}", highlight=False, markup=False)
+
+
+def _provision(running: DemoServer, base: Path, name: str, mrenclave: bytes, key_id: str, env: dict[str, str]) -> int:
+    keys_txt = base / f"keys-{name}.txt"
+    keys_txt.write_text(f"pkcs11:token={name};id={key_id};object={OBJECT};type=private;pin-value={PIN};\n")
+    keys_txt.chmod(0o600)  # it holds the token PIN, as in the guide
+    _say(f"keybroker-client provision --keys {keys_txt.name} (workload MRENCLAVE {mrenclave.hex()[:16]}…)")
+    result = _run(
+        [
+            sys.executable, "-m", "keybroker_client.cli", "provision", "--keys", str(keys_txt),
+            "--pkcs11-module", _module(), "--kbs", running.url, "--ca", str(running.data / "ca.pem"),
+            "--evidence", f"sim:{running.sim}:sgx:mrenclave={mrenclave.hex()}",
+            "--init-token", "--so-pin-file", str(base / "so-pin"),
+        ],
+        env,
+    )  # fmt: skip
+    _show(result)
+    return result.returncode
+
+
+def _handshake(port: int, ca_file: Path) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        served = tls.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+@handled
+def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
+    directory: Annotated[Path | None, typer.Option("--dir", help="Keep everything here (default: a temp dir).")] = None,
+    port: Annotated[int, typer.Option("--port", help="nginx's HTTPS port (default: a free one).")] = 0,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Keep nginx running until Ctrl-C.")] = True,
+) -> None:
+    """The guide's Nginx workload: attested key release into a PKCS#11 token, nginx serving TLS with it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    script = _script()
+    base = directory or Path(tempfile.mkdtemp(prefix="keybroker-nginx-"))
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)  # nginx's workers (nobody when run as root) must reach the token and their work directory
+    port = port or _free_port()
+    tokens = base / "softhsm" / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True)
+    conf = base / "softhsm" / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    so_pin = base / "so-pin"
+    so_pin.write_text(os.urandom(8).hex())
+    so_pin.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
+    env["SOFTHSM2_CONF"] = str(conf)
+    nginx_dir = base / "nginx"
+    stop_nginx = [str(script), "--stop", "--workdir", str(nginx_dir)]
+    try:
+        with demo_server(base) as running:
+            admin = running.admin
+            policy = {
+                "attestation_type": "SGX",
+                "allow_simulated": True,
+                "sgx": {"attributes": {"mrenclave": [MRENCLAVE.hex()]}},
+            }
+            policy_id = admin.post("/kbs/v1/key-transfer-policies", json=policy).json()["id"]
+            key = admin.post(
+                "/kbs/v1/keys",
+                json={
+                    "key_information": {"algorithm": "RSA", "key_length": 3072},
+                    "transfer_policy_id": policy_id,
+                    "label": "nginx",
+                },
+            ).json()
+            key_id = key["id"]
+            _say(f"RSA-3072 key {key_id} generated in keybroker; policy: SGX, MRENCLAVE {MRENCLAVE.hex()[:16]}…")
+            issued = admin.post(
+                f"/kbs/v1/keys/{key_id}/certificate",
+                json={"subject": "CN=127.0.0.1", "san": ["IP:127.0.0.1", "DNS:localhost"], "days": 30},
+            )
+            issued.raise_for_status()
+            cert = base / f"{key_id}.crt"
+            cert.write_text(issued.json()["certificate"])
+            _say(f"keybroker key certify {key_id} --subject CN=127.0.0.1 --san IP:127.0.0.1 → {cert.name}")
+            if _provision(running, base, TOKEN, MRENCLAVE, key_id, env) != 0:
+                raise typer.Exit(1)
+            _say(
+                f"nginx on 127.0.0.1:{port}: "
+                f'ssl_certificate_key "engine:pkcs11:pkcs11:token={TOKEN};object={OBJECT};..."'
+            )
+            started = _run(
+                [str(script), "--port", str(port), "--cert", str(cert), "--token", TOKEN, "--object", OBJECT,
+                 "--pin", PIN, "--module", _module(), "--workdir", str(nginx_dir), "--softhsm-conf", str(conf)],
+                env,
+            )  # fmt: skip
+            _show(started)
+            if started.returncode != 0:
+                raise typer.Exit(1)
+            try:
+                served = x509.load_der_x509_certificate(_handshake(port, running.data / "ca.pem"))
+                reported = admin.get(f"/kbs/v1/keys/{key_id}/certificate").json()["public_key"]
+                spki = served.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                same = spki.decode() == reported
+                _say(
+                    "TLS handshake with nginx: OK; the served certificate's public key "
+                    + ("is" if same else "is NOT")
+                    + f" the one keybroker reports for key {key_id}"
+                )
+                if not same:
+                    raise typer.Exit(1)
+                _say("a second workload with another MRENCLAVE asks for the same key for its own token KMS2:")
+                refused = _provision(running, base, "KMS2", OTHER, key_id, env)
+                _say(f"  the agent exited {refused}: nothing was imported")
+                other = _run(
+                    [str(script), "--port", str(_free_port()), "--cert", str(cert), "--token", "KMS2", "--object",
+                     OBJECT, "--pin", PIN, "--module", _module(), "--workdir", str(base / "nginx2"),
+                     "--softhsm-conf", str(conf)],
+                    env,
+                )  # fmt: skip
+                _show(other)
+                _say(f"  its nginx did not start (exit {other.returncode})")
+                output.stdout.print(
+                    f"\n[bold]nginx is serving with a key released only after attestation:[/bold]\n"
+                    f"  curl --cacert {running.data / 'ca.pem'} https://127.0.0.1:{port}/\n",
+                    highlight=False,
+                )
+                if wait:
+                    output.stderr.print("Ctrl-C stops nginx and keybroker and removes the demo's files.")
+                    _wait_for_interrupt()
+            finally:
+                _run(stop_nginx, env)
+                _say("nginx stopped")
+    finally:
+        if directory is None:
+            shutil.rmtree(base, ignore_errors=True)
+    output.stderr.print("done", highlight=False)
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
