@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from keybroker_client._errors import KeybrokerClientError
 
@@ -146,6 +146,30 @@ _HEX_FIELDS = frozenset({"mrenclave", "mrsigner", "config_id", "mrtd", "mrconfig
 _INT_FIELDS = frozenset({"isvprodid", "isvsvn", "config_svn"})
 
 
+def _sim_fields(fields: str) -> tuple[str, dict[str, Any]]:
+    """The ``FIELD=VALUE,...`` part of a ``sim:`` spec: the platform and the measurements."""
+    measurements: dict[str, Any] = {}
+    platform = "default"
+    for item in filter(None, fields.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"evidence field {item!r} is not NAME=VALUE")
+        if name == "platform":
+            platform = value
+        elif name in _HEX_FIELDS:
+            try:
+                measurements[name] = bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"evidence field {name} must be hex") from None
+        elif name in _INT_FIELDS:
+            if not value.isdigit():
+                raise ValueError(f"evidence field {name} must be a decimal integer")
+            measurements[name] = int(value)
+        else:
+            raise ValueError(f"unknown evidence field {name!r}")
+    return platform, measurements
+
+
 def from_spec(spec: str) -> EvidenceProvider:
     """``sim:DIR[:sgx|tdx][:FIELD=VALUE,...]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's ``--evidence``).
 
@@ -158,25 +182,7 @@ def from_spec(spec: str) -> EvidenceProvider:
         tee, _, fields = rest.partition(":")
         if "=" in tee:  # sim:DIR:FIELD=VALUE (the TEE left out)
             tee, fields = "", rest
-        measurements: dict[str, object] = {}
-        platform = "default"
-        for item in filter(None, fields.split(",")):
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"evidence field {item!r} is not NAME=VALUE")
-            if name == "platform":
-                platform = value
-            elif name in _HEX_FIELDS:
-                try:
-                    measurements[name] = bytes.fromhex(value)
-                except ValueError:
-                    raise ValueError(f"evidence field {name} must be hex") from None
-            elif name in _INT_FIELDS:
-                if not value.isdigit():
-                    raise ValueError(f"evidence field {name} must be a decimal integer")
-                measurements[name] = int(value)
-            else:
-                raise ValueError(f"unknown evidence field {name!r}")
+        platform, measurements = _sim_fields(fields)
         try:
             return SimulatedEvidence(directory, tee or "sgx", platform=platform, **measurements)
         except TypeError:
