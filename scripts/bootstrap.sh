@@ -27,7 +27,15 @@ if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "bootstrap: installing Debian packages: ${apt_needed[*]}" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_needed[@]}" >/dev/null
+    # The tests start nginx themselves on free loopback ports: keep the package from starting a system nginx on
+    # port 80 (policy-rc.d exiting 101 tells invoke-rc.d not to start services), unless the machine has its own.
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_needed[@]}" >/dev/null \
+      || { if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit 1; }
+    if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   else
     echo "bootstrap: please install: sudo apt-get install ${apt_needed[*]}" >&2
     exit 1
