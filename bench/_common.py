@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import json as _json
 import math
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +81,68 @@ def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+class LeanResponse:
+    """What the load loops read of a response (the subset of ``httpx.Response`` they use)."""
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return _json.loads(self.content)
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise ValueError(f"HTTP {self.status_code}: {self.text[:200]}")
+
+
+class LeanClient:
+    """A keep-alive HTTP/1.1 client on ``http.client`` for load loops: the same requests as ``httpx.Client``
+    (TLS verified against the same context) for a fraction of its CPU, so that the load generator sharing the
+    machine takes less from the server. One per thread; reconnects once if the server closed the connection."""
+
+    def __init__(self, base_url: str, verify: ssl.SSLContext | bool, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        host, port = parts.hostname or "127.0.0.1", parts.port
+        if parts.scheme == "https":
+            context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+            self._connect: Callable[[], http.client.HTTPConnection] = lambda: http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=context
+            )
+        else:
+            self._connect = lambda: http.client.HTTPConnection(host, port, timeout=timeout)
+        self._connection = self._connect()
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> LeanResponse:
+        for attempt in (1, 2):
+            try:
+                self._connection.request(method, path, body=body, headers=headers)
+                response = self._connection.getresponse()
+                return LeanResponse(response.status, response.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()
+                self._connection = self._connect()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def post(
+        self, path: str, json: Any = None, content: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> LeanResponse:
+        sent = dict(headers or {})
+        if json is not None:
+            content = _json.dumps(json).encode()
+            sent.setdefault("Content-Type", "application/json")
+        return self.request("POST", path, content or b"", sent)
+
+    def get(self, path: str) -> LeanResponse:
+        return self.request("GET", path, None, {})
+
+    def close(self) -> None:
+        self._connection.close()

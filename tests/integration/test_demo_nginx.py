@@ -113,8 +113,12 @@ def test_demo_nginx_serves_tls_with_the_attested_key_and_refuses_the_other_workl
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGINT)  # its own clean-up stops keybroker and nginx; SIGKILL would orphan them
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         subprocess.run(
             [
                 "bash",

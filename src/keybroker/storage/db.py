@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +46,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
+        # The pool keeps as many connections as the server has worker threads (anyio's default is 40): opening a
+        # SQLite connection runs the PRAGMAs below and closing one may checkpoint the WAL, so overflow connections
+        # that are opened and thrown away per request cost more than the query they serve.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+            pool_size=40,
+            max_overflow=24,
+        )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     # hide_parameters: SQL errors never carry the bound values (ciphertexts, labels, token hashes) into logs.
@@ -61,15 +73,55 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class _WriterLock:
+    """Orders SQLite writers: threads of this process on an RLock, processes (``server.workers`` > 1, the CLI) on
+    an ``flock`` of a file beside the database. SQLite itself resolves writer contention by sleeping and retrying
+    (1, 2, 5 ... 100 ms), which turns a busy moment into long tail latencies; a blocked ``flock`` wakes as soon as
+    the holder lets go."""
+
+    def __init__(self, database_file: str | None) -> None:
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+        if database_file:
+            with contextlib.suppress(OSError):  # read-only or odd locations: threads are still ordered
+                self._fd = os.open(f"{database_file}.writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def acquire(self) -> None:
+        self._thread_lock.acquire()
+        self._depth += 1
+        if self._depth == 1 and self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._depth -= 1
+                self._thread_lock.release()
+                raise
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Database:
     """Owns the engine and hands out sessions; each ``transaction()`` commits or rolls back as a unit."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        # SQLite has one writer at a time and resolves contention by sleeping (up to 100 ms a try). Writers of this
-        # process queue on a lock instead; other processes still meet SQLite's own locking.
-        self._write_lock: threading.RLock | None = threading.RLock() if engine.dialect.name == "sqlite" else None
+        # SQLite has one writer at a time: writers queue on _WriterLock instead of SQLite's sleeping busy handler.
+        self._write_lock: _WriterLock | None = None
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database
+            file_backed = bool(database) and database != ":memory:" and not str(database).startswith("file:")
+            self._write_lock = _WriterLock(database if file_backed else None)
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -108,3 +160,5 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()
