@@ -28,6 +28,11 @@ from keybroker.errors import ConfigurationError, InvalidRequest
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
+# A second CA, for certificates of keys keybroker releases to workloads (the Nginx flow). Never the service CA:
+# clients trust the service CA to authenticate keybroker itself, and a certificate for a key that a key manager
+# imported must not be able to impersonate keybroker.
+WORKLOAD_CA_CERT = "workload-ca.pem"
+WORKLOAD_CA_KEY = "workload-ca-key.pem"
 PASSPHRASE_FILE = "tls-passphrase.wrapped"  # noqa: S105 - a file name
 SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server-key.pem"
@@ -68,16 +73,23 @@ class ServerCertificate:
 
 
 class ServiceCA:
-    def __init__(self, data_dir: Path, wrapper: KeyWrapper) -> None:
+    def __init__(self, data_dir: Path, wrapper: KeyWrapper, cert_file: str = CA_CERT, key_file: str = CA_KEY) -> None:
         self._dir = data_dir
         self._wrapper = wrapper
+        self._cert_file = cert_file
+        self._key_file = key_file
+
+    @classmethod
+    def workload(cls, data_dir: Path, wrapper: KeyWrapper) -> ServiceCA:
+        """The CA of key certificates (``WORKLOAD_CA_CERT``), separate from the service CA."""
+        return cls(data_dir, wrapper, WORKLOAD_CA_CERT, WORKLOAD_CA_KEY)
 
     @property
     def cert_path(self) -> Path:
-        return self._dir / CA_CERT
+        return self._dir / self._cert_file
 
     def exists(self) -> bool:
-        return self.cert_path.is_file() and (self._dir / CA_KEY).is_file()
+        return self.cert_path.is_file() and (self._dir / self._key_file).is_file()
 
     # --- the passphrase that encrypts private keys on disk ------------------------------------------------
 
@@ -124,7 +136,7 @@ class ServiceCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384())
         )
-        _write(self._dir / CA_KEY, self._encrypted(key))
+        _write(self._dir / self._key_file, self._encrypted(key))
         _write(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def certificate_pem(self) -> bytes:
@@ -135,7 +147,7 @@ class ServiceCA:
 
     def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert = x509.load_pem_x509_certificate(self.certificate_pem())
-        key = serialization.load_pem_private_key((self._dir / CA_KEY).read_bytes(), password=self._passphrase())
+        key = serialization.load_pem_private_key((self._dir / self._key_file).read_bytes(), password=self._passphrase())
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigurationError("the CA key is not an EC key")
         return cert, key

@@ -347,12 +347,20 @@ class Settings(BaseSettings):
         assert source.file is not None
         path = self.resolve(source.file)
         try:
-            mode = path.stat().st_mode
-            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+            # The mode and owner of the file actually read (fstat of the open file, not a stat before opening).
+            with path.open("rb") as handle:
+                status = os.fstat(handle.fileno())
+                raw = handle.read(65536)
         except OSError as exc:
             raise ConfigurationError(f"{what}: cannot read {path}: {exc.strerror}") from None
-        if mode & 0o077:
+        if status.st_mode & 0o077:
             raise ConfigurationError(f"{what}: {path} is readable by others; chmod 600 it")
+        if status.st_uid not in {os.geteuid(), 0}:
+            raise ConfigurationError(f"{what}: {path} belongs to another user; keybroker's user must own it")
+        try:
+            value = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{what}: {path} is not UTF-8 text") from None
         if not value:
             raise ConfigurationError(f"{what}: {path} is empty")
         return value

@@ -58,6 +58,7 @@ class Services:
     transfer: TransferService
     upstream: PcsClient | None = None
     backends: Backends | None = None
+    workload_ca: ServiceCA | None = None  # signs key certificates (never the service CA: see ca.WORKLOAD_CA_CERT)
 
     def close(self) -> None:
         if self.upstream is not None:
@@ -144,6 +145,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         transfer,
         upstream,
         backends,
+        ServiceCA.workload(settings.data_dir, wrapper),
     )
 
 
@@ -243,6 +245,7 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
                 held.prepare()
             service_wrapper = backends.service_wrapper
             ServiceCA(data_dir, service_wrapper).create(clock.now(), "keybroker service CA")
+            ServiceCA.workload(data_dir, service_wrapper).create(clock.now(), "keybroker workload CA")
         finally:
             backends.close()
         audit = AuditLog(database, clock)

@@ -196,6 +196,9 @@ def test_readyz_reports_an_unreachable_backend(
         raise BackendUnavailable("connection refused")
 
     monkeypatch.setattr(services.keys.backends["embedded"], "check", down)
+    # Within READY_CACHE_SECONDS the last answer is reused: a public endpoint must not drive backend round trips.
+    assert api.get("/readyz").status_code == 200
+    monkeypatch.setattr("keybroker.api.routes.ops.READY_CACHE_SECONDS", 0.0)
     response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {

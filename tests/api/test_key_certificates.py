@@ -56,7 +56,13 @@ def test_certificate_for_a_key_matches_it_and_chains_to_the_service_ca(
     body = response.json()
     chain = x509.load_pem_x509_certificates(body["certificate"].encode())
     leaf, ca = chain
-    assert ca.public_bytes(PEM) == services.ca.certificate_pem()
+    assert services.workload_ca is not None
+    assert ca.public_bytes(PEM) == services.workload_ca.certificate_pem()
+    # Never signed by the service CA that keybroker's own clients trust: it cannot impersonate keybroker.
+    service_ca = x509.load_pem_x509_certificate(services.ca.certificate_pem())
+    assert ca != service_ca
+    with pytest.raises((ValueError, TypeError)):
+        leaf.verify_directly_issued_by(service_ca)
     assert leaf.public_key().public_bytes(
         PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ) == key.public_key().public_bytes(PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -3,7 +3,6 @@ and v2, embedded + Transit KEK, embedded + PKCS#11 KEK (SoftHSM2), and KMIP (PyK
 
 from __future__ import annotations
 
-import base64
 import os
 import threading
 import uuid
@@ -93,11 +92,7 @@ def store(services: Services) -> KeyStore:
 @pytest.mark.parametrize("spec_name", sorted(SPECS))
 def test_round_trip_of_each_key_type(store: KeyStore, spec_name: str) -> None:
     spec = SPECS[spec_name]
-    if not store.supports(spec):
-        # Capability honesty: a store that says it cannot hold a spec refuses it, and never half-stores it.
-        with pytest.raises(BackendUnsupported):
-            store.put(new_id(), material(spec))
-        return
+    assert store.supports(spec)  # every backend here holds every key type keybroker has (capability honesty)
     key_id, stored = new_id(), material(spec)
     ref = store.put(key_id, stored)
     got = store.get(key_id, ref, spec)
@@ -184,14 +179,19 @@ def test_capabilities_are_honest(services: Services, store: KeyStore) -> None:
     assert registering == isinstance(store, RegisteringKeyStore)
     policy = services.policies.create(TransferPolicyDocument.model_validate(sgx_policy()), SYSTEM)
     new = NewKey(SPECS["AES-256"], PolicyId(policy.id), kmip_key_id="1")
-    if not registering:
+    if registering:
+        services.keys.check_new(new)  # accepted up to the backend's own look at the object
+    else:
         with pytest.raises(BackendUnsupported):
             services.keys.check_new(new)
 
 
-def test_check_passes_and_repr_shows_no_secret(store: KeyStore, backend_config: dict[str, Any]) -> None:
+def test_check_passes_and_repr_shows_no_secret(
+    store: KeyStore, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.check()
-    shown = repr(store)
-    for secret in ("root", "1234"):
-        assert f"'{secret}'" not in shown
-    assert base64.b64encode(b"\0" * 8).decode() not in shown
+    shown = repr(store) + str(store)
+    assert "root" not in shown  # the OpenBao token (ROOT_TOKEN)
+    if backend_name == "embedded-pkcs11":
+        assert os.environ["KB_TEST_HSM_PIN"] not in shown
+    assert "secret" not in shown.lower()

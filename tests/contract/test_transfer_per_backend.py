@@ -64,7 +64,7 @@ def test_transfer_of_keys_in_each_backend(world: World, backend_name: str) -> No
         assert released.status_code == 200, released.text
         assert released_bytes(released) == expected
         transferred += 1
-    assert transferred >= 2
+    assert transferred == len(cases)  # every backend here holds AES, RSA and EC keys
 
 
 @pytest.mark.parametrize("backend_name", ["kmip"], indirect=True)

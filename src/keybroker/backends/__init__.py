@@ -3,6 +3,7 @@ libraries (hvac, PyKMIP, python-pkcs11) are imported only when a backend that ne
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigurationError
 from keybroker.storage.db import Database
+
+SERVICE_KEK_RECORD = "tls-passphrase.wrapped"  # ca.PASSPHRASE_FILE: the first of the service's secrets, with its KEK
 
 __all__ = [
     "Backends",
@@ -67,9 +70,8 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
                 from keybroker.backends.kmip import KmipKeyStore
 
                 stores[name] = KmipKeyStore.from_settings(name, settings, backend)
-        default = settings.keys.default_backend
-        service = wrappers.get(default) or next(iter(wrappers.values()), None)
         extra: tuple[KeyWrapper, ...] = ()
+        service = _service_wrapper(settings, wrappers)
         if service is None:
             service = build_wrapper(settings, LocalWrapperSettings(), clock)
             extra = (service,)
@@ -80,6 +82,33 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
             wrapper.close()
         raise
     return Backends(stores, service, (*wrappers.values(), *extra))
+
+
+def _service_wrapper(settings: Settings, wrappers: Mapping[str, KeyWrapper]) -> KeyWrapper | None:
+    """The wrapper of keybroker's own secrets: the one whose KEK protected them at ``init`` (recorded beside the
+    CA), so that changing ``keys.default_backend`` later does not lock the service out of its own keys; before
+    ``init``, the default backend's, else the first embedded backend's."""
+    recorded = _recorded_service_kek(settings)
+    if recorded is not None:
+        for wrapper in wrappers.values():
+            if wrapper.kek_id == recorded:
+                return wrapper
+        if recorded.startswith("local:") and settings.resolve(LocalWrapperSettings().master_key_file).exists():
+            return None  # the data directory's master key file (the fallback wrapper) may hold it
+        raise ConfigurationError(
+            f"keybroker's own keys (CA, TLS, nonce and token keys) are protected by KEK {recorded}, which no "
+            "configured embedded backend holds; configure the backend whose wrapper has that KEK"
+        )
+    return wrappers.get(settings.keys.default_backend) or next(iter(wrappers.values()), None)
+
+
+def _recorded_service_kek(settings: Settings) -> str | None:
+    try:
+        record = json.loads((settings.data_dir / SERVICE_KEK_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    kek_id = record.get("kek_id") if isinstance(record, dict) else None
+    return kek_id if isinstance(kek_id, str) else None
 
 
 def build_wrapper(settings: Settings, wrapper: WrapperSettings, clock: Clock) -> KeyWrapper:

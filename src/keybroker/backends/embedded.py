@@ -50,6 +50,7 @@ class EmbeddedKeyStore:
         row = EmbeddedMaterialRow(
             ref=ref,
             key_id=key_id,
+            backend=self.name,
             kek_id=self._wrapper.kek_id,
             wrapped_dek=self._wrapper.wrap(dek, context),
             ciphertext=seal(dek, material.secret, context),
@@ -80,7 +81,12 @@ class EmbeddedKeyStore:
 
     def purge(self, key_id: KeyId) -> None:
         with self._db.transaction(write=True) as session:
-            session.execute(delete(EmbeddedMaterialRow).where(EmbeddedMaterialRow.key_id == key_id))
+            session.execute(
+                delete(EmbeddedMaterialRow).where(
+                    EmbeddedMaterialRow.key_id == key_id,
+                    (EmbeddedMaterialRow.backend == self.name) | (EmbeddedMaterialRow.backend.is_(None)),
+                )
+            )
 
     def check(self) -> None:
         self._db.ping()
@@ -91,8 +97,9 @@ class EmbeddedKeyStore:
 
     def kek_ids(self) -> set[str]:
         """The KEKs that wrapped the stored data keys (to refuse starting with the wrong master key)."""
+        mine = (EmbeddedMaterialRow.backend == self.name) | (EmbeddedMaterialRow.backend.is_(None))
         with self._db.transaction() as session:
-            return set(session.scalars(select(EmbeddedMaterialRow.kek_id).distinct()))
+            return set(session.scalars(select(EmbeddedMaterialRow.kek_id).where(mine).distinct()))
 
     @property
     def wrapper(self) -> KeyWrapper:

@@ -412,6 +412,13 @@ class KmipKeyStore:
         missing = UnknownReference(f"KMIP object {object_id!r} does not exist", code="kmip_object_not_found")
         if not _valid_uid(object_id):
             raise missing
+        if any(name.startswith(NAME_PREFIX) for name in self._names(object_id, missing)):
+            # keybroker's own objects hold keys under their own transfer policies: adopting one under another
+            # policy would release it to whoever that policy allows.
+            raise InvalidKeyMaterial(
+                f"KMIP object {object_id} is a key keybroker stored itself; it cannot be registered again",
+                code="kmip_object_managed",
+            )
         obj = self._object(object_id, missing)
         try:
             _object_material(obj, spec, validate=True)

@@ -277,9 +277,16 @@ class Pkcs11KeyWrapper:
             self._call(conn, find_or_generate)
 
         self._run("prepare", create)
+        self.check()  # the new (or existing) KEK round-trips before anything is wrapped with it
 
     def check(self) -> None:
+        """The token answers, and a data key wrapped here opens again: an HSM that ignored the IV it was given
+        (some generate GCM IVs themselves) would otherwise make every wrapped key unrecoverable, silently."""
         self._run("check", lambda conn: self._probe(conn, self._kek(conn)))
+        probe = os.urandom(_KEK_BYTES)
+        context = b"keybroker/pkcs11/self-test"
+        if self.unwrap(self.wrap(probe, context), context, self.kek_id) != probe:
+            raise ConfigurationError(f"the KEK in token {self._token_label!r} does not round-trip AES-GCM")
 
     def close(self) -> None:
         with self._module.lock:

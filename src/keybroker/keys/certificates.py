@@ -3,12 +3,17 @@ step that gives Nginx a certificate matching the private key it will receive by 
 
 The public key is derived from the stored material inside keybroker; the private key never leaves. Each issued
 certificate is kept (newest first for GET) and audited in the same transaction; all go when the key is deleted.
+
+They are signed by the workload CA (``ca.WORKLOAD_CA_CERT``), not by the service CA that keybroker's own clients
+trust: whoever may certify keys (``keys:certify``) and import them (``keys:create``) must not be able to mint a
+certificate that impersonates keybroker itself.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ from keybroker.storage.db import Database
 from keybroker.storage.tables import KeyCertificateRow, KeyRow
 
 MAX_SANS = 100
+_CREATE_LOCK = threading.Lock()
 _DNS = re.compile(
     r"^(\*\.)?([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"
 )
@@ -122,6 +128,8 @@ class KeyCertificates:
         if not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise InvalidRequest("only RSA and EC keys can be certified", code="key_not_asymmetric")
         now = self._clock.now()
+        with _CREATE_LOCK:  # data directories initialised before the workload CA existed get it on first use
+            self._ca.create(now, "keybroker workload CA")
         cert = self._ca.certify_key(private.public_key(), name, entries, now, days)
         del private
         chain = cert.public_bytes(serialization.Encoding.PEM).decode() + self._ca.certificate_pem().decode()

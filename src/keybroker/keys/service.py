@@ -201,6 +201,11 @@ class KeyService:
         self._reserve(key_id, backend, new.transfer_policy_id)
         try:
             ref = store.put(key_id, material)
+        except Conflict:
+            # The backend already holds something under this key id that this attempt did not write (a chosen id
+            # that another deployment or the guide's own tooling used): it is not ours to remove.
+            self._release(key_id)
+            raise
         except BaseException:
             self._abandon(store, key_id)
             raise
@@ -215,6 +220,7 @@ class KeyService:
         if Capability.REGISTER_EXISTING not in store.capabilities or not isinstance(store, RegisteringKeyStore):
             raise BackendUnsupported(f"backend {backend!r} cannot register existing objects by kmip_key_id")
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
+        self._refuse_adopted_twice(backend, new.kmip_key_id)
         self._reserve(key_id, backend, new.transfer_policy_id)
         try:
             ref = store.register_existing(key_id, new.kmip_key_id, new.spec)
@@ -222,6 +228,17 @@ class KeyService:
             self._release(key_id)  # nothing was written to the backend
             raise
         return self._record_new(new, key_id, backend, ref, "register", audit, kmip_key_id=new.kmip_key_id)
+
+    def _refuse_adopted_twice(self, backend: str, object_id: str) -> None:
+        """One KMIP object, one key: a second key over the same object could carry a laxer transfer policy. (The
+        unique index on (backend, kmip_key_id) closes the race between two concurrent registrations.)"""
+        query = select(KeyRow.id).where(
+            KeyRow.backend == backend,
+            (KeyRow.kmip_key_id == object_id) | (KeyRow.backend_ref == object_id),
+        )
+        with self._db.transaction() as session:
+            if session.scalars(query.limit(1)).first() is not None:
+                raise Conflict(f"KMIP object {object_id} already backs a key", code="kmip_object_in_use")
 
     def _reserve(self, key_id: KeyId, backend: str, policy_id: PolicyId) -> None:
         """Commit the outbox row that reserves ``key_id`` before anything is written to a backend."""
@@ -289,10 +306,15 @@ class KeyService:
                 revision.bump(session)
                 session.add(row)
                 session.flush()  # the record's constraints are checked before the audit entry is written
-                session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
+                claimed = session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
+                if getattr(claimed, "rowcount", 1) != 1:
+                    # The reconciler took this create for abandoned (and purged its material): give up cleanly.
+                    raise BackendUnavailable("the key's write was interrupted; try again", code="key_write_interrupted")
                 self._audit.append(session, audit, AuditEvent("key.create", "success", key_id, details))
         except IntegrityError:
             self._undo_new(store, key_id, kmip_key_id)
+            if kmip_key_id is not None and self._adopted(backend, kmip_key_id):
+                raise Conflict(f"KMIP object {kmip_key_id} already backs a key", code="kmip_object_in_use") from None
             if not self._policies.exists(new.transfer_policy_id):
                 raise UnknownReference(
                     f"transfer_policy_id {new.transfer_policy_id} does not exist",
@@ -303,6 +325,11 @@ class KeyService:
             self._undo_new(store, key_id, kmip_key_id)
             raise
         return _record(row)
+
+    def _adopted(self, backend: str, object_id: str) -> bool:
+        with self._db.transaction() as session:
+            query = select(KeyRow.id).where(KeyRow.backend == backend, KeyRow.kmip_key_id == object_id).limit(1)
+            return session.scalars(query).first() is not None
 
     def _undo_new(self, store: KeyStore, key_id: KeyId, kmip_key_id: str | None) -> None:
         if kmip_key_id is None:
@@ -394,6 +421,7 @@ class KeyService:
             return  # registered objects belong to the KMIP server's owner; keybroker only forgets them
         try:
             store.delete(record.backend_ref)
+            store.purge(record.id)  # also a duplicate a retried write may have left under the key's name (KMIP)
         except BackendUnavailable:
             self._audit.record(
                 audit,
@@ -436,18 +464,45 @@ class KeyService:
                 continue
             store = self._stores.get(row.backend)
             if store is None:
-                waiting += 1
+                waiting += 1  # the backend is not configured (any more): keep the row for when it is
                 continue
+            if not self._claim(row):
+                continue  # another reconciler, or the create itself, got there first
             try:
-                with self._db.transaction() as session:
-                    exists = session.get(KeyRow, row.key_id) is not None
-                if row.operation == "create" and not exists:
+                if row.operation == "create":
                     store.purge(KeyId(row.key_id))
-                elif row.operation == "delete" and row.backend_ref is not None:
+                elif row.backend_ref is not None:
                     store.delete(BackendRef(row.backend_ref))
+                    store.purge(KeyId(row.key_id))
             except BackendUnavailable:
+                self._unclaim(row)
                 waiting += 1
                 continue
-            self._release(KeyId(row.key_id))
             finished += 1
         return ReconcileResult(finished, waiting)
+
+    def _claim(self, row: PendingMaterialRow) -> bool:
+        """Take the outbox row (a conditional delete), so that a create still in flight finds it gone and gives
+        up instead of writing a record whose material is being purged. False if someone else took it."""
+        with self._db.transaction(write=True) as session:
+            if row.operation == "create" and session.get(KeyRow, row.key_id) is not None:
+                return False  # (cannot happen: the record and the row's removal share a transaction)
+            taken = session.execute(
+                delete(PendingMaterialRow).where(
+                    PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.created_at == row.created_at
+                )
+            )
+            return bool(getattr(taken, "rowcount", 0) == 1)
+
+    def _unclaim(self, row: PendingMaterialRow) -> None:
+        with self._db.transaction(write=True) as session:
+            if session.get(PendingMaterialRow, row.key_id) is None:
+                session.add(
+                    PendingMaterialRow(
+                        key_id=row.key_id,
+                        backend=row.backend,
+                        backend_ref=row.backend_ref,
+                        operation=row.operation,
+                        created_at=row.created_at,
+                    )
+                )

@@ -44,6 +44,7 @@ class KeyRow(Base):
 
     __table_args__ = (
         Index("ix_keys_created", "created_at", "id"),
+        Index("ux_keys_backend_kmip", "backend", "kmip_key_id", unique=True),
         Index("ix_keys_transfer_policy", "transfer_policy_id"),
     )
 
@@ -55,6 +56,7 @@ class EmbeddedMaterialRow(Base):
 
     ref: Mapped[str] = mapped_column(String(36), primary_key=True)
     key_id: Mapped[str | None] = mapped_column(String(36), index=True)  # None for rows written before 0005
+    backend: Mapped[str | None] = mapped_column(String(64))  # None for rows written before 0007
     kek_id: Mapped[str] = mapped_column(String(128))
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)

@@ -97,7 +97,8 @@ class CertifyRequest(BaseModel):
 
 
 def _certificates(services: Services) -> KeyCertificates:
-    return KeyCertificates(services.database, services.keys, services.ca, services.audit, services.clock)
+    assert services.workload_ca is not None
+    return KeyCertificates(services.database, services.keys, services.workload_ca, services.audit, services.clock)
 
 
 @router.post("/{key_id}/certificate", status_code=201, dependencies=[requires("keys:certify")])

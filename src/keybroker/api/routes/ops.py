@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -16,8 +18,24 @@ router = APIRouter(tags=["operations"])
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+# /readyz is public and each check is a real round trip to a KMS or an HSM: answers are reused for this long, so
+# that polling it (or anyone hammering it) costs the backends at most one round of checks per interval.
+READY_CACHE_SECONDS = 2.0
+_ready_lock = threading.Lock()
+
+
 @router.get("/readyz", dependencies=[public()])
-def readyz(services: ServicesDep) -> JSONResponse:
+def readyz(request: Request, services: ServicesDep) -> JSONResponse:
+    with _ready_lock:
+        cached: tuple[float, int, dict[str, object]] | None = getattr(request.app.state, "ready_cache", None)
+        if cached is not None and time.monotonic() - cached[0] < READY_CACHE_SECONDS:
+            return JSONResponse(cached[2], status_code=cached[1])
+        status, body = _readiness(services)
+        request.app.state.ready_cache = (time.monotonic(), status, body)
+    return JSONResponse(body, status_code=status)
+
+
+def _readiness(services: Services) -> tuple[int, dict[str, object]]:
     checks: dict[str, str] = {}
     try:
         services.database.ping()
@@ -31,9 +49,7 @@ def readyz(services: ServicesDep) -> JSONResponse:
         except KeybrokerError as exc:
             checks[f"backend:{name}"] = exc.instance_code
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
-    )
+    return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": checks}
 
 
 @router.get("/metrics", dependencies=[public()])
