@@ -83,13 +83,29 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     except BaseException:
         database.close()
         raise
+    try:
+        return _assemble(settings, clock, database, audit, roles, tokens, policies, backends)
+    except BaseException:  # e.g. the KEK of the service's own secrets unreachable: release what was opened
+        backends.close()
+        database.close()
+        raise
+
+
+def _assemble(
+    settings: Settings,
+    clock: Clock,
+    database: Database,
+    audit: AuditLog,
+    roles: RoleStore,
+    tokens: TokenStore,
+    policies: PolicyStore,
+    backends: Backends,
+) -> Services:
     keys = KeyService(database, backends.stores, settings.keys.default_backend, policies, audit, clock)
     for store in backends.stores.values():
         if isinstance(store, EmbeddedKeyStore):
             foreign = store.kek_ids() - {store.wrapper.kek_id}
             if foreign:
-                backends.close()
-                database.close()
                 raise ConfigurationError(
                     f"backend {store.name!r} holds keys wrapped by KEK {', '.join(sorted(foreign))}, but the "
                     f"configured KEK is {store.wrapper.kek_id}; refusing to start with the wrong KEK"
