@@ -4,35 +4,46 @@
 # through the libp11 OpenSSL engine (libengine-pkcs11-openssl; nginx 1.22 has no store: keys). It writes nginx.conf
 # and openssl.cnf into a work directory and runs nginx there; the key is never in a file.
 #
-#   scripts/nginx-pkcs11.sh --port 18443 --cert cert.pem --token KMS --object RSAKEY --pin 1234 \
+#   scripts/nginx-pkcs11.sh --port 18443 --cert cert.pem --token KMS --object RSAKEY --pin-file pin.txt \
 #       [--module /usr/lib/softhsm/libsofthsm2.so] [--workdir DIR] [--softhsm-conf FILE] [--user U --group G]
 #   scripts/nginx-pkcs11.sh --stop [--workdir DIR]
 #
+# The token's user PIN: --pin-file FILE (its first line; the file must not be accessible by group or others, e.g.
+# mode 0600), or --pin-env VAR (the script reads VAR and removes it from the environment of everything it starts).
+# --pin PIN still works but puts the PIN on the command line, where every local user sees it (ps, /proc/*/cmdline).
+# The script never passes the PIN on a command line (pkcs11-tool gets it as --pin env:VAR, openssl as -passin env:VAR).
+# nginx itself reads it from WORKDIR/nginx.conf (pin-value= in the key's URI, as in the guide): that file is mode 0600.
+#
 # Provision the key first (keybroker-client provision --keys keys.txt ...); this script refuses to start when the
-# token holds no private key with that label.
+# token holds no private key with that label, or when it cannot check that --cert is for that key.
 #
 # Privileges: as root, the master starts as root (it reads the config and loads the key) and the workers run as
-# nobody:softhsm (Debian's softhsm2 group; nogroup if it does not exist), never as root. After fork the engine
-# re-opens the token in each worker, and SoftHSM re-reads the token's files there, so for a SoftHSM module this
+# nobody:softhsm (Debian's softhsm2 group; nogroup only if softhsm does not exist), never as root. After fork the
+# engine re-opens the token in each worker, and SoftHSM re-reads the token's files there, so for a SoftHSM module this
 # script gives that group read access (no write) to the token's directory; reading is enough, also for SoftHSM's
-# locks. Every directory above the token directory, SOFTHSM2_CONF and the work directory must be traversable by the
-# worker user; the script checks that as that user before starting and refuses otherwise (or pass --user root).
+# locks. It records what it changed in WORKDIR/token-access and --stop puts it back (or, when another nginx of this
+# script still uses that token directory, leaves the record to that one's --stop). Every directory above the token
+# directory, SOFTHSM2_CONF and the work directory must be traversable by the worker user; the script checks that as
+# that user before starting and refuses otherwise (or pass --user root).
 # As a normal user, nginx runs as that user and nothing is changed.
 set -euo pipefail
 
 say() { printf 'nginx: %s\n' "$*"; }
-die() { printf 'nginx: %s\n' "$*" >&2; exit "${2:-1}"; }
-usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+warn() { printf 'nginx: %s\n' "$*" >&2; }
+die() { printf 'nginx: %s\n' "$1" >&2; exit "${2:-1}"; }
+usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-port= cert= token=KMS object=RSAKEY pin= module= workdir=./nginx-pkcs11 softhsm_conf=${SOFTHSM2_CONF:-}
-user= group= stop=0
+port= cert= token=KMS object=RSAKEY pin= pin_file= pin_env= pin_arg=0 module= workdir=./nginx-pkcs11
+softhsm_conf=${SOFTHSM2_CONF:-} user= group= stop=0
 while [ $# -gt 0 ]; do
   case $1 in
     --port) port=${2:?}; shift 2 ;;
     --cert) cert=${2:?}; shift 2 ;;
     --token) token=${2:?}; shift 2 ;;
     --object) object=${2:?}; shift 2 ;;
-    --pin) pin=${2:?}; shift 2 ;;
+    --pin) pin=${2:?}; pin_arg=1; shift 2 ;;
+    --pin-file) pin_file=${2:?}; shift 2 ;;
+    --pin-env) pin_env=${2:?}; shift 2 ;;
     --module) module=${2:?}; shift 2 ;;
     --workdir) workdir=${2:?}; shift 2 ;;
     --softhsm-conf) softhsm_conf=${2:?}; shift 2 ;;
@@ -45,6 +56,8 @@ while [ $# -gt 0 ]; do
 done
 workdir=$(realpath -m -- "$workdir")
 pidfile=$workdir/logs/nginx.pid
+access_record=$workdir/token-access  # what this script changed for the workers' access to the token (root only)
+PIN_VAR=KEYBROKER_NGINX_PKCS11_PIN   # the PIN reaches pkcs11-tool and openssl in this variable, never in argv
 
 # Whether PID is a live (not zombie) nginx master of this work directory: pid files go stale and pids are reused.
 alive() {
@@ -61,18 +74,92 @@ running_pid() {
   echo "$pid"
 }
 
+# The work directories of the live nginx masters this script started elsewhere (their "-c WORKDIR/nginx.conf").
+other_workdirs() {
+  local proc state cmd
+  for proc in /proc/[0-9]*; do
+    [ "$(cat "$proc/comm" 2>/dev/null)" = nginx ] || continue
+    state=$(awk '{print $3}' "$proc/stat" 2>/dev/null) || continue
+    [ -n "$state" ] && [ "$state" != Z ] || continue
+    cmd=$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null) || continue
+    [[ $cmd =~ \ -c\ ([^ ]+)/nginx\.conf ]] || continue
+    [ "${BASH_REMATCH[1]}" != "$workdir" ] && printf '%s\n' "${BASH_REMATCH[1]}"
+  done | sort -u
+}
+
+# Puts back what the record says this script changed (in reverse order), unless another running nginx of this script
+# needs the same token directory: then the record goes to that one, and its --stop puts it back.
+restore_access() {
+  local other heir= kind mode gid path n=0 failed=0
+  [ -f "$access_record" ] || return 0
+  while IFS= read -r other; do
+    [ -f "$other/token-access" ] || continue
+    if grep "^needs"$'\t' "$access_record" | grep -Fxq -f - "$other/token-access"; then heir=$other; break; fi
+  done < <(other_workdirs)
+  if [ -n "$heir" ]; then
+    if grep -q "^was"$'\t' "$access_record"; then
+      grep "^was"$'\t' "$access_record" >>"$heir/token-access"
+      say "the nginx in $heir uses the same token directory: left its permissions to that one's --stop"
+    fi
+    rm -f "$access_record"
+    return 0
+  fi
+  while IFS=$'\t' read -r kind mode gid path; do
+    [ "$kind" = was ] || continue
+    [ -e "$path" ] && [ ! -L "$path" ] || continue  # gone since (SoftHSM deletes object files), or replaced
+    if chgrp "$gid" "$path" && chmod "$mode" "$path"; then n=$((n + 1)); else failed=1; fi
+  done < <(tac "$access_record")
+  [ "$failed" = 0 ] || { warn "could not restore every entry of $access_record (kept)"; return 1; }
+  rm -f "$access_record"
+  [ "$n" = 0 ] || say "restored the group and mode of $n token file(s)/directories changed for the workers"
+}
+
 if [ "$stop" = 1 ]; then
-  pid=$(running_pid) || { say "not running (no live master in $pidfile)"; exit 0; }
-  kill -QUIT "$pid"  # graceful: workers finish their connections
-  for _ in $(seq 200); do alive "$pid" || { say "stopped (master pid $pid)"; exit 0; }; sleep 0.05; done
-  say "master $pid did not quit in 10 s; sending TERM"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do alive "$pid" || { say "stopped (master pid $pid)"; exit 0; }; sleep 0.05; done
-  die "master $pid is still running"
+  if pid=$(running_pid); then
+    kill -QUIT "$pid"  # graceful: workers finish their connections
+    for _ in $(seq 200); do alive "$pid" || break; sleep 0.05; done
+    if alive "$pid"; then
+      say "master $pid did not quit in 10 s; sending TERM"
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 100); do alive "$pid" || break; sleep 0.05; done
+      alive "$pid" && die "master $pid is still running"
+    fi
+    say "stopped (master pid $pid)"
+  else
+    say "not running (no live master in $pidfile)"
+  fi
+  restore_access || exit 1
+  exit 0
+fi
+
+# ---- the PIN -----------------------------------------------------------------------------------------------------
+pin_sources=$pin_arg
+[ -n "$pin_file" ] && pin_sources=$((pin_sources + 1))
+[ -n "$pin_env" ] && pin_sources=$((pin_sources + 1))
+[ "$pin_sources" -le 1 ] || die "give only one of --pin-file, --pin-env and --pin" 2
+if [ -n "$pin_file" ]; then
+  [ -f "$pin_file" ] || die "--pin-file $pin_file: no such file" 2
+  exec 3<"$pin_file" || die "--pin-file $pin_file: cannot read it" 2
+  pin_mode=$(stat -L -c %a /dev/fd/3)  # of the file just opened, not of whatever the name points to now
+  (( (8#$pin_mode & 8#077) == 0 )) \
+    || die "--pin-file $pin_file is accessible by group or others (mode $pin_mode): chmod 600 $pin_file" 2
+  IFS= read -r pin <&3 || true
+  exec 3<&-
+  pin=${pin%$'\r'}
+  [ -n "$pin" ] || die "--pin-file $pin_file is empty" 2
+elif [ -n "$pin_env" ]; then
+  [[ $pin_env =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--pin-env $pin_env is not a variable name" 2
+  pin=${!pin_env:-}
+  [ -n "$pin" ] || die "--pin-env $pin_env: the variable is not set or empty" 2
+  unset "$pin_env"  # nginx and the tools started here do not inherit it
+elif [ "$pin_arg" = 1 ]; then
+  warn "warning: --pin puts the PIN on the command line, visible to every local user (ps, /proc/*/cmdline);" \
+    "use --pin-file or --pin-env"
 fi
 
 # ---- checks -----------------------------------------------------------------------------------------------------
-[ -n "$port" ] && [ -n "$cert" ] && [ -n "$pin" ] || { printf 'nginx: --port, --cert and --pin are required\n' >&2; usage; }
+[ -n "$port" ] && [ -n "$cert" ] && [ -n "$pin" ] \
+  || { printf 'nginx: --port, --cert and --pin-file (or --pin-env) are required\n' >&2; usage; }
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port $port is not a port" 2
 [ -r "$cert" ] || die "--cert $cert: no such file" 2
 cert=$(realpath -- "$cert")
@@ -97,11 +184,16 @@ enginesdir=$(openssl version -e | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
 engine=$enginesdir/pkcs11.so
 [ -e "$engine" ] || die "the pkcs11 OpenSSL engine $engine is missing (apt-get install libengine-pkcs11-openssl)"
 pid=$(running_pid) && die "already running in $workdir (master pid $pid); stop it with --stop --workdir $workdir"
+# Left over from an nginx of this work directory that was never --stop'ped:
+restore_access || die "cannot restore what $access_record records (it was written as root: run --stop as root)"
 
 if [ "$(id -u)" = 0 ]; then
   user=${user:-nobody}
   if [ -z "$group" ]; then
-    if [ "$user" != root ] && getent group softhsm >/dev/null; then group=softhsm; else group=$(id -gn "$user"); fi
+    if [ "$user" = root ]; then group=root
+    elif getent group softhsm >/dev/null; then group=softhsm
+    elif getent group nogroup >/dev/null; then group=nogroup
+    else group=$(id -gn "$user"); fi
   fi
   getent passwd "$user" >/dev/null || die "no user $user" 2
   getent group "$group" >/dev/null || die "no group $group" 2
@@ -119,15 +211,21 @@ as_worker() {
   fi
 }
 
+# pkcs11-tool logged in to the token; the PIN is in its environment only (opensc's --pin env:VAR).
+p11() {
+  local -x "$PIN_VAR=$pin"
+  "$@" --module "$module" --token-label "$token" --login --pin "env:$PIN_VAR"
+}
+
 # The private key objects labelled OBJECT that the token shows after login (one line per object).
 list_keys() {
-  "$@" pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" --list-objects --type privkey \
-    2>"$workdir/.pkcs11-tool.err" \
+  p11 "$@" pkcs11-tool --list-objects --type privkey 2>"$workdir/.pkcs11-tool.err" \
     | awk -v want="$object" '
         /^[A-Z]/ { inkey = ($0 ~ /^Private Key Object/) }
         inkey && $1 == "label:" { sub(/^[ \t]*label:[ \t]*/, ""); if ($0 == want) print "key" }'
 }
 
+[ -d "$workdir" ] && made_workdir=0 || made_workdir=1
 mkdir -p "$workdir/logs" "$workdir/tmp" "$workdir/html"
 found=$(list_keys) || true
 if [ -z "$found" ]; then
@@ -142,54 +240,6 @@ if [ -z "$found" ]; then
 fi
 [ "$(wc -l <<<"$found")" -gt 1 ] && say "warning: the token $token holds $(wc -l <<<"$found") private keys labelled $object; the engine uses the first it finds"
 
-# The certificate must be for that key (nginx would only say "key values mismatch").
-if pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" --read-object --type pubkey \
-     --label "$object" -o "$workdir/.token-pub.der" >/dev/null 2>&1; then
-  token_pub=$(openssl pkey -pubin -inform DER -in "$workdir/.token-pub.der" 2>/dev/null || true)
-  cert_pub=$(openssl x509 -in "$cert" -noout -pubkey)
-  [ -z "$token_pub" ] || [ "$token_pub" = "$cert_pub" ] \
-    || die "the certificate $cert is not for the key $object in the token $token"
-fi
-rm -f "$workdir/.token-pub.der"
-
-# ---- the worker's access to the token (root only) ---------------------------------------------------------------
-if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
-  conf=${SOFTHSM2_CONF:-/etc/softhsm/softhsm2.conf}
-  tokendir=$(sed -n 's/^[ \t]*directories\.tokendir[ \t]*=[ \t]*//p' "$conf" | tail -n1 | sed 's/[ \t]*$//')
-  serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | awk -v want="$token" '
-      /^Slot / { label = "" }
-      $1 == "token" && $2 == "label" { sub(/^[^:]*:[ \t]*/, ""); label = $0 }
-      $1 == "serial" && $2 == "num" && label == want { sub(/^[^:]*:[ \t]*/, ""); print; exit }')
-  tokdir=
-  if [ -n "$tokendir" ] && [ -n "$serial" ]; then
-    for d in "$tokendir"/*/; do  # SoftHSM's serial is the last 16 hex digits of the token directory's UUID
-      name=$(basename "$d"); name=${name//-/}
-      [ "${name: -16}" = "$serial" ] && { tokdir=${d%/}; break; }
-    done
-  fi
-  [ -n "$tokdir" ] || die "cannot find the SoftHSM directory of token $token under '$tokendir'; use --user root"
-  # Refuse before changing anything when the worker could not get there anyway.
-  as_worker test -r "$conf" \
-    || die "the workers ($user:$group) cannot read $conf (a directory above it is not traversable?); use --user root"
-  as_worker test -x "$(dirname "$tokendir")" \
-    || die "the workers ($user:$group) cannot reach $tokendir (a directory above it is not traversable); use --user root"
-  if ! as_worker test -r "$tokendir" -a -x "$tokendir"; then
-    [ "$(stat -c %G "$tokendir")" = root ] || [ "$(stat -c %G "$tokendir")" = "$group" ] \
-      || die "$user:$group cannot list $tokendir (group $(stat -c %G "$tokendir")); use --group or --user root"
-    chgrp "$group" "$tokendir" && chmod g+rx "$tokendir"
-  fi
-  chgrp -R "$group" "$tokdir"
-  chmod g+rx "$tokdir"
-  find "$tokdir" -maxdepth 1 -type f -exec chmod g+r {} +
-  say "the workers run as $user:$group; gave $group read access to $tokdir"
-fi
-if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
-  found=$(list_keys as_worker) || true
-  [ -n "$found" ] || die "the workers ($user:$group) cannot use the token $token: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")
-  every directory above the token directory and SOFTHSM2_CONF must be traversable and readable for them (or use --user root)"
-fi
-rm -f "$workdir/.pkcs11-tool.err"
-
 # ---- configuration -----------------------------------------------------------------------------------------------
 pct() {  # RFC 3986 percent-encoding of everything but unreserved characters (also keeps nginx's "$" out)
   local LC_ALL=C s=$1 out= c h i
@@ -199,7 +249,7 @@ pct() {  # RFC 3986 percent-encoding of everything but unreserved characters (al
   done
   printf '%s' "$out"
 }
-uri="pkcs11:token=$(pct "$token");object=$(pct "$object");type=private;pin-value=$(pct "$pin")"
+key_uri="pkcs11:token=$(pct "$token");object=$(pct "$object");type=private"
 
 cat >"$workdir/openssl.cnf" <<EOF
 # Written by scripts/nginx-pkcs11.sh: OpenSSL loads the libp11 engine for nginx (only nginx gets OPENSSL_CONF).
@@ -218,10 +268,91 @@ MODULE_PATH = $module
 # init = 0 fails: "ENGINE_load_private_key() failed (...engine routines::not initialised)"
 init = 1
 EOF
+chmod 644 "$workdir/openssl.cnf"
+
+# ---- the certificate must be for that key (nginx would only say "key values mismatch") ----------------------------
+# From the public-key object with that label, else from the private key itself as the engine loads it (its modulus
+# and exponent, or EC point, are public attributes); refuse to start when neither can be read.
+token_pub= pub_source=
+if p11 pkcs11-tool --read-object --type pubkey --label "$object" -o "$workdir/.token-pub.der" >/dev/null 2>&1; then
+  token_pub=$(openssl pkey -pubin -inform DER -in "$workdir/.token-pub.der" 2>/dev/null || true)
+  pub_source="the public-key object $object"
+fi
+rm -f "$workdir/.token-pub.der"
+if [ -z "$token_pub" ]; then
+  token_pub=$(export "$PIN_VAR=$pin"  # a builtin: the PIN is in openssl's environment, not in its argv
+              OPENSSL_CONF="$workdir/openssl.cnf" openssl pkey -engine pkcs11 -inform ENGINE -in "$key_uri" \
+                -passin "env:$PIN_VAR" -pubout </dev/null 2>/dev/null \
+                | sed -n '/-----BEGIN PUBLIC KEY-----/,/-----END PUBLIC KEY-----/p' || true)
+  pub_source="the private key $object (through the pkcs11 engine)"
+fi
+[ -n "$token_pub" ] || die "cannot read the public key of $object in the token $token (no public-key object, and \
+the engine could not load the private key), so cannot check that $cert is for it; refusing to start"
+cert_pub=$(openssl x509 -in "$cert" -noout -pubkey)
+[ "$token_pub" = "$cert_pub" ] || die "the certificate $cert is not for the key $object in the token $token"
+say "the certificate matches $pub_source in the token $token"
+
+# ---- the worker's access to the token (root only) ---------------------------------------------------------------
+# Gives GROUP what PATH lacks (read, and search for directories) and records PATH's group and mode before.
+grant() {
+  local path=$1 need=040 mode gid
+  [ -L "$path" ] && return 0
+  [ -d "$path" ] && need=050
+  mode=$(stat -c %a "$path") gid=$(stat -c %g "$path")
+  [ "$gid" = "$group_id" ] && (( (8#$mode & 8#$need) == 8#$need )) && return 0
+  printf 'was\t%s\t%s\t%s\n' "$mode" "$gid" "$path" >>"$access_record"
+  chgrp "$group" "$path"
+  chmod "g+r$([ "$need" = 050 ] && echo x)" "$path"
+}
+keep_access=0
+on_exit() { [ "$keep_access" = 1 ] || restore_access || true; }
+if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
+  conf=${SOFTHSM2_CONF:-/etc/softhsm/softhsm2.conf}
+  tokendir=$(sed -n 's/^[ \t]*directories\.tokendir[ \t]*=[ \t]*//p' "$conf" | tail -n1 | sed 's/[ \t]*$//')
+  serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | awk -v want="$token" '
+      /^Slot / { label = "" }
+      $1 == "token" && $2 == "label" { sub(/^[^:]*:[ \t]*/, ""); label = $0 }
+      $1 == "serial" && $2 == "num" && label == want { sub(/^[^:]*:[ \t]*/, ""); print; exit }')
+  tokdir=
+  if [ -n "$tokendir" ] && [ -n "$serial" ]; then
+    tokendir=$(realpath -m -- "$tokendir")
+    for d in "$tokendir"/*/; do  # SoftHSM's serial is the last 16 hex digits of the token directory's UUID
+      name=$(basename "$d"); name=${name//-/}
+      [ "${name: -16}" = "$serial" ] && { tokdir=${d%/}; break; }
+    done
+  fi
+  [ -n "$tokdir" ] || die "cannot find the SoftHSM directory of token $token under '$tokendir'; use --user root"
+  # Refuse before changing anything when the worker could not get there anyway.
+  as_worker test -r "$conf" \
+    || die "the workers ($user:$group) cannot read $conf (a directory above it is not traversable?); use --user root"
+  as_worker test -x "$(dirname "$tokendir")" \
+    || die "the workers ($user:$group) cannot reach $tokendir (a directory above it is not traversable); use --user root"
+  if ! as_worker test -r "$tokendir" -a -x "$tokendir"; then
+    [ "$(stat -c %G "$tokendir")" = root ] || [ "$(stat -c %G "$tokendir")" = "$group" ] \
+      || die "$user:$group cannot list $tokendir (group $(stat -c %G "$tokendir")); use --group or --user root"
+  fi
+  group_id=$(getent group "$group" | cut -d: -f3)
+  trap on_exit EXIT  # a failed start puts back what it changed
+  printf 'needs\t%s\nneeds\t%s\n' "$tokendir" "$tokdir" >"$access_record"
+  as_worker test -r "$tokendir" -a -x "$tokendir" || grant "$tokendir"
+  grant "$tokdir"
+  while IFS= read -r -d '' f; do grant "$f"; done < <(find "$tokdir" -mindepth 1 -print0)
+  changed=$(grep -c "^was"$'\t' "$access_record" || true)
+  why=
+  [ "$group" = nogroup ] && why=" (there is no softhsm group; nogroup is shared with other unprivileged services)"
+  say "the workers run as $user:$group; group $group has read access to $tokdir$why" \
+    "($changed entries changed, recorded in $access_record; --stop restores them)"
+fi
+if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
+  found=$(list_keys as_worker) || true
+  [ -n "$found" ] || die "the workers ($user:$group) cannot use the token $token: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")
+  every directory above the token directory and SOFTHSM2_CONF must be traversable and readable for them (or use --user root)"
+fi
+rm -f "$workdir/.pkcs11-tool.err"
 
 user_line="# (not root: the workers run as $(id -un))"
 [ "$(id -u)" = 0 ] && user_line="user $user $group;"
-umask 077  # nginx.conf holds the PIN
+umask 077  # nginx.conf holds the PIN (pin-value= in the key's URI: the engine reads it from there)
 cat >"$workdir/nginx.conf" <<EOF
 # Written by scripts/nginx-pkcs11.sh.
 daemon on;
@@ -243,16 +374,19 @@ http {
     server {
         listen 127.0.0.1:$port ssl;
         ssl_certificate     $cert;
-        ssl_certificate_key "engine:pkcs11:$uri";
+        ssl_certificate_key "engine:pkcs11:$key_uri;pin-value=$(pct "$pin")";
         ssl_protocols TLSv1.2 TLSv1.3;
         root $workdir/html;
     }
 }
 EOF
+chmod 600 "$workdir/nginx.conf"
 umask 022
-chmod 755 "$workdir" "$workdir/html"
+# The workers reach their html and temp directories through the work directory: open it only if this script made it.
+[ "$made_workdir" = 1 ] && chmod 755 "$workdir"
+chmod 755 "$workdir/html"
 [ -e "$workdir/html/index.html" ] || printf 'served by nginx with its key in PKCS#11 token %s\n' "$token" >"$workdir/html/index.html"
-chmod 644 "$workdir/openssl.cnf" "$workdir/html/index.html"
+chmod 644 "$workdir/html/index.html"
 if [ "$(id -u)" = 0 ] && [ "$user" != root ] && ! as_worker test -r "$workdir/html/index.html"; then
   say "warning: $user cannot read $workdir/html (a directory above it is not traversable); pages will fail, TLS works"
 fi
@@ -272,8 +406,10 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 if ! env -u OPENSSL_CONF timeout 10 openssl s_client -connect "127.0.0.1:$port" -brief </dev/null >/dev/null 2>&1; then
   tail -n 5 "$workdir/logs/error.log" >&2
   kill -QUIT "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do alive "$pid" || break; sleep 0.05; done
   die "the TLS handshake on 127.0.0.1:$port failed, nginx stopped (see $workdir/logs/error.log)"
 fi
+keep_access=1
 say "master pid $pid, https://127.0.0.1:$port/ (key: token $token, object $object, through the pkcs11 engine)"
 say "try:  curl --cacert $cert https://127.0.0.1:$port/"
 say "stop: $0 --stop --workdir $workdir"

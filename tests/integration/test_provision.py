@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -434,6 +435,7 @@ def test_a_refused_key_means_nothing_is_imported(setup: Setup) -> None:
 
 
 def _certificate(key: rsa.RSAPrivateKey, path: Path) -> None:
+    """A self-signed certificate for ``key`` (for a key that is not in the token)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
@@ -450,31 +452,92 @@ def _certificate(key: rsa.RSAPrivateKey, path: Path) -> None:
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
+def _workload_ca(setup: Setup) -> Path:
+    """The CA that signs the certificates of keybroker's keys (not the service CA of keybroker's own TLS)."""
+    return setup.server.data_dir / "workload-ca.pem"
+
+
+def _certify(setup: Setup, key: Key, path: Path) -> str:
+    """keybroker's certificate for ``key`` (POST /kbs/v1/keys/{id}/certificate, leaf + CA) into ``path``; returns
+    the public key (PEM SPKI) the server reports for it."""
+    body = {"subject": "CN=127.0.0.1", "san": ["IP:127.0.0.1"], "days": 30}
+    issued = _post(setup.server, f"/kbs/v1/keys/{key.id}/certificate", body)
+    path.write_text(issued["certificate"])
+    chain = x509.load_pem_x509_certificates(path.read_bytes())
+    assert chain[1:] == x509.load_pem_x509_certificates(_workload_ca(setup).read_bytes())  # leaf + workload CA
+    return str(issued["public_key"])
+
+
+def _pin_file(path: Path, pin: str, mode: int = 0o600) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(pin + "\n")
+    path.chmod(mode)  # os.open's mode is filtered by the umask
+    return path
+
+
+def _modes(*tops: Path) -> dict[Path, tuple[int, int]]:
+    """(mode, gid) of every file and directory under ``tops`` (and of ``tops``)."""
+    found = {}
+    for top in tops:
+        for path in [top, *top.rglob("*")]:
+            info = path.lstat()
+            found[path] = (info.st_mode, info.st_gid)
+    return found
+
+
+def _spki(certificate_der: bytes) -> str:
+    public = x509.load_der_x509_certificate(certificate_der).public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def _stop_and_check(
+    setup: Setup, workdir: Path, known: list[int], timing: str = ""
+) -> subprocess.CompletedProcess[str]:
+    stopped = time.monotonic()
+    result = nginx.stop(workdir)
+    if timing:
+        setup.timings[timing] = time.monotonic() - stopped
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while nginx.leftovers(workdir, known) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nginx.leftovers(workdir, known) == []
+    return result
+
+
 def test_nginx_serves_tls_with_the_provisioned_key(setup: Setup) -> None:
     token = setup.hsm.token()
     key = setup.keys["RSA"]
     assert provision(setup, [keys_line(token, key, "RSAKEY")]).returncode == 0
     cert = setup.root / "nginx-cert.pem"
-    _certificate(key.private, cert)  # until POST /kbs/v1/keys/{id}/certificate exists: the test knows the key
+    reported = _certify(setup, key, cert)  # keybroker's certificate for the key, from its CA
     workdir = setup.root / "nginx-ok"
     port = free_port()
+    # The PIN file: mode 0600 (never on a command line); one that group or others can read is refused.
+    loose = _pin_file(setup.root / "pin-0644", token.pin, 0o644)
+    pin_file = _pin_file(setup.root / "pin", token.pin)
+    common = ["--token", token.label, "--object", "RSAKEY", "--module", setup.hsm.module, "--workdir", str(workdir),
+              "--softhsm-conf", str(setup.hsm.conf)]  # fmt: skip
+    refused = nginx.run_script("--port", str(port), "--cert", str(cert), "--pin-file", str(loose), *common)
+    assert refused.returncode == 2
+    assert f"--pin-file {loose} is accessible by group or others (mode 644): chmod 600 {loose}" in refused.stderr
+    assert not (workdir / "nginx.conf").exists()
     wrong = setup.root / "nginx-wrong-cert.pem"
     _certificate(rsa.generate_private_key(65537, 2048), wrong)
-    refused = nginx.run_script(
-        "--port", str(port), "--cert", str(wrong), "--token", token.label, "--object", "RSAKEY", "--pin", token.pin,
-        "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
-    )  # fmt: skip
+    refused = nginx.run_script("--port", str(port), "--cert", str(wrong), "--pin-file", str(pin_file), *common)
     assert refused.returncode == 1
     assert f"the certificate {wrong} is not for the key RSAKEY in the token {token.label}" in refused.stderr
+    assert token.directory is not None
+    before = _modes(setup.hsm.tokendir, token.directory)
     known: list[int] = []
     started = time.monotonic()
-    result = nginx.run_script(
-        "--port", str(port), "--cert", str(cert), "--token", token.label, "--object", "RSAKEY", "--pin", token.pin,
-        "--module", setup.hsm.module, "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
-    )  # fmt: skip
+    result = nginx.run_script("--port", str(port), "--cert", str(cert), "--pin-file", str(pin_file), *common)
     setup.timings["nginx-pkcs11.sh start (checks + handshake)"] = time.monotonic() - started
     try:
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "warning" not in result.stderr
+        assert f"the certificate matches the public-key object RSAKEY in the token {token.label}" in result.stdout
         known = nginx.nginx_pids(workdir)
         master = int((workdir / "logs" / "nginx.pid").read_text())
         assert f"master pid {master}" in result.stdout
@@ -486,29 +549,71 @@ def test_nginx_serves_tls_with_the_provisioned_key(setup: Setup) -> None:
             uid_line = next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines()
                             if line.startswith("Uid:"))  # fmt: skip
             assert uid_line.split()[1] != "0"
-        served, version = nginx.served_certificate(port, cert)
-        served_key = x509.load_der_x509_certificate(served).public_key()
-        assert served_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ) == key.private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+            assert "group softhsm has read access to" in result.stdout
+            assert (workdir / "token-access").exists()
+        served, version = nginx.served_certificate(port, _workload_ca(setup))  # verified against keybroker's CA
+        assert _spki(served) == reported  # the public key keybroker reports for the key id
         assert version in ("TLSv1.2", "TLSv1.3")
         for _ in range(5):  # more handshakes, each signed by the worker through the token
-            nginx.served_certificate(port, cert)
+            nginx.served_certificate(port, _workload_ca(setup))
         config = (workdir / "nginx.conf").read_text()
         assert "env SOFTHSM2_CONF;" in config
         assert f'ssl_certificate_key "engine:pkcs11:pkcs11:token={token.label};object=RSAKEY;type=private' in config
+        assert f';pin-value={token.pin}"' in config  # the guide's design: nginx reads the PIN from its config...
+        assert stat.S_IMODE((workdir / "nginx.conf").stat().st_mode) == 0o600  # ...which only root reads
         assert "init = 1" in (workdir / "openssl.cnf").read_text()
     finally:
-        stopped = time.monotonic()
-        result = nginx.stop(workdir)
-        setup.timings["nginx-pkcs11.sh --stop (SIGQUIT)"] = time.monotonic() - stopped
-        assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 10
-        while nginx.leftovers(workdir, known) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert nginx.leftovers(workdir, known) == []
+        stopped = _stop_and_check(setup, workdir, known, "nginx-pkcs11.sh --stop (SIGQUIT)")
+    # --stop put back what the start changed for the workers.
+    assert _modes(setup.hsm.tokendir, token.directory) == before
+    assert not (workdir / "token-access").exists()
+    if os.geteuid() == 0:
+        assert "restored the group and mode of" in stopped.stdout
+
+
+def test_nginx_checks_the_certificate_without_a_public_key_object(setup: Setup) -> None:
+    """Without the public-key object, the script reads the public part of the private key through the engine: a
+    certificate for another key is still refused (the check fails closed), the right one is served."""
+    token = setup.hsm.token()
+    key = setup.keys["RSA"]
+    assert provision(setup, [keys_line(token, key, "RSAKEY")]).returncode == 0
+    deleted = subprocess.run(
+        ["pkcs11-tool", "--module", setup.hsm.module, "--token-label", token.label, "--login", "--pin",
+         "env:TEST_PIN", "--delete-object", "--type", "pubkey", "--label", "RSAKEY"],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "SOFTHSM2_CONF": str(setup.hsm.conf), "TEST_PIN": token.pin},
+    )  # fmt: skip
+    assert deleted.returncode == 0, deleted.stderr
+    with session(setup, token) as opened:
+        assert [o[Attribute.CLASS] for o in objects(opened, "RSAKEY")] == [ObjectClass.PRIVATE_KEY]
+    cert, wrong = setup.root / "nginx-cert-nopub.pem", setup.root / "nginx-wrong-nopub.pem"
+    reported = _certify(setup, key, cert)
+    _certificate(rsa.generate_private_key(65537, 2048), wrong)
+    workdir = setup.root / "nginx-nopub"
+    port = free_port()
+
+    def start(certificate: Path) -> subprocess.CompletedProcess[str]:
+        return nginx.run_script(
+            "--port", str(port), "--cert", str(certificate), "--token", token.label, "--object", "RSAKEY",
+            "--pin-env", "NGINX_TEST_PIN", "--module", setup.hsm.module, "--workdir", str(workdir),
+            "--softhsm-conf", str(setup.hsm.conf), env={"NGINX_TEST_PIN": token.pin},
+        )  # fmt: skip
+
+    refused = start(wrong)
+    assert refused.returncode == 1
+    assert f"the certificate {wrong} is not for the key RSAKEY in the token {token.label}" in refused.stderr
+    known: list[int] = []
+    result = start(cert)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"matches the private key RSAKEY (through the pkcs11 engine) in the token {token.label}" in result.stdout
+        known = nginx.nginx_pids(workdir)
+        served, _ = nginx.served_certificate(port, _workload_ca(setup))
+        assert _spki(served) == reported
+        master = int((workdir / "logs" / "nginx.pid").read_text())
+        assert b"NGINX_TEST_PIN" not in Path(f"/proc/{master}/environ").read_bytes()  # --pin-env: not inherited
+    finally:
+        _stop_and_check(setup, workdir, known)
 
 
 def test_nginx_refuses_a_token_without_the_key(setup: Setup) -> None:
@@ -521,6 +626,8 @@ def test_nginx_refuses_a_token_without_the_key(setup: Setup) -> None:
         token.pin, "--module", setup.hsm.module, "--workdir", str(workdir), "--softhsm-conf", str(setup.hsm.conf),
     )  # fmt: skip
     assert result.returncode != 0
+    # --pin still works, with a warning: the PIN is on the command line, which every local user can read.
+    assert "warning: --pin puts the PIN on the command line, visible to every local user" in result.stderr
     assert (
         f"nginx: the token {token.label} has no private key RSAKEY; run keybroker-client provision first"
         in result.stderr

@@ -59,10 +59,14 @@ def nginx_pids(workdir: Path) -> list[int]:
     return masters + [child for m in masters for child in children.get(m, []) if _alive_nginx(child)]
 
 
-def run_script(*args: str, softhsm_conf: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "SOFTHSM2_CONF")}
+def run_script(
+    *args: str, softhsm_conf: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The script with ``args``, in this environment without OPENSSL_CONF and SOFTHSM2_CONF, plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "SOFTHSM2_CONF")}
     if softhsm_conf is not None:
-        env["SOFTHSM2_CONF"] = str(softhsm_conf)
+        base["SOFTHSM2_CONF"] = str(softhsm_conf)
+    env = {**base, **(env or {})}
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )

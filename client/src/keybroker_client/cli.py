@@ -42,8 +42,9 @@ def _connection_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--ca-fingerprint", help="or: the SHA-384 fingerprint of the service CA")
     command.add_argument(
         "--evidence",
-        required=True,
-        help="sim:DIR[:sgx|tdx][:FIELD=VALUE,...] (e.g. mrenclave=HEX,isvsvn=2), tdx or sgx-gramine",
+        default="auto",
+        help="auto (the default: tdx if configfs-tsm is there, else sgx-gramine if /dev/attestation is), tdx, "
+        "sgx-gramine or sim:DIR[:sgx|tdx][:FIELD=VALUE,...] (e.g. mrenclave=HEX,isvsvn=2)",
     )
     command.add_argument("--passport", action="store_true", help="attest first, then present the token")
     command.add_argument(
@@ -130,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "provision":
         return _provision(parser, args)
     try:
+        evidence = from_spec(args.evidence)
+    except (ValueError, OSError, KeybrokerClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         with Client(args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token) as client:
-            released = client.fetch_key(
-                args.key_id, from_spec(args.evidence), mode="passport" if args.passport else "background"
-            )
+            released = client.fetch_key(args.key_id, evidence, mode="passport" if args.passport else "background")
         _write(released, args.out, args.force)
     except ProblemError as exc:
         print(f"refused: {exc.problem.describe()}", file=sys.stderr)

@@ -10,6 +10,9 @@ Three implementations, selected by configuration:
 - ``GramineSgxEvidence()``: an SGX enclave under Gramine with remote attestation enabled
   (``sgx.remote_attestation = "dcap"``): writes ``/dev/attestation/user_report_data`` (64 bytes), reads
   ``/dev/attestation/quote``. Both paths exist only inside the enclave.
+
+``from_spec("auto")`` (the workload CLI's default) picks ``TdxEvidence`` when configfs-tsm's report directory
+exists, else ``GramineSgxEvidence`` when ``/dev/attestation`` exists, else raises ``NoTeeError``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from keybroker_client._errors import KeybrokerClientError
 
 class EvidenceError(KeybrokerClientError):
     """The TEE could not produce a quote."""
+
+
+class NoTeeError(EvidenceError):
+    """``auto``: neither a TDX guest (configfs-tsm) nor a Gramine SGX enclave here."""
+
+
+TSM_REPORT = Path("/sys/kernel/config/tsm/report")  # configfs-tsm (Linux 6.7+), as TdxEvidence uses it
+GRAMINE_ATTESTATION = Path("/dev/attestation")  # Gramine's pseudo-filesystem, inside an SGX enclave
 
 
 class EvidenceProvider(Protocol):
@@ -81,7 +92,7 @@ class SimulatedEvidence:
 class TdxEvidence:
     tee_type = "TDX"
 
-    def __init__(self, tsm_root: str | Path = "/sys/kernel/config/tsm/report", entry_name: str | None = None) -> None:
+    def __init__(self, tsm_root: str | Path = TSM_REPORT, entry_name: str | None = None) -> None:
         self._root = Path(tsm_root)
         self._entry_name = entry_name  # tests lay out a fake entry beforehand; the kernel creates its files itself
 
@@ -126,7 +137,7 @@ def _read_int(path: Path) -> int:
 class GramineSgxEvidence:
     tee_type = "SGX"
 
-    def __init__(self, attestation_dir: str | Path = "/dev/attestation") -> None:
+    def __init__(self, attestation_dir: str | Path = GRAMINE_ATTESTATION) -> None:
         self._dir = Path(attestation_dir)
 
     def quote(self, report_data: bytes) -> bytes:
@@ -170,8 +181,23 @@ def _sim_fields(fields: str) -> tuple[str, dict[str, Any]]:
     return platform, measurements
 
 
+def auto_evidence() -> EvidenceProvider:
+    """The TEE this process runs in: a TDX guest if configfs-tsm's report directory (``TSM_REPORT``) exists, else a
+    Gramine SGX enclave if ``GRAMINE_ATTESTATION`` exists; ``NoTeeError`` when neither does."""
+    if TSM_REPORT.is_dir():
+        return TdxEvidence(TSM_REPORT)
+    if GRAMINE_ATTESTATION.is_dir():
+        return GramineSgxEvidence(GRAMINE_ATTESTATION)
+    raise NoTeeError(
+        f"--evidence auto found no TEE: neither a TDX guest (configfs-tsm, {TSM_REPORT}: Linux 6.7+ with configfs "
+        f"mounted) nor a Gramine SGX enclave ({GRAMINE_ATTESTATION}); give --evidence tdx, sgx-gramine or "
+        "sim:DIR[:sgx|tdx] (a simulated TEE, for development)"
+    )
+
+
 def from_spec(spec: str) -> EvidenceProvider:
-    """``sim:DIR[:sgx|tdx][:FIELD=VALUE,...]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's ``--evidence``).
+    """``auto``, ``sim:DIR[:sgx|tdx][:FIELD=VALUE,...]``, ``tdx`` or ``sgx-gramine`` (the workload CLI's
+    ``--evidence``). ``auto`` is ``auto_evidence()``: TDX, else Gramine SGX, else ``NoTeeError``.
 
     A simulated workload has all-zero measurements unless given: hex for ``mrenclave``, ``mrsigner``,
     ``config_id``, ``mrtd``, ``mrconfigid``, ``mrowner``, ``mrownerconfig``; integers for ``isvprodid``,
@@ -188,11 +214,24 @@ def from_spec(spec: str) -> EvidenceProvider:
         except TypeError:
             names = ", ".join(sorted(measurements))
             raise ValueError(f"{names}: not a measurement of {(tee or 'sgx').upper()}") from None
+    if spec == "auto":
+        return auto_evidence()
     if spec == "tdx":
-        return TdxEvidence()
+        return TdxEvidence(TSM_REPORT)
     if spec == "sgx-gramine":
-        return GramineSgxEvidence()
-    raise ValueError(f"unknown evidence {spec!r}: use sim:DIR[:sgx|tdx][:FIELD=VALUE,...], tdx or sgx-gramine")
+        return GramineSgxEvidence(GRAMINE_ATTESTATION)
+    raise ValueError(f"unknown evidence {spec!r}: use auto, sim:DIR[:sgx|tdx][:FIELD=VALUE,...], tdx or sgx-gramine")
 
 
-__all__ = ["EvidenceError", "EvidenceProvider", "GramineSgxEvidence", "SimulatedEvidence", "TdxEvidence", "from_spec"]
+__all__ = [
+    "GRAMINE_ATTESTATION",
+    "TSM_REPORT",
+    "EvidenceError",
+    "EvidenceProvider",
+    "GramineSgxEvidence",
+    "NoTeeError",
+    "SimulatedEvidence",
+    "TdxEvidence",
+    "auto_evidence",
+    "from_spec",
+]

@@ -4,7 +4,8 @@ keybroker (simulated TEE) holds an RSA-3072 key under a policy naming one MRENCL
 the workload agent (``keybroker-client provision``) attests, fetches the key and imports it into a SoftHSM2 token as
 a non-extractable private key; nginx serves TLS with ``ssl_certificate_key "engine:pkcs11:..."`` from that token
 (``scripts/nginx-pkcs11.sh``). Then a workload with another MRENCLAVE is refused and its nginx does not start.
-Runs until Ctrl-C, then stops nginx and keybroker and removes its files (unless ``--dir`` was given).
+Runs until Ctrl-C, then stops nginx and keybroker and removes its files. With ``--dir D`` its files go into a new
+subdirectory of D, which is kept; the demo changes the permissions of no directory it did not create.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from typing import Annotated
 
 import typer
 
+from keybroker.ca import WORKLOAD_CA_CERT
 from keybroker.cli import output
 from keybroker.cli.common import handled
 from keybroker.cli.demo import DemoServer, _free_port, _say, demo_server
@@ -62,10 +65,26 @@ def _show(result: subprocess.CompletedProcess[str]) -> None:
         output.stdout.print(f"    {line}", highlight=False, markup=False)
 
 
+def _secret_file(path: Path, text: str) -> Path:
+    """A new file (never an existing one, nor a symlink's target) with mode 0600 from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def _untraversable(base: Path) -> Path | None:
+    """The first directory above ``base`` that others (nginx's workers, nobody) cannot traverse, if any."""
+    for parent in reversed(base.resolve().parents):
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
 def _provision(running: DemoServer, base: Path, name: str, mrenclave: bytes, key_id: str, env: dict[str, str]) -> int:
-    keys_txt = base / f"keys-{name}.txt"
-    keys_txt.write_text(f"pkcs11:token={name};id={key_id};object={OBJECT};type=private;pin-value={PIN};\n")
-    keys_txt.chmod(0o600)  # it holds the token PIN, as in the guide
+    # It holds the token PIN, as in the guide.
+    line = f"pkcs11:token={name};id={key_id};object={OBJECT};type=private;pin-value={PIN};\n"
+    keys_txt = _secret_file(base / f"keys-{name}.txt", line)
     _say(f"keybroker-client provision --keys {keys_txt.name} (workload MRENCLAVE {mrenclave.hex()[:16]}…)")
     result = _run(
         [
@@ -93,7 +112,10 @@ def _handshake(port: int, ca_file: Path) -> bytes:
 
 @handled
 def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
-    directory: Annotated[Path | None, typer.Option("--dir", help="Keep everything here (default: a temp dir).")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Keep everything in a new subdirectory of this one (default: a temp dir, removed)."),
+    ] = None,
     port: Annotated[int, typer.Option("--port", help="nginx's HTTPS port (default: a free one).")] = 0,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Keep nginx running until Ctrl-C.")] = True,
 ) -> None:
@@ -102,17 +124,30 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
     from cryptography.hazmat.primitives import serialization
 
     script = _script()
-    base = directory or Path(tempfile.mkdtemp(prefix="keybroker-nginx-"))
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o755)  # nginx's workers (nobody when run as root) must reach the token and their work directory
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    # A fresh directory of the demo's own (mkdtemp: mode 0700), opened up for nginx's workers (nobody when run as
+    # root), who must reach the token and their work directory. Directories above it are left as they are.
+    base = Path(tempfile.mkdtemp(prefix="keybroker-nginx-", dir=directory)).resolve()
+    base.chmod(0o755)
+    blocked = _untraversable(base) if os.geteuid() == 0 else None
+    if blocked is not None:
+        shutil.rmtree(base, ignore_errors=True)
+        output.stderr.print(
+            f"[red]nginx's workers (nobody) cannot traverse {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}),"
+            f" so they could not reach the token under it: give a --dir that others can traverse (e.g. /tmp)."
+            f" The demo does not change the permissions of directories it did not create.[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    _say(f"the demo's files: {base}")
     port = port or _free_port()
     tokens = base / "softhsm" / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)
     conf = base / "softhsm" / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    so_pin = base / "so-pin"
-    so_pin.write_text(os.urandom(8).hex())
-    so_pin.chmod(0o600)
+    _secret_file(base / "so-pin", os.urandom(8).hex())  # the SO PIN for the agent's --init-token
+    pin_file = _secret_file(base / "pin", PIN + "\n")  # the token's user PIN for nginx-pkcs11.sh --pin-file
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
     env["SOFTHSM2_CONF"] = str(conf)
     nginx_dir = base / "nginx"
@@ -141,6 +176,8 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
                 json={"subject": "CN=127.0.0.1", "san": ["IP:127.0.0.1", "DNS:localhost"], "days": 30},
             )
             issued.raise_for_status()
+            # Signed by keybroker's workload CA (not the service CA its own clients trust): nginx's clients trust it.
+            workload_ca = running.data / WORKLOAD_CA_CERT
             cert = base / f"{key_id}.crt"
             cert.write_text(issued.json()["certificate"])
             _say(f"keybroker key certify {key_id} --subject CN=127.0.0.1 --san IP:127.0.0.1 → {cert.name}")
@@ -152,14 +189,15 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
             )
             started = _run(
                 [str(script), "--port", str(port), "--cert", str(cert), "--token", TOKEN, "--object", OBJECT,
-                 "--pin", PIN, "--module", _module(), "--workdir", str(nginx_dir), "--softhsm-conf", str(conf)],
+                 "--pin-file", str(pin_file), "--module", _module(), "--workdir", str(nginx_dir),
+                 "--softhsm-conf", str(conf)],
                 env,
             )  # fmt: skip
             _show(started)
             if started.returncode != 0:
                 raise typer.Exit(1)
             try:
-                served = x509.load_der_x509_certificate(_handshake(port, running.data / "ca.pem"))
+                served = x509.load_der_x509_certificate(_handshake(port, workload_ca))
                 reported = admin.get(f"/kbs/v1/keys/{key_id}/certificate").json()["public_key"]
                 spki = served.public_key().public_bytes(
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -177,7 +215,7 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
                 _say(f"  the agent exited {refused}: nothing was imported")
                 other = _run(
                     [str(script), "--port", str(_free_port()), "--cert", str(cert), "--token", "KMS2", "--object",
-                     OBJECT, "--pin", PIN, "--module", _module(), "--workdir", str(base / "nginx2"),
+                     OBJECT, "--pin-file", str(pin_file), "--module", _module(), "--workdir", str(base / "nginx2"),
                      "--softhsm-conf", str(conf)],
                     env,
                 )  # fmt: skip
@@ -185,14 +223,17 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
                 _say(f"  its nginx did not start (exit {other.returncode})")
                 output.stdout.print(
                     f"\n[bold]nginx is serving with a key released only after attestation:[/bold]\n"
-                    f"  curl --cacert {running.data / 'ca.pem'} https://127.0.0.1:{port}/\n",
+                    f"  curl --cacert {workload_ca} https://127.0.0.1:{port}/\n",
                     highlight=False,
                 )
                 if wait:
-                    output.stderr.print("Ctrl-C stops nginx and keybroker and removes the demo's files.")
+                    output.stderr.print(
+                        "Ctrl-C stops nginx and keybroker"
+                        + (" and removes the demo's files." if directory is None else f" (keeps {base}).")
+                    )
                     _wait_for_interrupt()
             finally:
-                _run(stop_nginx, env)
+                _show(_run(stop_nginx, env))  # also puts back the token directory's permissions
                 _say("nginx stopped")
     finally:
         if directory is None:
