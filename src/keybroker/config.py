@@ -126,7 +126,10 @@ class VaultAuthSettings(_Section):
 
 class VaultConnectionSettings(_Section):
     url: str = Field(description="https://vault.example:8200 (http:// only on loopback)")
-    ca_file: Path | None = Field(default=None, description="CA bundle to verify Vault's certificate (default: system)")
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle to verify Vault's certificate (default: certifi's bundle, or REQUESTS_CA_BUNDLE)",
+    )
     namespace: str | None = None
     timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     auth: VaultAuthSettings

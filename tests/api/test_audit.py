@@ -205,3 +205,40 @@ def test_readyz_reports_an_unreachable_backend(
         "status": "unavailable",
         "checks": {"database": "ok", "backend:embedded": "backend_unavailable"},
     }
+
+
+def test_the_server_renews_vault_tokens_in_the_background(services: Services) -> None:
+    """The lifespan task calls renew_if_due on every backend that has one, and keeps going when one fails."""
+    import asyncio
+
+    from keybroker.api.app import _renew_vault_tokens
+
+    calls: list[str] = []
+
+    class Holder:
+        def __init__(self, name: str, fail: bool) -> None:
+            self.name, self.fail = name, fail
+
+        def renew_if_due(self) -> float | None:
+            calls.append(self.name)
+            if self.fail:
+                raise RuntimeError("refused")
+            return 0.01
+
+    assert services.backends is not None
+    stores = services.backends.stores
+    assert isinstance(stores, dict)
+    stores["vault-a"] = Holder("a", fail=True)  # type: ignore[assignment]
+    stores["vault-b"] = Holder("b", fail=False)  # type: ignore[assignment]
+
+    async def run() -> None:
+        task = asyncio.create_task(_renew_vault_tokens(services))
+        await asyncio.sleep(1.5)  # the loop waits at least 1 s between rounds
+        task.cancel()
+
+    try:
+        asyncio.run(run())
+    finally:
+        del stores["vault-a"], stores["vault-b"]
+    assert calls[:2] == ["a", "b"]
+    assert calls.count("b") >= 2  # a failing holder did not stop the loop

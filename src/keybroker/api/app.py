@@ -73,6 +73,29 @@ async def _reconcile_backends(services: Services) -> None:
         await asyncio.sleep(config.reconcile_interval_seconds)
 
 
+async def _renew_vault_tokens(services: Services) -> None:
+    """Renew Vault/OpenBao tokens in time even when no request comes (a quiet instance would miss the window)."""
+    if services.backends is None:
+        return
+    holders = (*services.backends.stores.values(), *services.backends.wrappers)
+    renewers = [holder.renew_if_due for holder in holders if hasattr(holder, "renew_if_due")]
+    while renewers:
+        delays: list[float] = []
+        for renew in renewers:
+            try:
+                due = await run_in_threadpool(renew)
+                if due is not None:
+                    delays.append(float(due))
+            except Exception as exc:  # refused credentials or TLS: report, keep going
+                log.warning(
+                    "vault_token_renewal_failed",
+                    error_type=type(exc).__name__,
+                    code=getattr(exc, "instance_code", None),
+                )
+                delays.append(60.0)
+        await asyncio.sleep(min(max(min(delays, default=60.0), 1.0), 60.0))
+
+
 async def _refresh_collateral(services: Services) -> None:
     """Fetch collateral from the upstream before it expires, every ``refresh_interval_seconds``."""
     config = services.settings.attestation
@@ -122,12 +145,14 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
         refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
         purger = asyncio.create_task(_purge_nonces(services))
         reconciler = asyncio.create_task(_reconcile_backends(services)) if role != "attestation" else None
+        renewer = asyncio.create_task(_renew_vault_tokens(services))
         try:
             yield
         finally:
             purger.cancel()
             if reconciler is not None:
                 reconciler.cancel()
+            renewer.cancel()
             if refresher is not None:
                 refresher.cancel()
             executor.shutdown(wait=False, cancel_futures=True)

@@ -13,7 +13,7 @@ import base64
 import hvac
 import hvac.exceptions
 
-from keybroker.backends.vault import VaultSession
+from keybroker.backends.vault import VaultSession, nothing_stored
 from keybroker.clock import Clock
 from keybroker.config import Settings, TransitWrapperSettings
 from keybroker.errors import BackendUnavailable, StoredKeyCorrupt
@@ -67,7 +67,12 @@ class TransitKeyWrapper:
                 result = client.secrets.transit.decrypt_data(
                     self._key, ciphertext=ciphertext, associated_data=_b64(context), mount_point=self._mount
                 )
-            except hvac.exceptions.InvalidRequest:
+            except hvac.exceptions.InvalidRequest as exc:
+                if any("encryption key not found" in str(error) for error in exc.errors or ()):
+                    raise BackendUnavailable(
+                        f"Transit key {self._key!r} does not exist at {self._mount}/ (check key_name and mount)",
+                        code="backend_misconfigured",
+                    ) from None
                 # Vault answers 400 for a failed GCM tag, a malformed ciphertext and a version it no longer
                 # allows (min_decryption_version): the stored blob cannot be opened under this KEK either way.
                 raise StoredKeyCorrupt("Transit could not decrypt a wrapped data key") from None
@@ -79,7 +84,9 @@ class TransitKeyWrapper:
         def ensure(client: hvac.Client) -> None:
             try:
                 client.secrets.transit.read_key(self._key, mount_point=self._mount)
-            except hvac.exceptions.InvalidPath:
+            except hvac.exceptions.InvalidPath as exc:
+                if not nothing_stored(exc):
+                    raise  # no Transit engine at that mount: VaultSession.call reports it
                 client.secrets.transit.create_key(
                     self._key, key_type="aes256-gcm96", exportable=False, mount_point=self._mount
                 )
@@ -92,6 +99,10 @@ class TransitKeyWrapper:
         probe = b"\0" * 32
         if self.unwrap(self.wrap(probe, b"keybroker/check"), b"keybroker/check", self._kek_id) != probe:
             raise BackendUnavailable(f"Transit key {self._kek_id} did not round-trip")
+
+    def renew_if_due(self) -> float | None:
+        """``VaultSession.renew_if_due``, for the server's background task."""
+        return self._session.renew_if_due()
 
     def close(self) -> None:
         self._session.close()

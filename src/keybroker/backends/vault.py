@@ -6,9 +6,18 @@ Layout: one secret per key at ``<mount>/<path_prefix><key id>`` (the guide mount
 checks that the secret names the key id and spec it is read for, so a record pointed at another key's path does
 not yield that key. Writes never overwrite: KV v2 uses check-and-set 0, KV v1 refuses a path that exists.
 
-Failures: an unreachable, sealed or standby-only Vault is ``BackendUnavailable`` (503 ``backend_unavailable``);
-a policy that denies a path is ``BackendUnavailable`` with code ``backend_misconfigured`` naming the path and the
-capability, because the operator must fix Vault's policy, not the client its request.
+Token lifetime: the token is renewed once two thirds of its TTL have passed, on the next request, on /readyz and
+from the server's background task (``renew_if_due``). A renewal that fails because Vault is sealed, down or
+overloaded is retried ``RETRY_AFTER`` later. Vault refusing the renewal ends it for a static token (not renewable,
+or at its max TTL); AppRole logs in again and revokes the token it replaces. A token that Vault no longer accepts
+(expired, revoked) is replaced: AppRole logs in again, a static token is read again from its source (it may have
+been rotated there).
+
+Failures: an unreachable, sealed, standby-only or rate-limiting Vault is ``BackendUnavailable`` (503
+``backend_unavailable``). Code ``backend_misconfigured`` (also 503) says the operator must fix something: a policy
+that denies a path (named, with the capability) while keybroker's token is valid, a token that is invalid or
+expired, refused AppRole credentials, a mount that does not exist (Vault has no route for the path), TLS that does
+not verify. Messages never contain tokens, secret ids or Vault's response bodies.
 """
 
 from __future__ import annotations
@@ -28,13 +37,46 @@ import requests
 from keybroker.backends.base import Capability
 from keybroker.clock import Clock
 from keybroker.config import Settings, VaultBackendSettings, VaultConnectionSettings
-from keybroker.errors import BackendUnavailable, Conflict, NotFound, StoredKeyCorrupt
+from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, NotFound, StoredKeyCorrupt
 from keybroker.keys.models import Algorithm, BackendRef, KeyId, KeyMaterial, KeySpec
 
 T = TypeVar("T")
 
-# Renew the token once two thirds of its lifetime have passed; log in again (AppRole) if renewal fails.
+# Renew the token once two thirds of its lifetime have passed.
 _RENEW_AT = 2 / 3
+# A renewal or login that found Vault sealed, down or overloaded is tried again this much later.
+RETRY_AFTER = timedelta(seconds=30)
+# "Not now" rather than "not like this": retried later, reported as backend_unavailable.
+_OUTAGES: tuple[type[Exception], ...] = (
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.VaultNotInitialized,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.RateLimitExceeded,
+    hvac.exceptions.PreconditionFailed,
+    hvac.exceptions.UnexpectedError,
+    requests.RequestException,
+)
+# Vault refused the token: by policy, or because the token itself is no longer valid (Vault answers both with 403).
+_REFUSED: tuple[type[Exception], ...] = (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)
+_MISCONFIGURED = "backend_misconfigured"
+
+
+class _Denied(Exception):
+    """An operation was refused with 403/401; ``VaultSession.call`` finds out whether the token or the policy is why."""
+
+
+def nothing_stored(exc: hvac.exceptions.InvalidPath) -> bool:
+    """Whether a 404 means "no secret at this path" (``{"errors": []}``, or a KV v2 version that was deleted, which
+    answers with its metadata) rather than a path Vault has no route for: a mount that does not exist ("no handler
+    for route"), an engine that does not serve it ("unsupported path"), a KV v1 request to a KV v2 mount. Those are
+    misconfigurations and must not read as a missing key."""
+    if exc.errors:
+        return False
+    if exc.errors == []:
+        return True
+    body = exc.json if isinstance(exc.json, dict) else {}
+    return isinstance(body.get("data"), dict)
 
 
 class VaultSession:
@@ -46,11 +88,11 @@ class VaultSession:
         self._settings = settings
         self._clock = clock
         self._lock = threading.Lock()
-        verify: str | bool = str(settings.resolve(config.ca_file)) if config.ca_file else True
-        self._client = hvac.Client(
-            url=config.url, verify=verify, timeout=config.timeout_seconds, namespace=config.namespace
-        )
-        self._renew_after: datetime | None = None  # None: the token does not expire
+        self._verify: str | bool = str(settings.resolve(config.ca_file)) if config.ca_file else True
+        self._client = self._new_client()
+        self._renew_after: datetime | None = None  # when the token is next renewed or replaced; None: never
+        self._relogin = False  # AppRole: what is due then is a new login (the token cannot be renewed any more)
+        self._issued_ttl = 0  # the token's lifetime as issued; a renewal giving far less is capped by its max TTL
         self._logged_in = False
         # Credentials are read now, so that a missing token file stops the start; an unreachable or sealed Vault
         # does not: keybroker starts, reports the backend unavailable (/readyz, 503s) and logs in once it is back.
@@ -61,6 +103,12 @@ class VaultSession:
     def __repr__(self) -> str:
         return f"VaultSession(url={self.url!r}, auth={self._config.auth.method!r})"
 
+    def _new_client(self, token: str | None = None) -> hvac.Client:
+        config = self._config
+        return hvac.Client(
+            url=config.url, token=token, verify=self._verify, timeout=config.timeout_seconds, namespace=config.namespace
+        )
+
     def _credentials(self) -> str:
         auth = self._config.auth
         if auth.method == "token":
@@ -69,82 +117,197 @@ class VaultSession:
         assert auth.secret_id is not None
         return self._settings.read_secret(auth.secret_id, "Vault AppRole secret id")
 
+    def _credentials_now(self) -> str:
+        """The credential, read at request time: a file that became unreadable is a misconfiguration, not a crash."""
+        try:
+            return self._credentials()
+        except ConfigurationError as exc:
+            raise BackendUnavailable(exc.detail, code=_MISCONFIGURED) from None
+
     def _ensure_login(self) -> None:
         if not self._logged_in:
             with self._lock:
                 if not self._logged_in:
                     self._login()
 
-    def _login(self) -> None:
+    def _login(self, secret: str | None = None) -> None:
+        """Log in with AppRole, or take the token from its source (read again: it may have been rotated there).
+        The caller holds the lock (or is the constructor). Credentials Vault refuses leave the session logged out,
+        so that the next request reads them again; an outage leaves it as it was."""
         auth = self._config.auth
+        secret = secret if secret is not None else self._credentials_now()
         try:
             if auth.method == "token":
-                self._client.token = self._credentials()
+                self._client.token = secret
                 data = self._client.auth.token.lookup_self()["data"]
                 ttl = int(data.get("ttl") or 0)
+                issued = max(ttl, int(data.get("creation_ttl") or 0), int(data.get("period") or 0))
                 renewable = bool(data.get("renewable"))
             else:
                 assert auth.role_id is not None
-                secret_id = self._credentials()
                 result = self._client.auth.approle.login(
-                    role_id=auth.role_id, secret_id=secret_id, mount_point=auth.approle_mount
+                    role_id=auth.role_id, secret_id=secret, mount_point=auth.approle_mount
                 )
-                ttl = int(result["auth"].get("lease_duration") or 0)
+                ttl = issued = int(result["auth"].get("lease_duration") or 0)
                 renewable = bool(result["auth"].get("renewable"))
-        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized, hvac.exceptions.InvalidRequest):
+        except (*_REFUSED, hvac.exceptions.InvalidRequest):
+            self._logged_in = False
+            self._renew_after = None
+            if auth.method == "token":
+                raise _token_invalid(self.url) from None
             raise BackendUnavailable(
-                f"Vault at {self.url} refused keybroker's {auth.method} login (check the credentials)",
-                code="backend_misconfigured",
+                f"Vault at {self.url} refused keybroker's AppRole login (check role_id and the secret id)",
+                code=_MISCONFIGURED,
             ) from None
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
-            raise _unavailable(self.url, exc) from None
-        self._schedule(ttl, renewable or auth.method == "approle")
+            where = "lookup of its token" if auth.method == "token" else f"login on auth/{auth.approle_mount}"
+            raise _translate(self.url, where, exc) from None
         self._logged_in = True
+        self._issued_ttl = issued
+        self._relogin = auth.method == "approle" and not renewable
+        self._renew_after = self._at(ttl) if ttl and (renewable or auth.method == "approle") else None
 
-    def _schedule(self, ttl: int, refreshable: bool) -> None:
-        self._renew_after = self._clock.now() + timedelta(seconds=ttl * _RENEW_AT) if ttl and refreshable else None
+    def _at(self, ttl: int) -> datetime:
+        return self._clock.now() + timedelta(seconds=ttl * _RENEW_AT)
 
-    def _refresh_if_due(self) -> None:
-        if self._renew_after is None or self._clock.now() < self._renew_after:
+    def _due(self) -> bool:
+        return self._renew_after is not None and self._clock.now() >= self._renew_after
+
+    def _renew_due(self) -> None:
+        """Renew or replace the token if that is due. An outage postpones it by ``RETRY_AFTER`` (a request then
+        reports the outage itself); credentials Vault refuses raise ``backend_misconfigured``."""
+        if not self._due():
             return
         with self._lock:
-            if self._renew_after is None or self._clock.now() < self._renew_after:
+            if not self._due():
                 return
             try:
-                result = self._client.auth.token.renew_self()
-                self._schedule(int(result["auth"].get("lease_duration") or 0), True)
-            except (hvac.exceptions.VaultError, requests.RequestException):
-                # Not renewable any more (max TTL reached) or expired: AppRole logs in again; a static token
-                # cannot be refreshed and the next call reports Vault's refusal.
-                if self._config.auth.method == "approle":
-                    self._login()
-                else:
-                    self._renew_after = None
+                self._renew_or_replace(self._client.token)
+            except BackendUnavailable as exc:
+                if exc.instance_code == _MISCONFIGURED:
+                    raise
+                self._renew_after = self._clock.now() + RETRY_AFTER
+
+    def _renew_or_replace(self, token: str | None) -> None:
+        approle = self._config.auth.method == "approle"
+        if self._relogin:
+            self._login()
+            self._revoke(token)
+            return
+        try:
+            result = self._client.auth.token.renew_self()
+        except _OUTAGES as exc:
+            raise _unavailable(self.url, exc) from None
+        except hvac.exceptions.VaultError as exc:
+            if isinstance(exc, _REFUSED) and not self._token_valid():
+                self._replace_invalid(token)  # expired or revoked
+                return
+            # Refused for good (400: "lease is not renewable", a batch token; 403 to a valid token: its policy
+            # does not allow renew-self): AppRole logs in again; a static token lives until it expires, and is
+            # then read again from its source.
+            if approle:
+                self._login()
+                self._revoke(token)
+            else:
+                self._renew_after = None
+            return
+        lease = int((result.get("auth") or {}).get("lease_duration") or 0)
+        if lease * 2 < self._issued_ttl or lease <= 0:
+            # Capped by the token's max TTL: renewing cannot extend it any more. AppRole logs in again before it
+            # ends; a static token is left to expire (then its source is read again).
+            self._renew_after = self._at(lease) if approle else None
+            self._relogin = approle
+        else:
+            self._renew_after = self._at(lease)
+
+    def _replace_invalid(self, token: str | None) -> None:
+        """Vault no longer accepts ``token``. AppRole logs in again; a static token is read again from its source
+        and used if it changed (rotated on disk), else reported as invalid or expired. Caller holds the lock."""
+        self._logged_in = False
+        if self._config.auth.method == "approle":
+            self._login()
+            self._revoke(token)
+            return
+        fresh = self._credentials_now()
+        if fresh == token:
+            self._renew_after = None
+            raise _token_invalid(self.url)
+        self._login(fresh)
+
+    def _revoke(self, token: str | None) -> None:
+        """Best effort: a replaced token is revoked rather than left valid until it expires."""
+        if not token or token == self._client.token:
+            return
+        client = self._new_client(token)
+        try:
+            # Already invalid, a batch token, or Vault unreachable: it ends by itself at its TTL.
+            with contextlib.suppress(hvac.exceptions.VaultError, requests.RequestException):
+                client.auth.token.revoke_self()
+        finally:
+            client.adapter.close()
+
+    def _recover(self, token: str | None, what: str) -> None:
+        """An operation was refused. With a valid token, the policy denies the path: reported, no new login. With
+        an invalid one (``lookup_self`` refused too), the token is replaced for one more try."""
+        with self._lock:
+            if self._client.token != token:
+                return  # another thread has replaced the token meanwhile
+            if not self._token_valid():
+                self._replace_invalid(token)
+                return
+        raise _forbidden(self.url, what)
+
+    def _token_valid(self) -> bool:
+        """Whether Vault still accepts the current token (``lookup_self``, allowed by Vault's default policy): a
+        refusal by Vault is either the token's fault or the policy's, and only this tells them apart."""
+        try:
+            self._client.auth.token.lookup_self()
+        except _REFUSED:
+            return False
+        except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+            raise _translate(self.url, "lookup of its token", exc) from None
+        return True
+
+    def _attempt(self, what: str, operation: Callable[[hvac.Client], T]) -> T:
+        try:
+            return operation(self._client)
+        except _REFUSED:
+            raise _Denied from None
+        except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+            raise _translate(self.url, what, exc) from None
 
     def call(self, what: str, operation: Callable[[hvac.Client], T]) -> T:
-        """Run ``operation`` with the authenticated client; ``what`` names the path for error messages. A
-        refusal under AppRole triggers one fresh login and retry (the token may have been revoked)."""
+        """Run ``operation`` with the authenticated client; ``what`` names the capability and path ("create on
+        keybroker/<id>") for error messages. Every hvac error the operation does not handle itself becomes
+        ``BackendUnavailable``. A refusal is retried once only if keybroker's token itself turned out invalid
+        (it is replaced first); with a valid token it is a policy problem, reported naming ``what``."""
         self._ensure_login()
-        self._refresh_if_due()
+        self._renew_due()
+        token = self._client.token
         try:
-            return operation(self._client)
-        except hvac.exceptions.Forbidden:
-            if self._config.auth.method != "approle":
-                raise _forbidden(self.url, what) from None
-        except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway, hvac.exceptions.InternalServerError) as exc:
-            raise _unavailable(self.url, exc) from None
-        except requests.RequestException as exc:
-            raise _unavailable(self.url, exc) from None
-        with self._lock:
-            self._login()
+            return self._attempt(what, operation)
+        except _Denied:
+            pass
+        self._recover(token, what)
         try:
-            return operation(self._client)
-        except hvac.exceptions.Forbidden:
+            return self._attempt(what, operation)
+        except _Denied:
             raise _forbidden(self.url, what) from None
-        except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway, hvac.exceptions.InternalServerError) as exc:
-            raise _unavailable(self.url, exc) from None
-        except requests.RequestException as exc:
-            raise _unavailable(self.url, exc) from None
+
+    def renew_if_due(self) -> float | None:
+        """For the server's background task, so that a quiet instance keeps its token: log in if that has not
+        happened yet, renew or replace the token if due. An outage is not raised (it is retried); credentials or
+        TLS that Vault refuses raise ``BackendUnavailable`` (``backend_misconfigured``). Returns the seconds until
+        something is due again, None when the token never needs renewing."""
+        try:
+            self._ensure_login()
+            self._renew_due()
+        except BackendUnavailable as exc:
+            if exc.instance_code == _MISCONFIGURED:
+                raise
+            return RETRY_AFTER.total_seconds()
+        due = self._renew_after
+        return None if due is None else max(0.0, (due - self._clock.now()).total_seconds())
 
     def health(self) -> None:
         """Raise ``BackendUnavailable`` unless Vault is initialised, unsealed and active (or a usable standby)."""
@@ -157,28 +320,63 @@ class VaultSession:
             state = {501: "not initialised", 503: "sealed", 429: "a standby"}.get(status, f"status {status}")
             raise BackendUnavailable(f"Vault at {self.url} is {state}")
         self._ensure_login()
-        self._refresh_if_due()
+        self._renew_due()
 
     def close(self) -> None:
         self._client.adapter.close()
 
 
+def _translate(url: str, what: str, exc: BaseException) -> BackendUnavailable:
+    """An hvac or requests error that the operation did not handle, without Vault's response body."""
+    if isinstance(exc, hvac.exceptions.InvalidPath):
+        return BackendUnavailable(
+            f"Vault at {url} has no route for {what}: check that the mount exists and is the configured engine "
+            "(and KV version)",
+            code=_MISCONFIGURED,
+        )
+    if isinstance(exc, hvac.exceptions.InvalidRequest | hvac.exceptions.UnsupportedOperation):
+        return BackendUnavailable(
+            f"Vault at {url} rejected {what} as invalid: check the mount, its engine and KV version",
+            code=_MISCONFIGURED,
+        )
+    if isinstance(exc, _REFUSED):
+        return _forbidden(url, what)
+    return _unavailable(url, exc)
+
+
+# How an outage reads, by hvac exception (anything else: "failed (<exception name>)", never Vault's body).
+_STATES: tuple[tuple[type[Exception], str], ...] = (
+    (hvac.exceptions.VaultDown, "is sealed or down"),
+    (hvac.exceptions.VaultNotInitialized, "is not initialised"),
+    (hvac.exceptions.RateLimitExceeded, "is rate-limiting keybroker"),
+    (requests.Timeout, "did not answer in time"),
+)
+
+
 def _unavailable(url: str, exc: BaseException) -> BackendUnavailable:
-    if isinstance(exc, hvac.exceptions.VaultDown):
-        return BackendUnavailable(f"Vault at {url} is sealed or down")
-    if isinstance(exc, requests.Timeout):
-        return BackendUnavailable(f"Vault at {url} did not answer in time")
     if isinstance(exc, requests.exceptions.SSLError):
-        return BackendUnavailable(f"TLS with Vault at {url} failed (check ca_file)", code="backend_misconfigured")
-    if isinstance(exc, requests.RequestException):
-        return BackendUnavailable(f"Vault at {url} cannot be reached")
-    return BackendUnavailable(f"Vault at {url} failed ({type(exc).__name__})")
+        return BackendUnavailable(
+            f"TLS with Vault at {url} failed: its certificate did not verify (set ca_file to the CA that issued it)",
+            code=_MISCONFIGURED,
+        )
+    state = next((text for kind, text in _STATES if isinstance(exc, kind)), None)
+    if state is None:
+        state = "cannot be reached" if isinstance(exc, requests.RequestException) else f"failed ({type(exc).__name__})"
+    return BackendUnavailable(f"Vault at {url} {state}")
 
 
 def _forbidden(url: str, what: str) -> BackendUnavailable:
     return BackendUnavailable(
-        f"Vault at {url} denied keybroker {what}: grant it in keybroker's Vault policy",
-        code="backend_misconfigured",
+        f"Vault at {url} denied keybroker {what} although its token is valid: grant that in keybroker's Vault "
+        "policy (or check the mount)",
+        code=_MISCONFIGURED,
+    )
+
+
+def _token_invalid(url: str) -> BackendUnavailable:
+    return BackendUnavailable(
+        f"Vault at {url} refused keybroker's token: it is invalid or expired (put a valid token in its source)",
+        code=_MISCONFIGURED,
     )
 
 
@@ -249,8 +447,10 @@ class VaultKvStore:
                     )
                     return dict(result["data"]["data"])
                 return dict(client.secrets.kv.v1.read_secret(path, mount_point=self._mount)["data"])
-            except hvac.exceptions.InvalidPath:
-                return None
+            except hvac.exceptions.InvalidPath as exc:
+                if nothing_stored(exc):
+                    return None
+                raise
 
         return self._session.call(self._where("read", path), read)
 
@@ -278,8 +478,9 @@ class VaultKvStore:
                     client.secrets.kv.v2.delete_metadata_and_all_versions(ref, mount_point=self._mount)
                 else:
                     client.secrets.kv.v1.delete_secret(ref, mount_point=self._mount)
-            except hvac.exceptions.InvalidPath:
-                return
+            except hvac.exceptions.InvalidPath as exc:
+                if not nothing_stored(exc):
+                    raise
 
         self._session.call(self._where("delete", ref), remove)
 
@@ -288,6 +489,10 @@ class VaultKvStore:
 
     def check(self) -> None:
         self._session.health()
+
+    def renew_if_due(self) -> float | None:
+        """``VaultSession.renew_if_due``, for the server's background task."""
+        return self._session.renew_if_due()
 
     def close(self) -> None:
         self._session.close()
