@@ -209,3 +209,21 @@ def test_keybroker_starts_while_vault_is_sealed_and_serves_once_it_is_unsealed(
         assert store.get(key_id, ref, AES).secret == secret
     finally:
         services.close()
+
+
+@pytest.mark.parametrize("backend_name", ["vault-kv1"], indirect=True)
+def test_reusing_the_id_of_a_key_whose_delete_is_unfinished_says_so(
+    world: World, backend_name: str, peers: Peers
+) -> None:
+    key_id = str(uuid.uuid4())
+    body = {
+        "key_information": {"id": key_id, "algorithm": "AES", "key_length": 256},
+        "transfer_policy_id": world.policy(),
+    }
+    assert world.api.post("/kbs/v1/keys", json=body).status_code == 201
+    with outage(backend_name, peers):
+        assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 503
+    again = world.api.post("/kbs/v1/keys", json=body)
+    assert (again.status_code, again.json()["code"]) == (409, "key_delete_pending")
+    world.services.keys.reconcile(older_than=timedelta(0))
+    assert world.api.post("/kbs/v1/keys", json=body).status_code == 201

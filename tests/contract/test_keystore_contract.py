@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keybroker.audit.log import SYSTEM
-from keybroker.backends.base import Capability, KeyStore, RegisteringKeyStore
+from keybroker.backends.base import Capability, GeneratingKeyStore, KeyStore, RegisteringKeyStore
 from keybroker.clock import FixedClock
 from keybroker.config import load_settings
 from keybroker.errors import BackendUnsupported, KeybrokerError, NotFound, StoredKeyCorrupt
@@ -177,6 +177,7 @@ def test_concurrent_creates(store: KeyStore) -> None:
 def test_capabilities_are_honest(services: Services, store: KeyStore) -> None:
     registering = Capability.REGISTER_EXISTING in store.capabilities
     assert registering == isinstance(store, RegisteringKeyStore)
+    assert (Capability.GENERATE in store.capabilities) == isinstance(store, GeneratingKeyStore)
     policy = services.policies.create(TransferPolicyDocument.model_validate(sgx_policy()), SYSTEM)
     new = NewKey(SPECS["AES-256"], PolicyId(policy.id), kmip_key_id="1")
     if registering:

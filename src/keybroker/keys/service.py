@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
-from keybroker.backends.base import Capability, KeyStore, RegisteringKeyStore
+from keybroker.backends.base import Capability, GeneratingKeyStore, KeyStore, RegisteringKeyStore
 from keybroker.clock import Clock
 from keybroker.errors import (
     BackendUnavailable,
@@ -212,6 +212,35 @@ class KeyService:
         mode = "import" if new.key_string is not None else "generate"
         return self._record_new(new, key_id, backend, ref, mode, audit)
 
+    def generate_in_backend(self, new: NewKey, audit: AuditContext) -> KeyRecord | None:
+        """The "generate" mode for a backend that creates keys of ``new.spec`` itself (a KMIP server: Create,
+        CreateKeyPair), so that the material originates in the KMS and never passes through keybroker here. The
+        outbox works as for ``store``: whatever a failed ``generate`` may have left is purged by the key's id.
+
+        ``None`` (and nothing done) for an import or a registration, or when the backend cannot generate the spec:
+        the caller then generates the material and ``store``s it."""
+        if new.key_string is not None or new.kmip_key_id is not None:
+            return None
+        backend = new.backend or self._default_backend
+        store = self._stores[backend]
+        if (
+            Capability.GENERATE not in store.capabilities
+            or not isinstance(store, GeneratingKeyStore)
+            or not store.can_generate(new.spec)
+        ):
+            return None
+        key_id = new.key_id or KeyId(str(uuid.uuid4()))
+        self._reserve(key_id, backend, new.transfer_policy_id)
+        try:
+            ref = store.generate(key_id, new.spec)
+        except Conflict:
+            self._release(key_id)  # as in store(): what the backend already holds under this id is not ours
+            raise
+        except BaseException:
+            self._abandon(store, key_id)
+            raise
+        return self._record_new(new, key_id, backend, ref, "generate", audit, generated_by="backend")
+
     def register(self, new: NewKey, audit: AuditContext) -> KeyRecord:
         """The third create mode: adopt an object that already exists in a KMIP backend (``kmip_key_id``)."""
         backend = new.backend or self._default_backend
@@ -251,6 +280,15 @@ class KeyService:
                 if session.get(KeyRow, key_id) is not None:
                     raise IntegrityError("key exists", None, Exception("key exists"))
         except IntegrityError:
+            with self._db.transaction() as session:
+                pending = session.get(PendingMaterialRow, key_id)
+                deleting = pending is not None and pending.operation == "delete"
+            if deleting:
+                raise Conflict(
+                    f"key {key_id} was deleted but its material is still being removed from its backend; "
+                    "retry once that is done (keybroker backends reconcile)",
+                    code="key_delete_pending",
+                ) from None
             raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
 
     def _release(self, key_id: KeyId) -> None:
@@ -276,6 +314,7 @@ class KeyService:
         mode: str,
         audit: AuditContext,
         kmip_key_id: str | None = None,
+        generated_by: str | None = None,
     ) -> KeyRecord:
         store = self._stores[backend]
         row = KeyRow(
@@ -301,6 +340,8 @@ class KeyService:
             "label": new.label,
             "kmip_key_id": kmip_key_id,
         }
+        if generated_by is not None:
+            details["generated_by"] = generated_by  # "backend": the key was created inside the backend (KMIP)
         try:
             with self._db.transaction(write=True) as session:
                 revision.bump(session)

@@ -35,6 +35,11 @@ async def create_key(
     if new.kmip_key_id is not None:
         registered = await run_in_threadpool(services.keys.register, new, audit)
         return KeyOut.of(registered, base_url(services))
+    # A backend that generates keys of this spec itself (KMIP: Create / CreateKeyPair) creates it there; the
+    # server does the work (RSA-4096: up to a second or two), so this thread only waits for it.
+    generated = await run_in_threadpool(services.keys.generate_in_backend, new, audit)
+    if generated is not None:
+        return KeyOut.of(generated, base_url(services))
     if new.spec.algorithm is Algorithm.RSA:
         # RSA generation takes up to seconds (7680 bits) and validating an imported RSA key is costly too; a small
         # dedicated pool keeps them from starving the threads that serve every other request.
