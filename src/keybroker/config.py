@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,17 +161,24 @@ class Pkcs11WrapperSettings(_Section):
     sessions: int = Field(default=4, ge=1, le=64, description="session pool size")
 
 
-def _wrapper_type(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("type", "local"))
-    return str(getattr(value, "type", ""))
+def _type_or(default: str) -> Callable[[Any], str]:
+    """A discriminator reading ``type``, ``default`` when it is left out: the local KEK and the embedded backend
+    need no ``type``, so that one environment variable such as KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY
+    is a complete backend definition."""
+
+    def discriminate(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("type", default))
+        return str(getattr(value, "type", ""))
+
+    return discriminate
 
 
 WrapperSettings = Annotated[
     Annotated[LocalWrapperSettings, Tag("local")]
     | Annotated[TransitWrapperSettings, Tag("vault-transit")]
     | Annotated[Pkcs11WrapperSettings, Tag("pkcs11")],
-    Discriminator(_wrapper_type),
+    Discriminator(_type_or("local")),
 ]
 
 
@@ -201,19 +209,11 @@ class KmipBackendSettings(_Section):
     connections: int = Field(default=4, ge=1, le=64, description="connection pool size")
 
 
-def _backend_type(value: Any) -> str:
-    # ``type`` may be left out for the embedded backend, so that one environment variable such as
-    # KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY is a complete backend definition.
-    if isinstance(value, dict):
-        return str(value.get("type", "embedded"))
-    return str(getattr(value, "type", ""))
-
-
 BackendSettings = Annotated[
     Annotated[EmbeddedBackendSettings, Tag("embedded")]
     | Annotated[VaultBackendSettings, Tag("vault")]
     | Annotated[KmipBackendSettings, Tag("kmip")],
-    Discriminator(_backend_type),
+    Discriminator(_type_or("embedded")),
 ]
 
 

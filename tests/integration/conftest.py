@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.peers.process import free_port, stop_process, wait_until
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -32,27 +25,17 @@ def clean_env(**extra: str) -> dict[str, str]:
 def wait_until_serving(
     url: str, process: subprocess.Popen[bytes], log: Path, verify: ssl.SSLContext | bool = True, timeout: float = 60.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0, verify=verify).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server did not come up in {timeout}s:\n{log.read_text()}")
+    wait_until(
+        lambda: httpx.get(f"{url}/healthz", timeout=1.0, verify=verify).status_code == 200,
+        process,
+        log,
+        "server",
+        timeout,
+    )
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout=15)
 
 
 @dataclass

@@ -10,11 +10,8 @@ which tests run as written.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import hvac
+
+from tests.peers.process import free_port, stop_process, wait_until
 
 ROOT_TOKEN = "root"
 
@@ -35,36 +34,15 @@ def bao_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_healthy(
     url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0, ca_file: Path | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bao exited with {process.returncode}:\n{log.read_text()}")
-        # -dev-tls writes its CA while starting: until then (or while it is half written) loading it fails (OSError).
-        with contextlib.suppress(httpx.HTTPError, OSError):
-            verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-            if httpx.get(f"{url}/v1/sys/health", timeout=1.0, verify=verify).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"bao did not become healthy in {timeout}s:\n{log.read_text()}")
+    def healthy() -> bool:
+        # -dev-tls writes its CA while starting: until then (or while half written) loading it fails.
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        return httpx.get(f"{url}/v1/sys/health", timeout=1.0, verify=verify).status_code == 200
 
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    wait_until(healthy, process, log, "bao", timeout)
 
 
 class DevBao:
