@@ -8,6 +8,7 @@ Private keys on disk are PKCS#8, encrypted with a random passphrase that is itse
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -113,9 +114,20 @@ class ServiceCA:
     # --- the CA ------------------------------------------------------------------------------------------
 
     def create(self, now: datetime, common_name: str) -> None:
-        """Create the CA (EC P-384, 10 years) unless it exists."""
+        """Create the CA (EC P-384, 10 years) unless it exists. Safe against a concurrent ``create`` in another
+        process (server workers): an ``flock`` orders them, and the loser finds the CA made."""
         if self.exists():
             return
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._dir / f".{self._cert_file}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not self.exists():
+                self._create(now, common_name)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _create(self, now: datetime, common_name: str) -> None:
         key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name(
             [

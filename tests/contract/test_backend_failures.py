@@ -227,3 +227,36 @@ def test_reusing_the_id_of_a_key_whose_delete_is_unfinished_says_so(
     assert (again.status_code, again.json()["code"]) == (409, "key_delete_pending")
     world.services.keys.reconcile(older_than=timedelta(0))
     assert world.api.post("/kbs/v1/keys", json=body).status_code == 201
+
+
+@pytest.mark.parametrize("backend_name", ["vault-kv1", "kmip"], indirect=True)
+def test_the_key_id_stays_reserved_while_the_reconciler_deletes_its_material(
+    world: World, backend_name: str, peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-create of the id while the reconciler is removing the old material is refused; had it been accepted,
+    the reconciler's delete would have destroyed the new key's material."""
+    key_id = str(uuid.uuid4())
+    body = {
+        "key_information": {"id": key_id, "algorithm": "AES", "key_length": 256},
+        "transfer_policy_id": world.policy(),
+    }
+    assert world.api.post("/kbs/v1/keys", json=body).status_code == 201
+    with outage(backend_name, peers):
+        assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 503
+    store = _store(world)
+    real_delete = store.delete
+    during: list[int] = []
+
+    def delete_while_someone_recreates(ref: BackendRef) -> None:
+        during.append(world.api.post("/kbs/v1/keys", json=body).status_code)
+        real_delete(ref)
+
+    monkeypatch.setattr(store, "delete", delete_while_someone_recreates)
+    assert world.services.keys.reconcile(older_than=timedelta(0)).finished == 1
+    assert during  # (Vault purges through delete too: once or twice)
+    assert set(during) == {409}
+    monkeypatch.undo()
+    created = world.api.post("/kbs/v1/keys", json=body)
+    assert created.status_code == 201, created.text
+    released = request_transfer(world, key_id, world.evidence())
+    assert released.status_code == 200, released.text  # the new key's material is intact

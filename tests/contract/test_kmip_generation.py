@@ -5,6 +5,8 @@ objects."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,19 @@ def _create(world: World, info: dict[str, Any]) -> Any:
     return world.api.post("/kbs/v1/keys", json=body)
 
 
-def _named(peers: Peers, key_id: str) -> list[str]:
-    """The ids of every object the KMIP server holds under the name ``keybroker:<key_id>``."""
+def object_name(world: World, key_id: str) -> str:
+    """``keybroker:<deployment id>:<key id>``: what this keybroker names its KMIP objects."""
+    from keybroker.auth.tokens import deployment_id
+
+    return f"keybroker:{deployment_id(world.services.database)}:{key_id}"
+
+
+def _named(peers: Peers, world: World, key_id: str) -> list[str]:
+    """The ids of every object the KMIP server holds under this keybroker's name for ``key_id``."""
     from kmip.core import enums
 
     with peers.kmip().client() as client:
-        name = client.attribute_factory.create_attribute(enums.AttributeType.NAME, f"keybroker:{key_id}")
+        name = client.attribute_factory.create_attribute(enums.AttributeType.NAME, object_name(world, key_id))
         return sorted(str(uid) for uid in client.locate(attributes=[name]))
 
 
@@ -61,7 +70,7 @@ def _create_details(world: World, key_id: str) -> dict[str, Any]:
 
 def _delete_and_check_gone(world: World, peers: Peers, key_id: str) -> None:
     assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
-    assert _named(peers, key_id) == []
+    assert _named(peers, world, key_id) == []
     assert world.services.keys.pending() == []
 
 
@@ -74,7 +83,7 @@ def test_rsa_3072_is_created_by_the_kmip_server(world: World, backend_name: str,
     key_id = created.json()["id"]
 
     # A pair in the server, both halves named for the key; the key's ref is the private key.
-    uids = _named(peers, key_id)
+    uids = _named(peers, world, key_id)
     assert len(uids) == 2
     ref = _ref(world, key_id)
     assert ref in uids
@@ -109,7 +118,7 @@ def test_aes_256_is_created_by_the_kmip_server(world: World, backend_name: str, 
     assert created.status_code == 201, created.text
     key_id = created.json()["id"]
     ref = _ref(world, key_id)
-    assert _named(peers, key_id) == [ref]
+    assert _named(peers, world, key_id) == [ref]
     held = _objects(peers, [ref])[ref]
     assert (held.object_type, held.key_format_type) == (enums.ObjectType.SYMMETRIC_KEY, enums.KeyFormatType.RAW)
     assert _create_details(world, key_id)["generated_by"] == "backend"
@@ -129,7 +138,7 @@ def test_ec_is_still_generated_by_keybroker_and_registered(world: World, backend
     assert created.status_code == 201, created.text
     key_id = created.json()["id"]
     ref = _ref(world, key_id)
-    assert _named(peers, key_id) == [ref]  # one registered private key, no pair
+    assert _named(peers, world, key_id) == [ref]  # one registered private key, no pair
     held = _objects(peers, [ref])[ref]
     assert held.object_type == enums.ObjectType.PRIVATE_KEY
     assert held.key_format_type == enums.KeyFormatType.PKCS_8
@@ -165,7 +174,7 @@ def test_a_generate_that_fails_after_the_server_created_the_key_leaves_nothing(
     response = _create(world, {"algorithm": "RSA", "key_length": 2048})
     assert (response.status_code, response.json()["code"]) == (503, "backend_unavailable")
     ((key_id, _),) = made
-    assert _named(peers, key_id) == []
+    assert _named(peers, world, key_id) == []
     assert world.services.keys.pending() == []
     with world.services.database.transaction() as session:
         assert session.get(KeyRow, key_id) is None
@@ -196,7 +205,7 @@ def test_a_record_that_cannot_be_written_purges_the_generated_key(
     response = world.api.post("/kbs/v1/keys", json={**body, "backend": UNDER_TEST})
     assert (response.status_code, response.json()["code"]) == (503, "audit_unavailable")
     (key_id,) = made
-    assert _named(peers, key_id) == []
+    assert _named(peers, world, key_id) == []
     assert world.services.keys.pending() == []
 
 
@@ -207,8 +216,40 @@ def test_a_chosen_id_is_the_name_in_the_kmip_server(world: World, backend_name: 
     created = _create(world, {"algorithm": "AES", "key_length": 192, "id": key_id})
     assert created.status_code == 201, created.text
     assert created.json()["id"] == key_id
-    assert _named(peers, key_id) == [_ref(world, key_id)]
+    assert _named(peers, world, key_id) == [_ref(world, key_id)]
     again = _create(world, {"algorithm": "AES", "key_length": 192, "id": key_id})
     assert (again.status_code, again.json()["code"]) == (409, "key_exists")
-    assert len(_named(peers, key_id)) == 1  # the refused create made nothing in the server
+    assert len(_named(peers, world, key_id)) == 1  # the refused create made nothing in the server
     _delete_and_check_gone(world, peers, key_id)
+
+
+def test_another_deployments_objects_under_the_same_key_id_are_never_touched(
+    world: World, backend_name: str, peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two keybrokers sharing a KMIP identity (a DR pair, a migration) may use the same chosen key id: creating,
+    failing and deleting it here destroys nothing of the other's."""
+    from kmip.core import enums
+    from kmip.pie import objects
+
+    key_id = str(uuid.uuid4())
+    theirs = os.urandom(32)
+    with peers.kmip().client() as client:
+        other = client.register(
+            objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, theirs, name=f"keybroker:0ther:{key_id}")
+        )
+    info = {"id": key_id, "algorithm": "AES", "key_length": 256}
+    # A create whose record cannot be written purges what it made, by its own name only.
+    real_append = world.services.audit.append
+
+    def fail_create(session: Any, context: Any, event: Any) -> None:
+        if event.action == "key.create":
+            raise BackendUnavailable("the audit log cannot be written", code="audit_unavailable")
+        real_append(session, context, event)
+
+    monkeypatch.setattr(world.services.audit, "append", fail_create)
+    assert _create(world, info).status_code == 503
+    monkeypatch.undo()
+    assert _create(world, info).status_code == 201
+    assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
+    with peers.kmip().client() as client:
+        assert client.get(other).value == theirs

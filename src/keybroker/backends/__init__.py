@@ -4,7 +4,7 @@ libraries (hvac, PyKMIP, python-pkcs11) are imported only when a backend that ne
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from keybroker.backends.base import Capability, KeyStore, KeyWrapper, RegisteringKeyStore
@@ -69,7 +69,7 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
             elif isinstance(backend, KmipBackendSettings):
                 from keybroker.backends.kmip import KmipKeyStore
 
-                stores[name] = KmipKeyStore.from_settings(name, settings, backend)
+                stores[name] = KmipKeyStore.from_settings(name, settings, backend, _deployment(database))
         extra: tuple[KeyWrapper, ...] = ()
         service = _service_wrapper(settings, wrappers)
         if service is None:
@@ -82,6 +82,20 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
             wrapper.close()
         raise
     return Backends(stores, service, (*wrappers.values(), *extra))
+
+
+def _deployment(database: Database) -> Callable[[], str]:
+    """The deployment id, read when first needed (``init`` builds the backends before it exists)."""
+    cached: list[str] = []
+
+    def read() -> str:
+        if not cached:
+            from keybroker.auth.tokens import deployment_id
+
+            cached.append(deployment_id(database))
+        return cached[0]
+
+    return read
 
 
 def _service_wrapper(settings: Settings, wrappers: Mapping[str, KeyWrapper]) -> KeyWrapper | None:

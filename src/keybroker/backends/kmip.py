@@ -5,7 +5,8 @@ Contract:
 * ``generate`` (``Capability.GENERATE``, the "generate" create mode) has the KMIP server **create** the key, so
   that its material originates in the KMS: AES-128/192/256 with Create (a ``SymmetricKey``, usage Encrypt and
   Decrypt), RSA-2048/3072/4096 with CreateKeyPair (private key usage Sign and Decrypt, public key Verify and
-  Encrypt; both halves named ``keybroker:<key id>``, the private key's identifier is the ``BackendRef``).
+  Encrypt; both halves named ``keybroker:<dep>:<key id>`` where <dep> is the deployment id, so that keybrokers
+  sharing a KMIP identity never reach each other's objects; the private key's identifier is the ``BackendRef``).
   ``can_generate`` names those specs. Not EC: the PyKMIP server refuses CreateKeyPair for EC (and ECDSA) with
   INVALID_FIELD "not a supported asymmetric key algorithm". Not RSA-7680: the PyKMIP server takes 1.5 to 8.5 s
   (measured) to generate one while holding a pooled connection, longer than a KMIP timeout should be; keybroker's
@@ -13,7 +14,7 @@ Contract:
   Create and CreateKeyPair get ``GENERATE_TIMEOUT_SECONDS`` (or ``timeout_seconds`` if longer) to answer: the
   server generates before it replies (RSA-4096 in 0.1 to 1.6 s measured).
 * ``put`` **registers** the material (it is generated or imported by keybroker): AES as a ``SymmetricKey`` (raw
-  bytes), RSA and EC as a ``PrivateKey`` in PKCS#8. The object is named ``keybroker:<key id>`` and its KMIP unique
+  bytes), RSA and EC as a ``PrivateKey`` in PKCS#8. The object is named ``keybroker:<dep>:<key id>`` and its KMIP unique
   identifier is the ``BackendRef``. The PyKMIP server stores EC private keys registered this way (P-256/384/521)
   and returns the same bytes.
 * ``get`` reads the object's Name first and refuses (``StoredKeyCorrupt``) an object not named for the key being
@@ -25,7 +26,7 @@ Contract:
   match the spec; its ref is ``registered:<id>``. Such refs skip the name binding (the object is not ours to name)
   and ``delete`` leaves them on the server.
 * ``delete`` destroys (revoking first when the server says the object is active); a missing object is fine.
-  ``purge`` destroys every object named ``keybroker:<key id>`` (so also the public half of a generated RSA pair,
+  ``purge`` destroys every object named ``keybroker:<dep>:<key id>`` (so also the public half of a generated RSA pair,
   which the service's key delete removes that way). ``check`` is a Query round trip.
 * Errors: unreachable server, TLS failures and timeouts are ``BackendUnavailable`` naming ``host:port`` (code
   ``backend_misconfigured`` when retrying cannot help: a certificate refused either way, or the server denying
@@ -218,9 +219,9 @@ def _type_name(value: object) -> str:
     return _enum_name(value).replace("_", " ").lower()
 
 
-def _kmip_object(key_id: KeyId, material: KeyMaterial) -> Any:
-    """The PyKMIP object that registers ``material`` under the name ``keybroker:<key_id>``."""
-    spec, name = material.spec, NAME_PREFIX + key_id
+def _kmip_object(name: str, material: KeyMaterial) -> Any:
+    """The PyKMIP object that registers ``material`` under ``name`` (``keybroker:<deployment>:<key id>``)."""
+    spec = material.spec
     alg, mask = kmip_enums.CryptographicAlgorithm, kmip_enums.CryptographicUsageMask
     if spec.algorithm is Algorithm.AES:
         return kmip_objects.SymmetricKey(
@@ -368,8 +369,12 @@ class KmipKeyStore:
         tls: ssl.SSLContext,
         timeout_seconds: float = 5.0,
         connections: int = 4,
+        namespace: Callable[[], str] = lambda: "",
     ) -> None:
         self.name = name
+        # Objects are named keybroker:<deployment>:<key id>: purging by name must never reach objects another
+        # keybroker deployment sharing this KMIP identity stored under the same (chosen) key id.
+        self._namespace = namespace
         self._host = host
         self._port = port
         self._tls = tls
@@ -378,8 +383,14 @@ class KmipKeyStore:
         # A caller waits for a free connection as long as for a reply: past that, the server is too slow anyway.
         self._pool = _Pool(connections, wait_seconds=timeout_seconds)
 
+    def _object_name(self, key_id: str) -> str:
+        namespace = self._namespace()
+        return f"{NAME_PREFIX}{namespace}:{key_id}" if namespace else NAME_PREFIX + key_id
+
     @classmethod
-    def from_settings(cls, name: str, settings: Settings, cfg: KmipBackendSettings) -> KmipKeyStore:
+    def from_settings(
+        cls, name: str, settings: Settings, cfg: KmipBackendSettings, namespace: Callable[[], str] = lambda: ""
+    ) -> KmipKeyStore:
         """Checks the TLS files now (``ConfigurationError``); connects only when first used, so that keybroker
         starts while the KMIP server is down (readiness reports it)."""
         tls = _tls_context(
@@ -392,6 +403,7 @@ class KmipKeyStore:
             tls=tls,
             timeout_seconds=cfg.timeout_seconds,
             connections=cfg.connections,
+            namespace=namespace,
         )
 
     def __repr__(self) -> str:
@@ -406,7 +418,7 @@ class KmipKeyStore:
         return spec.algorithm in self.supported_algorithms
 
     def put(self, key_id: KeyId, material: KeyMaterial) -> BackendRef:
-        managed = _kmip_object(key_id, material)
+        managed = _kmip_object(self._object_name(key_id), material)
         try:
             # Never store what get would refuse (and never send malformed material to the server).
             _object_material(managed, material.spec, validate=False)
@@ -421,7 +433,7 @@ class KmipKeyStore:
     def generate(self, key_id: KeyId, spec: KeySpec) -> BackendRef:
         if not self.can_generate(spec):
             raise BackendUnsupported(f"the KMIP store {self.name!r} cannot have {spec.describe()} keys generated")
-        name, length = NAME_PREFIX + key_id, spec.key_length
+        name, length = self._object_name(key_id), spec.key_length
         alg, mask = kmip_enums.CryptographicAlgorithm, kmip_enums.CryptographicUsageMask
 
         def create(client: Any) -> Any:
@@ -453,7 +465,7 @@ class KmipKeyStore:
         if bound:
             # The name is checked before the material is fetched: an object not bound to this key is never read.
             names = self._names(uid, missing)
-            if NAME_PREFIX + key_id not in names:
+            if self._object_name(key_id) not in names:
                 raise StoredKeyCorrupt(f"KMIP object {uid} is not the material of key {key_id}")
         obj = self._object(uid, missing)
         try:
@@ -487,7 +499,7 @@ class KmipKeyStore:
 
     def purge(self, key_id: KeyId) -> None:
         def locate(client: Any) -> Any:
-            name = client.attribute_factory.create_attribute(kmip_enums.AttributeType.NAME, NAME_PREFIX + key_id)
+            name = client.attribute_factory.create_attribute(kmip_enums.AttributeType.NAME, self._object_name(key_id))
             return client.locate(attributes=[name])
 
         uids = self._call(f"looking up the objects of key {key_id}", locate)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ from keybroker.storage.db import Database
 from keybroker.storage.tables import KeyCertificateRow, KeyRow
 
 MAX_SANS = 100
-_CREATE_LOCK = threading.Lock()
 _DNS = re.compile(
     r"^(\*\.)?([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"
 )
@@ -128,8 +126,7 @@ class KeyCertificates:
         if not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise InvalidRequest("only RSA and EC keys can be certified", code="key_not_asymmetric")
         now = self._clock.now()
-        with _CREATE_LOCK:  # data directories initialised before the workload CA existed get it on first use
-            self._ca.create(now, "keybroker workload CA")
+        self._ca.create(now, "keybroker workload CA")  # data directories from before it existed get it now
         cert = self._ca.certify_key(private.public_key(), name, entries, now, days)
         del private
         chain = cert.public_bytes(serialization.Encoding.PEM).decode() + self._ca.certificate_pem().decode()

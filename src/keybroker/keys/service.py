@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,6 +67,9 @@ class NewKey:
     key_id: KeyId | None = None
     key_string: str | None = field(default=None, repr=False)
     kmip_key_id: str | None = None
+
+
+CLAIM_EXPIRES = timedelta(minutes=10)  # a reconciler holding a row longer than this is presumed dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +350,13 @@ class KeyService:
                 revision.bump(session)
                 session.add(row)
                 session.flush()  # the record's constraints are checked before the audit entry is written
-                claimed = session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
+                claimed = session.execute(
+                    delete(PendingMaterialRow).where(
+                        PendingMaterialRow.key_id == key_id,
+                        PendingMaterialRow.operation == "create",
+                        PendingMaterialRow.claimed_at.is_(None),
+                    )
+                )
                 if getattr(claimed, "rowcount", 1) != 1:
                     # The reconciler took this create for abandoned (and purged its material): give up cleanly.
                     raise BackendUnavailable("the key's write was interrupted; try again", code="key_write_interrupted")
@@ -519,31 +528,30 @@ class KeyService:
                 self._unclaim(row)
                 waiting += 1
                 continue
+            self._release(KeyId(row.key_id))  # only now is the key id free again
             finished += 1
         return ReconcileResult(finished, waiting)
 
     def _claim(self, row: PendingMaterialRow) -> bool:
-        """Take the outbox row (a conditional delete), so that a create still in flight finds it gone and gives
-        up instead of writing a record whose material is being purged. False if someone else took it."""
+        """Mark the outbox row as being worked on (a conditional update): the key id stays reserved until the
+        backend work is done and the row removed, and a create still in flight finds its row claimed and gives up
+        instead of writing a record whose material is being purged. A claim older than ``CLAIM_EXPIRES`` (a
+        reconciler that died) may be taken over. False if someone else holds it."""
+        now = self._clock.now()
         with self._db.transaction(write=True) as session:
-            if row.operation == "create" and session.get(KeyRow, row.key_id) is not None:
-                return False  # (cannot happen: the record and the row's removal share a transaction)
             taken = session.execute(
-                delete(PendingMaterialRow).where(
-                    PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.created_at == row.created_at
+                update(PendingMaterialRow)
+                .where(
+                    PendingMaterialRow.key_id == row.key_id,
+                    PendingMaterialRow.created_at == row.created_at,
+                    PendingMaterialRow.claimed_at.is_(None) | (PendingMaterialRow.claimed_at < now - CLAIM_EXPIRES),
                 )
+                .values(claimed_at=now)
             )
             return bool(getattr(taken, "rowcount", 0) == 1)
 
     def _unclaim(self, row: PendingMaterialRow) -> None:
         with self._db.transaction(write=True) as session:
-            if session.get(PendingMaterialRow, row.key_id) is None:
-                session.add(
-                    PendingMaterialRow(
-                        key_id=row.key_id,
-                        backend=row.backend,
-                        backend_ref=row.backend_ref,
-                        operation=row.operation,
-                        created_at=row.created_at,
-                    )
-                )
+            session.execute(
+                update(PendingMaterialRow).where(PendingMaterialRow.key_id == row.key_id).values(claimed_at=None)
+            )

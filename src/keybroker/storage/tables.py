@@ -86,6 +86,7 @@ class PendingMaterialRow(Base):
     backend_ref: Mapped[str | None] = mapped_column(String(256))
     operation: Mapped[str] = mapped_column(String(16))  # "create" or "delete"
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # set while the reconciler works on it
 
 
 class ApiTokenRow(Base):
