@@ -21,10 +21,15 @@
 # nobody:softhsm (Debian's softhsm2 group; nogroup only if softhsm does not exist), never as root. After fork the
 # engine re-opens the token in each worker, and SoftHSM re-reads the token's files there, so for a SoftHSM module this
 # script gives that group read access (no write) to the token's directory; reading is enough, also for SoftHSM's
-# locks. It records what it changed in WORKDIR/token-access and --stop puts it back (or, when another nginx of this
-# script still uses that token directory, leaves the record to that one's --stop). Every directory above the token
-# directory, SOFTHSM2_CONF and the work directory must be traversable by the worker user; the script checks that as
-# that user before starting and refuses otherwise (or pass --user root).
+# locks. It records what it changed (with each file's device and inode) in WORKDIR/token-access, and --stop puts it
+# back: only entries for the token directory the record names, for the very files changed, and only ever taking
+# permissions away (or, when a root nginx of this script in another root work directory still uses that token
+# directory, it leaves the record to that one's --stop). Every directory above the token directory and SOFTHSM2_CONF
+# must be traversable by the worker user; the script checks that as that user before starting and refuses otherwise
+# (or pass --user root). The workers need nothing in the work directory (the master opens the config, certificate,
+# key, logs and pid file before they start; the page is a fixed text), so as root it is root's alone: it must be
+# owned by root and writable by nobody else, and so must every directory above it (or be sticky, like /tmp), and every
+# symbolic link on the way to it must be root's; otherwise the script refuses it. A new one is made with mode 0700.
 # As a normal user, nginx runs as that user and nothing is changed.
 set -euo pipefail
 
@@ -54,10 +59,54 @@ while [ $# -gt 0 ]; do
     *) printf 'nginx: unknown option %s\n' "$1" >&2; usage ;;
   esac
 done
+given_workdir=$workdir
+[[ $given_workdir = /* ]] || given_workdir=$(pwd -P)/$given_workdir
 workdir=$(realpath -m -- "$workdir")
 pidfile=$workdir/logs/nginx.pid
 access_record=$workdir/token-access  # what this script changed for the workers' access to the token (root only)
 PIN_VAR=KEYBROKER_NGINX_PKCS11_PIN   # the PIN reaches pkcs11-tool and openssl in this variable, never in argv
+umask0=$(umask)
+umask 077        # whatever this script and nginx write (nginx.conf holds the PIN, the record) is private
+set -o noclobber # and never over an existing file: each one is removed first
+is_root=0; [ "$(id -u)" = 0 ] && is_root=1
+
+# Whether DIR is root's and only root can change what is in it: a directory (not a symbolic link) owned by root and
+# not writable by group or others; with "sticky", a directory writable by others that is sticky (like /tmp) passes
+# too: others cannot rename or remove root's entries there. Prints why not.
+safe_dir() {
+  local info uid mode type
+  info=$(stat -c '%u %a %F' -- "$1" 2>/dev/null) || { echo "cannot stat $1"; return 1; }
+  read -r uid mode type <<<"$info"
+  [ "$type" = directory ] || { echo "$1 is a $type, not a directory"; return 1; }
+  [ "$uid" = 0 ] || { echo "$1 is owned by $(id -nu "$uid" 2>/dev/null || echo "uid $uid"), not by root"; return 1; }
+  (( (8#$mode & 8#022) == 0 )) || { [ "${2:-}" = sticky ] && (( (8#$mode & 8#1000) != 0 )); } \
+    || { echo "$1 is writable by group or others (mode $mode)"; return 1; }
+}
+# As root, whether the work directory is root's alone (the record in it says which files to chmod as root; nginx.conf
+# holds the PIN): the work directory passes safe_dir, every directory above it passes safe_dir with "sticky", and
+# every symbolic link on the way to it (as given) is root's. Parts that do not exist yet pass. Prints why not.
+trusted_workdir() {
+  local part p= d=$workdir
+  local -a parts
+  IFS=/ read -ra parts <<<"$given_workdir"
+  for part in "${parts[@]}"; do
+    [ -n "$part" ] || continue
+    p=$p/$part
+    if [ -L "$p" ] && [ "$(stat -c %u -- "$p")" != 0 ]; then
+      echo "the way to it goes through $p, a symbolic link owned by $(stat -c %U -- "$p"), not by root"; return 1
+    fi
+  done
+  if [ -e "$d" ] || [ -L "$d" ]; then safe_dir "$d" || return 1; fi
+  while [ "$d" != / ]; do
+    d=$(dirname -- "$d")
+    if [ -e "$d" ] || [ -L "$d" ]; then safe_dir "$d" sticky || return 1; fi
+  done
+}
+refuse_workdir() {
+  die "refusing the work directory $workdir: $1. As root, the work directory must be owned by root and writable by \
+nobody else, and so must every directory above it (or be sticky, like /tmp); give another --workdir (a new one \
+is made with mode 0700)" 2
+}
 
 # Whether PID is a live (not zombie) nginx master of this work directory: pid files go stale and pids are reused.
 alive() {
@@ -74,8 +123,8 @@ running_pid() {
   echo "$pid"
 }
 
-# The work directories of the live nginx masters this script started elsewhere (their "-c WORKDIR/nginx.conf").
-other_workdirs() {
+# The live nginx masters this script started elsewhere: "PID<tab>WORKDIR" (from their "-c WORKDIR/nginx.conf").
+other_masters() {
   local proc state cmd
   for proc in /proc/[0-9]*; do
     [ "$(cat "$proc/comm" 2>/dev/null)" = nginx ] || continue
@@ -83,34 +132,91 @@ other_workdirs() {
     [ -n "$state" ] && [ "$state" != Z ] || continue
     cmd=$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null) || continue
     [[ $cmd =~ \ -c\ ([^ ]+)/nginx\.conf ]] || continue
-    [ "${BASH_REMATCH[1]}" != "$workdir" ] && printf '%s\n' "${BASH_REMATCH[1]}"
-  done | sort -u
+    [ "${BASH_REMATCH[1]}" != "$workdir" ] && printf '%s\t%s\n' "${proc#/proc/}" "${BASH_REMATCH[1]}"
+  done
 }
 
-# Puts back what the record says this script changed (in reverse order), unless another running nginx of this script
-# needs the same token directory: then the record goes to that one, and its --stop puts it back.
+# cd into DIR, the very directory found at that name (not a symbolic link, not swapped meanwhile): what is done there
+# to "." or to ./NAME is done to what DIR was when checked. Call it in a subshell.
+enter() {
+  local info
+  info=$(stat -c '%d:%i %F' -- "$1" 2>/dev/null) && [ "${info#* }" = directory ] && cd -P -- "$1" 2>/dev/null \
+    && [ "$(stat -c %d:%i .)" = "${info%% *}" ]
+}
+
+# TOP MODE GID GRANTED DEV:INO PATH LINE: puts back one entry (LINE) of the record, from inside its directory, and
+# only when all of this holds: PATH is the token directory TOP, a token's directory in it or a file in one of those;
+# it is still the file that was changed (device and inode), in a directory only root can change, still in the group
+# it was given (GRANTED); and the old MODE takes permissions away, never adds any. Exit status: 0 put back, 1 failed,
+# 2 refused, 3 gone or changed since (left alone).
+restore_entry() (
+  local top=$1 mode=$2 gid=$3 granted=$4 id=$5 path=$6 rel target info cur_id cur_mode cur_gid type why
+  [[ $mode =~ ^[0-7]{1,4}$ && $gid =~ ^[0-9]+$ && $granted =~ ^[0-9]+$ && $id =~ ^[0-9]+:[0-9]+$ ]] \
+    || { warn "ignored a malformed entry of $access_record: ${7//$'\t'/ }"; exit 2; }
+  rel=${path#"$top"/}
+  if [ "$path" != "$top" ] && { [ "$rel" = "$path" ] || ! [[ $rel =~ ^[^/]+(/[^/]+)?$ ]] \
+       || [[ /$rel/ =~ /\.\.?/ ]]; }; then
+    warn "ignored the entry of $access_record for $path: not in the token directory $top"; exit 2
+  fi
+  if [ -d "$path" ] && [ ! -L "$path" ]; then
+    enter "$path" || exit 3
+    target=.
+  else
+    enter "$(dirname -- "$path")" || exit 3
+    why=$(safe_dir .) || { warn "ignored the entry of $access_record for $path: ${why/#./its directory}"; exit 2; }
+    target=./$(basename -- "$path")
+  fi
+  info=$(stat -c '%d:%i %a %g %F' -- "$target" 2>/dev/null) || exit 3  # gone since (SoftHSM deletes object files)
+  read -r cur_id cur_mode cur_gid type <<<"$info"
+  [ "$cur_id" = "$id" ] || { say "left $path alone: it is another file than the one changed"; exit 3; }
+  case $type in directory | "regular file" | "regular empty file") ;;
+    *) warn "ignored the entry of $access_record for $path: a $type"; exit 2 ;;
+  esac
+  [ "$cur_gid" = "$granted" ] || { say "left $path alone: its group changed since (now gid $cur_gid)"; exit 3; }
+  (( (8#$mode & ~8#$cur_mode) == 0 )) \
+    || { warn "ignored the entry of $access_record for $path: mode $mode would add permissions to $cur_mode"; exit 2; }
+  chgrp -h -- "$gid" "$target" && chmod -- "$mode" "$target" || exit 1
+)
+
+# Puts back what the record says this script changed (in reverse order), unless another nginx of this script, run by
+# root in a root work directory, needs the same token directory: then the record goes to that one, and its --stop
+# puts it back.
 restore_access() {
-  local other heir= kind mode gid path n=0 failed=0
-  [ -f "$access_record" ] || return 0
-  while IFS= read -r other; do
-    [ -f "$other/token-access" ] || continue
-    if grep "^needs"$'\t' "$access_record" | grep -Fxq -f - "$other/token-access"; then heir=$other; break; fi
-  done < <(other_workdirs)
+  local pid other heir= d top line kind mode gid granted id path why n=0 failed=0 ignored=0 rc
+  [ -e "$access_record" ] || [ -L "$access_record" ] || return 0
+  [ "$is_root" = 1 ] || { warn "$access_record was written by root: run --stop as root"; return 1; }
+  why=$(trusted_workdir) || { warn "not restoring what $access_record records: $why"; return 1; }
+  [ -f "$access_record" ] && [ ! -L "$access_record" ] && [ "$(stat -c %u -- "$access_record")" = 0 ] \
+    || { warn "not restoring what $access_record records: not a regular file of root's"; return 1; }
+  top=$(sed -n $'1s/^needs\t//p' "$access_record")
+  if [[ $top != /* ]] || [ "$top" = / ] || [ "$(realpath -m -- "$top")" != "$top" ]; then
+    warn "not restoring what $access_record records: it names no token directory"; return 1
+  fi
+  while IFS=$'\t' read -r pid other; do
+    [ "$(awk '$1 == "Uid:" { print $2 $3 $4 $5 }' "/proc/$pid/status" 2>/dev/null)" = 0000 ] || continue
+    [ -f "$other/token-access" ] && [ ! -L "$other/token-access" ] || continue
+    [ "$(stat -c %u -- "$other/token-access")" = 0 ] || continue
+    safe_dir "$other" >/dev/null || continue
+    d=$other; while [ "$d" != / ]; do d=$(dirname -- "$d"); safe_dir "$d" sticky >/dev/null || continue 2; done
+    [ "$(head -n 1 "$other/token-access")" = "$(head -n 1 "$access_record")" ] && { heir=$other; break; }
+  done < <(other_masters)
   if [ -n "$heir" ]; then
     if grep -q "^was"$'\t' "$access_record"; then
       grep "^was"$'\t' "$access_record" >>"$heir/token-access"
       say "the nginx in $heir uses the same token directory: left its permissions to that one's --stop"
     fi
-    rm -f "$access_record"
+    rm -f -- "$access_record"
     return 0
   fi
-  while IFS=$'\t' read -r kind mode gid path; do
+  while IFS= read -r line; do
+    IFS=$'\t' read -r kind mode gid granted id path <<<"$line"
     [ "$kind" = was ] || continue
-    [ -e "$path" ] && [ ! -L "$path" ] || continue  # gone since (SoftHSM deletes object files), or replaced
-    if chgrp "$gid" "$path" && chmod "$mode" "$path"; then n=$((n + 1)); else failed=1; fi
+    rc=0; restore_entry "$top" "$mode" "$gid" "$granted" "$id" "$path" "$line" || rc=$?
+    case $rc in 0) n=$((n + 1)) ;; 1) failed=1 ;; 2) ignored=$((ignored + 1)) ;; esac
   done < <(tac "$access_record")
   [ "$failed" = 0 ] || { warn "could not restore every entry of $access_record (kept)"; return 1; }
-  rm -f "$access_record"
+  rm -f -- "$access_record"
+  [ "$ignored" = 0 ] || warn "ignored $ignored entr$([ "$ignored" = 1 ] && echo y || echo ies) of $access_record"
   [ "$n" = 0 ] || say "restored the group and mode of $n token file(s)/directories changed for the workers"
 }
 
@@ -183,11 +289,19 @@ command -v pkcs11-tool >/dev/null || die "pkcs11-tool is not installed (apt-get 
 enginesdir=$(openssl version -e | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
 engine=$enginesdir/pkcs11.so
 [ -e "$engine" ] || die "the pkcs11 OpenSSL engine $engine is missing (apt-get install libengine-pkcs11-openssl)"
+# The work directory: as root, root's alone (checked before anything is written in it, and again once it exists).
+if [ "$is_root" = 1 ]; then why=$(trusted_workdir) || refuse_workdir "$why"; fi
+if [ ! -e "$workdir" ] && [ ! -L "$workdir" ]; then
+  (umask "$umask0" && mkdir -p -- "$(dirname -- "$workdir")") || die "cannot create $(dirname -- "$workdir")"
+  mkdir -m 700 -- "$workdir" || die "cannot create the work directory $workdir"
+fi
+if [ "$is_root" = 1 ]; then why=$(trusted_workdir) || refuse_workdir "$why"; fi
+[ -d "$workdir" ] || die "--workdir $workdir is not a directory" 2
 pid=$(running_pid) && die "already running in $workdir (master pid $pid); stop it with --stop --workdir $workdir"
 # Left over from an nginx of this work directory that was never --stop'ped:
-restore_access || die "cannot restore what $access_record records (it was written as root: run --stop as root)"
+restore_access || die "cannot restore what $access_record records (see above; run --stop as root)"
 
-if [ "$(id -u)" = 0 ]; then
+if [ "$is_root" = 1 ]; then
   user=${user:-nobody}
   if [ -z "$group" ]; then
     if [ "$user" = root ]; then group=root
@@ -204,7 +318,7 @@ fi
 
 # As USER:GROUP (only when root and USER is not root), else as ourselves.
 as_worker() {
-  if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
+  if [ "$is_root" = 1 ] && [ "$user" != root ]; then
     setpriv --reuid="$user" --regid="$group" --clear-groups -- "$@"
   else
     "$@"
@@ -217,24 +331,26 @@ p11() {
   "$@" --module "$module" --token-label "$token" --login --pin "env:$PIN_VAR"
 }
 
-# The private key objects labelled OBJECT that the token shows after login (one line per object).
+# The private key objects labelled OBJECT that the token shows after login (one line per object); pkcs11-tool's
+# errors go to $p11_err.
+p11_err=$workdir/.pkcs11-tool.err
 list_keys() {
-  p11 "$@" pkcs11-tool --list-objects --type privkey 2>"$workdir/.pkcs11-tool.err" \
+  rm -f -- "$p11_err"
+  p11 "$@" pkcs11-tool --list-objects --type privkey 2>"$p11_err" \
     | awk -v want="$object" '
         /^[A-Z]/ { inkey = ($0 ~ /^Private Key Object/) }
         inkey && $1 == "label:" { sub(/^[ \t]*label:[ \t]*/, ""); if ($0 == want) print "key" }'
 }
 
-[ -d "$workdir" ] && made_workdir=0 || made_workdir=1
-mkdir -p "$workdir/logs" "$workdir/tmp" "$workdir/html"
+mkdir -p -- "$workdir/logs" "$workdir/tmp"
 found=$(list_keys) || true
 if [ -z "$found" ]; then
-  if grep -q 'No slot with token named' "$workdir/.pkcs11-tool.err"; then
+  if grep -q 'No slot with token named' "$p11_err"; then
     die "there is no token $token in $module; run keybroker-client provision first (with --init-token)"
-  elif grep -q 'CKR_PIN_INCORRECT\|CKR_PIN_LEN_RANGE' "$workdir/.pkcs11-tool.err"; then
+  elif grep -q 'CKR_PIN_INCORRECT\|CKR_PIN_LEN_RANGE' "$p11_err"; then
     die "wrong PIN for the token $token"
-  elif grep -qi 'error' "$workdir/.pkcs11-tool.err"; then
-    die "pkcs11-tool failed: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")"
+  elif grep -qi 'error' "$p11_err"; then
+    die "pkcs11-tool failed: $(tr '\n' ' ' <"$p11_err")"
   fi
   die "the token $token has no private key $object; run keybroker-client provision first"
 fi
@@ -250,8 +366,10 @@ pct() {  # RFC 3986 percent-encoding of everything but unreserved characters (al
   printf '%s' "$out"
 }
 key_uri="pkcs11:token=$(pct "$token");object=$(pct "$object");type=private"
+# A new file (mode 0600: the umask) with standard input as its content; never written through an existing name.
+new_file() { rm -f -- "$1" && cat >"$1"; }
 
-cat >"$workdir/openssl.cnf" <<EOF
+new_file "$workdir/openssl.cnf" <<EOF
 # Written by scripts/nginx-pkcs11.sh: OpenSSL loads the libp11 engine for nginx (only nginx gets OPENSSL_CONF).
 openssl_conf = openssl_init
 
@@ -268,17 +386,17 @@ MODULE_PATH = $module
 # init = 0 fails: "ENGINE_load_private_key() failed (...engine routines::not initialised)"
 init = 1
 EOF
-chmod 644 "$workdir/openssl.cnf"
 
 # ---- the certificate must be for that key (nginx would only say "key values mismatch") ----------------------------
 # From the public-key object with that label, else from the private key itself as the engine loads it (its modulus
 # and exponent, or EC point, are public attributes); refuse to start when neither can be read.
 token_pub= pub_source=
+rm -f -- "$workdir/.token-pub.der"
 if p11 pkcs11-tool --read-object --type pubkey --label "$object" -o "$workdir/.token-pub.der" >/dev/null 2>&1; then
   token_pub=$(openssl pkey -pubin -inform DER -in "$workdir/.token-pub.der" 2>/dev/null || true)
   pub_source="the public-key object $object"
 fi
-rm -f "$workdir/.token-pub.der"
+rm -f -- "$workdir/.token-pub.der"
 if [ -z "$token_pub" ]; then
   token_pub=$(export "$PIN_VAR=$pin"  # a builtin: the PIN is in openssl's environment, not in its argv
               OPENSSL_CONF="$workdir/openssl.cnf" openssl pkey -engine pkcs11 -inform ENGINE -in "$key_uri" \
@@ -293,20 +411,38 @@ cert_pub=$(openssl x509 -in "$cert" -noout -pubkey)
 say "the certificate matches $pub_source in the token $token"
 
 # ---- the worker's access to the token (root only) ---------------------------------------------------------------
-# Gives GROUP what PATH lacks (read, and search for directories) and records PATH's group and mode before.
-grant() {
-  local path=$1 need=040 mode gid
-  [ -L "$path" ] && return 0
-  [ -d "$path" ] && need=050
-  mode=$(stat -c %a "$path") gid=$(stat -c %g "$path")
+# Gives GROUP what NAME (in the current directory: "." or ./FILE) lacks: read, and search for directories. First
+# records its mode, group, the group given and its device:inode under PATH. Symbolic links and other files are left
+# alone. NAME cannot be swapped meanwhile: the current directory is the one checked (enter) and only root changes it.
+grant_here() {
+  local name=$1 path=$2 need=040 info id mode gid type
+  info=$(stat -c '%d:%i %a %g %F' -- "$name") || die "cannot stat $path"
+  read -r id mode gid type <<<"$info"
+  case $type in directory) need=050 ;; "regular file" | "regular empty file") ;; *) return 0 ;; esac
   [ "$gid" = "$group_id" ] && (( (8#$mode & 8#$need) == 8#$need )) && return 0
-  printf 'was\t%s\t%s\t%s\n' "$mode" "$gid" "$path" >>"$access_record"
-  chgrp "$group" "$path"
-  chmod "g+r$([ "$need" = 050 ] && echo x)" "$path"
+  printf 'was\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$gid" "$group_id" "$id" "$path" >>"$access_record"
+  chgrp -h -- "$group_id" "$name" && chmod -- "g+r$([ "$need" = 050 ] && echo x)" "$name" \
+    || die "cannot give group $group read access to $path"
 }
+# The directory DIR itself, from inside.
+grant_dir() (
+  enter "$1" || die "$1 is not a directory, or changed while this script looked at it"
+  grant_here . "$1"
+)
+# The token's directory DIR and the files in it (SoftHSM keeps a token's files in one flat directory): DIR must be
+# root's and writable by root only, so that nobody else can swap a file for a link while this runs.
+grant_token() (
+  local why name
+  why=$(safe_dir "$1") || die "cannot give the workers access to the token's directory safely: $why (use --user root)"
+  enter "$1" || die "$1 is not a directory, or changed while this script looked at it"
+  grant_here . "$1"
+  while IFS= read -r -d '' name; do
+    grant_here "./$name" "$1/$name"
+  done < <(find . -mindepth 1 -maxdepth 1 -printf '%f\0')
+)
 keep_access=0
 on_exit() { [ "$keep_access" = 1 ] || restore_access || true; }
-if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
+if [ "$is_root" = 1 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
   conf=${SOFTHSM2_CONF:-/etc/softhsm/softhsm2.conf}
   tokendir=$(sed -n 's/^[ \t]*directories\.tokendir[ \t]*=[ \t]*//p' "$conf" | tail -n1 | sed 's/[ \t]*$//')
   serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | awk -v want="$token" '
@@ -322,6 +458,7 @@ if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libs
     done
   fi
   [ -n "$tokdir" ] || die "cannot find the SoftHSM directory of token $token under '$tokendir'; use --user root"
+  [ "$tokendir" != / ] || die "SoftHSM's token directory is /: use --user root"
   # Refuse before changing anything when the worker could not get there anyway.
   as_worker test -r "$conf" \
     || die "the workers ($user:$group) cannot read $conf (a directory above it is not traversable?); use --user root"
@@ -333,27 +470,28 @@ if [ "$(id -u)" = 0 ] && [ "$user" != root ] && [ "$(basename "$module")" = libs
   fi
   group_id=$(getent group "$group" | cut -d: -f3)
   trap on_exit EXIT  # a failed start puts back what it changed
-  printf 'needs\t%s\nneeds\t%s\n' "$tokendir" "$tokdir" >"$access_record"
-  as_worker test -r "$tokendir" -a -x "$tokendir" || grant "$tokendir"
-  grant "$tokdir"
-  while IFS= read -r -d '' f; do grant "$f"; done < <(find "$tokdir" -mindepth 1 -print0)
+  rm -f -- "$access_record"
+  printf 'needs\t%s\nneeds\t%s\n' "$tokendir" "$tokdir" >"$access_record"  # mode 0600 (the umask)
+  as_worker test -r "$tokendir" -a -x "$tokendir" || grant_dir "$tokendir"
+  grant_token "$tokdir"
   changed=$(grep -c "^was"$'\t' "$access_record" || true)
   why=
   [ "$group" = nogroup ] && why=" (there is no softhsm group; nogroup is shared with other unprivileged services)"
   say "the workers run as $user:$group; group $group has read access to $tokdir$why" \
     "($changed entries changed, recorded in $access_record; --stop restores them)"
 fi
-if [ "$(id -u)" = 0 ] && [ "$user" != root ]; then
+if [ "$is_root" = 1 ] && [ "$user" != root ]; then
   found=$(list_keys as_worker) || true
-  [ -n "$found" ] || die "the workers ($user:$group) cannot use the token $token: $(tr '\n' ' ' <"$workdir/.pkcs11-tool.err")
+  [ -n "$found" ] || die "the workers ($user:$group) cannot use the token $token: $(tr '\n' ' ' <"$p11_err")
   every directory above the token directory and SOFTHSM2_CONF must be traversable and readable for them (or use --user root)"
 fi
-rm -f "$workdir/.pkcs11-tool.err"
+rm -f -- "$p11_err"
 
 user_line="# (not root: the workers run as $(id -un))"
-[ "$(id -u)" = 0 ] && user_line="user $user $group;"
-umask 077  # nginx.conf holds the PIN (pin-value= in the key's URI: the engine reads it from there)
-cat >"$workdir/nginx.conf" <<EOF
+[ "$is_root" = 1 ] && user_line="user $user $group;"
+# Mode 0600 (the umask): it holds the PIN (pin-value= in the key's URI: the engine reads it from there). The workers
+# need nothing in the work directory: the master opens the logs before they start and the page is this text.
+new_file "$workdir/nginx.conf" <<EOF
 # Written by scripts/nginx-pkcs11.sh.
 daemon on;
 worker_processes 1;
@@ -376,23 +514,13 @@ http {
         ssl_certificate     $cert;
         ssl_certificate_key "engine:pkcs11:$key_uri;pin-value=$(pct "$pin")";
         ssl_protocols TLSv1.2 TLSv1.3;
-        root $workdir/html;
+        location / { return 200 "served by nginx with its key in PKCS#11 token $(pct "$token")\n"; }
     }
 }
 EOF
-chmod 600 "$workdir/nginx.conf"
-umask 022
-# The workers reach their html and temp directories through the work directory: open it only if this script made it.
-[ "$made_workdir" = 1 ] && chmod 755 "$workdir"
-chmod 755 "$workdir/html"
-[ -e "$workdir/html/index.html" ] || printf 'served by nginx with its key in PKCS#11 token %s\n' "$token" >"$workdir/html/index.html"
-chmod 644 "$workdir/html/index.html"
-if [ "$(id -u)" = 0 ] && [ "$user" != root ] && ! as_worker test -r "$workdir/html/index.html"; then
-  say "warning: $user cannot read $workdir/html (a directory above it is not traversable); pages will fail, TLS works"
-fi
 
 # ---- start -------------------------------------------------------------------------------------------------------
-rm -f "$pidfile"
+rm -f -- "$pidfile"
 # OPENSSL_CONF only for nginx: curl or python started with it would load the engine too.
 if ! out=$(OPENSSL_CONF="$workdir/openssl.cnf" "$NGINX" -p "$workdir" -c "$workdir/nginx.conf" \
              -e "$workdir/logs/error.log" 2>&1); then

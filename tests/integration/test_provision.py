@@ -550,7 +550,13 @@ def test_nginx_serves_tls_with_the_provisioned_key(setup: Setup) -> None:
                             if line.startswith("Uid:"))  # fmt: skip
             assert uid_line.split()[1] != "0"
             assert "group softhsm has read access to" in result.stdout
-            assert (workdir / "token-access").exists()
+            assert stat.S_IMODE((workdir / "token-access").stat().st_mode) == 0o600
+        # A new work directory is its owner's alone: the workers need nothing in it (they serve a fixed text).
+        assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+        assert nginx.get(port, _workload_ca(setup)) == (
+            200,
+            f"served by nginx with its key in PKCS#11 token {token.label}\n",
+        )
         served, version = nginx.served_certificate(port, _workload_ca(setup))  # verified against keybroker's CA
         assert _spki(served) == reported  # the public key keybroker reports for the key id
         assert version in ("TLSv1.2", "TLSv1.3")
@@ -634,6 +640,205 @@ def test_nginx_refuses_a_token_without_the_key(setup: Setup) -> None:
     )
     assert nginx.nginx_pids(workdir) == []
     assert not (workdir / "logs" / "nginx.pid").exists()
+
+
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="as root only: the workers run as nobody and the script changes the token's permissions"
+)
+NOBODY = 65534
+
+
+def _nginx_token(setup: Setup, name: str) -> tuple[Token, Path]:
+    """A fresh token holding the RSA key as RSAKEY, and keybroker's certificate for it."""
+    token = setup.hsm.token()
+    key = setup.keys["RSA"]
+    assert provision(setup, [keys_line(token, key, "RSAKEY")]).returncode == 0
+    cert = setup.root / f"nginx-cert-{name}.pem"
+    _certify(setup, key, cert)
+    return token, cert
+
+
+def _start(setup: Setup, token: Token, cert: Path, workdir: Path, port: int = 0) -> subprocess.CompletedProcess[str]:
+    return nginx.run_script(
+        "--port", str(port or free_port()), "--cert", str(cert), "--token", token.label, "--object", "RSAKEY",
+        "--pin-env", "NGINX_TEST_PIN", "--module", setup.hsm.module, "--workdir", str(workdir),
+        "--softhsm-conf", str(setup.hsm.conf), env={"NGINX_TEST_PIN": token.pin},
+    )  # fmt: skip
+
+
+def _ident(path: Path) -> str:
+    info = path.stat()
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+@ROOT_ONLY
+def test_nginx_stop_ignores_planted_entries_in_the_record(setup: Setup) -> None:
+    """--stop changes back only what the start changed: entries for files outside the token directory, in the old
+    format (no device and inode) or that would add permissions are ignored; the real ones are put back exactly."""
+    token, cert = _nginx_token(setup, "planted")
+    assert token.directory is not None
+    victim = setup.root / "victim-planted"
+    victim.write_text("a file of root's\n")
+    victim.chmod(0o644)
+    before = _modes(setup.hsm.tokendir, token.directory)
+    workdir = setup.root / "nginx-planted"
+    record = workdir / "token-access"
+    known: list[int] = []
+    result = _start(setup, token, cert, workdir)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        known = nginx.nginx_pids(workdir)
+        assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        granted = next(line.split("\t")[3] for line in record.read_text().splitlines() if line.startswith("was\t"))
+        token_object = token.directory / "token.object"
+        planted = [
+            f"was\t4777\t0\t{granted}\t{_ident(victim)}\t{victim}",  # outside the token directory
+            f"was\t4777\t0\t{granted}\t{_ident(victim)}\t{token.directory}/../../../{victim.name}",  # out by ..
+            f"was\t4777\t0\t{victim}",  # the record's old format: no device and inode
+            f"was\t4777\t0\t{granted}\t{_ident(token_object)}\t{token_object}",  # would add permissions
+        ]
+        with record.open("a") as handle:
+            handle.write("\n".join(planted) + "\n")
+    finally:
+        stopped = _stop_and_check(setup, workdir, known)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert victim.stat().st_gid == 0
+    assert _modes(setup.hsm.tokendir, token.directory) == before
+    assert "restored the group and mode of" in stopped.stdout
+    assert f"{victim}: not in the token directory {setup.hsm.tokendir}" in stopped.stderr
+    assert f"{victim.name}: not in the token directory {setup.hsm.tokendir}" in stopped.stderr
+    assert "ignored a malformed entry" in stopped.stderr
+    assert f"{token_object}: mode 4777 would add permissions" in stopped.stderr
+    assert "ignored 4 entries" in stopped.stderr
+    assert not record.exists()
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("case", ["owned by nobody", "group-writable", "world-writable", "parent", "symlink"])
+def test_nginx_as_root_refuses_a_work_directory_others_can_change(tmp_path: Path, case: str) -> None:
+    """A work directory another user owns, or can write to (or could swap, through a directory above it or their
+    own symbolic link), is refused before anything is written in it; --stop does not act on a record in it."""
+    base = tmp_path / "base"  # root's, 0755, under pytest's root-only directory
+    base.mkdir()
+    base.chmod(0o755)
+    workdir, given = base / "nginx", base / "nginx"
+    if case == "owned by nobody":
+        workdir.mkdir()
+        os.chown(workdir, NOBODY, -1)
+        reason = f"{workdir} is owned by nobody, not by root"
+    elif case in ("group-writable", "world-writable"):
+        mode = 0o770 if case == "group-writable" else 0o777
+        workdir.mkdir()
+        workdir.chmod(mode)
+        reason = f"{workdir} is writable by group or others (mode {mode:o})"
+    elif case == "parent":  # a directory above it that others can write to (and not sticky)
+        (base / "open").mkdir()
+        (base / "open").chmod(0o777)
+        workdir = given = base / "open" / "nginx"
+        reason = f"{base / 'open'} is writable by group or others (mode 777)"
+    else:  # another user's symbolic link in a sticky directory, to a directory of root's
+        (base / "sticky").mkdir()
+        (base / "sticky").chmod(0o1777)
+        workdir.mkdir(mode=0o700)
+        given = base / "sticky" / "nginx"
+        given.symlink_to(workdir)
+        os.lchown(given, NOBODY, -1)
+        reason = f"the way to it goes through {given}, a symbolic link owned by nobody, not by root"
+    cert = tmp_path / "cert.pem"
+    _certificate(rsa.generate_private_key(65537, 2048), cert)
+    result = nginx.run_script(
+        "--port", str(free_port()), "--cert", str(cert), "--pin-env", "NGINX_TEST_PIN", "--workdir", str(given),
+        env={"NGINX_TEST_PIN": "1234"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"nginx: refusing the work directory {workdir}: {reason}." in result.stderr
+    if case == "parent":
+        assert not workdir.exists()
+    else:
+        assert list(workdir.iterdir()) == []  # nothing written in it
+    # A record planted there for a file in a "token directory" of the planter's choosing, restoring a mode that
+    # only takes permissions away (so only the work directory's check stops it): --stop leaves it alone.
+    workdir.mkdir(exist_ok=True)
+    victim = base / "tokens" / "token" / "file"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("x")
+    victim.chmod(0o644)
+    (workdir / "token-access").write_text(
+        f"needs\t{base / 'tokens'}\nneeds\t{victim.parent}\nwas\t600\t0\t0\t{_ident(victim)}\t{victim}\n"
+    )
+    stopped = nginx.stop(given)
+    assert stopped.returncode == 1
+    assert f"not restoring what {workdir}/token-access records: {reason}" in stopped.stderr
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    # The same record in a work directory of root's alone is acted on: the check above is what refused it.
+    trusted = base / "trusted"
+    trusted.mkdir(mode=0o700)
+    (workdir / "token-access").rename(trusted / "token-access")
+    assert nginx.stop(trusted).returncode == 0
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+@ROOT_ONLY
+def test_nginx_stop_leaves_the_record_only_to_a_root_nginx_in_a_root_work_directory(setup: Setup) -> None:
+    """Another user's process named nginx, naming a work directory of theirs with a record for the same token
+    directory, does not get the restore job: --stop puts the permissions back at once. A second nginx of this script
+    (root, root work directory) on the same token does get it, and its own --stop puts everything back."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no /usr/bin/python3 for the impostor")
+    token, cert = _nginx_token(setup, "heir")
+    assert token.directory is not None
+    before = _modes(setup.hsm.tokendir, token.directory)
+    impostor_dir = setup.root / "nginx-impostor"
+    impostor_dir.mkdir()
+    (impostor_dir / "token-access").write_text(f"needs\t{setup.hsm.tokendir}\n")
+    program = impostor_dir / "nginx"  # comm "nginx", command line "... -c IMPOSTOR_DIR/nginx.conf"
+    program.write_text(f"#!{python}\nimport time\ntime.sleep(120)\n")
+    program.chmod(0o755)
+    for path in (impostor_dir, impostor_dir / "token-access", program):
+        os.chown(path, NOBODY, -1)
+    impostor = subprocess.Popen(
+        [str(program), "-c", f"{impostor_dir}/nginx.conf"], user=NOBODY, group=NOBODY, extra_groups=[]
+    )
+    first, second = setup.root / "nginx-heir-1", setup.root / "nginx-heir-2"
+    known: dict[Path, list[int]] = {first: [], second: []}
+    try:
+        deadline = time.monotonic() + 10
+        while f"{impostor_dir}/nginx.conf".encode() not in Path(f"/proc/{impostor.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert Path(f"/proc/{impostor.pid}/comm").read_text().strip() == "nginx"
+        started = _start(setup, token, cert, first)
+        assert started.returncode == 0, started.stdout + started.stderr
+        known[first] = nginx.nginx_pids(first)
+        stopped = _stop_and_check(setup, first, known[first])
+        assert "left its permissions" not in stopped.stdout
+        assert "restored the group and mode of" in stopped.stdout
+        assert _modes(setup.hsm.tokendir, token.directory) == before
+        assert (impostor_dir / "token-access").read_text() == f"needs\t{setup.hsm.tokendir}\n"
+
+        ports = {first: free_port(), second: free_port()}
+        for workdir, port in ports.items():
+            started = _start(setup, token, cert, workdir, port)
+            assert started.returncode == 0, started.stdout + started.stderr
+            known[workdir] = nginx.nginx_pids(workdir)
+        stopped = _stop_and_check(setup, first, known[first])
+        assert f"the nginx in {second} uses the same token directory: left its permissions to that one's --stop" in (
+            stopped.stdout
+        )
+        assert _modes(setup.hsm.tokendir, token.directory) != before  # the second one's workers still read it
+        nginx.served_certificate(ports[second], _workload_ca(setup))
+        stopped = _stop_and_check(setup, second, known[second])
+        assert "restored the group and mode of" in stopped.stdout
+        assert _modes(setup.hsm.tokendir, token.directory) == before
+    finally:
+        impostor.kill()
+        impostor.wait()
+        for workdir in (first, second):
+            nginx.stop(workdir)  # both, before any check can fail
+        for workdir in (first, second):
+            _stop_and_check(setup, workdir, known[workdir])
 
 
 def test_released_key_bytes_are_nowhere_on_disk(setup: Setup) -> None:

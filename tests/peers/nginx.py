@@ -90,3 +90,18 @@ def served_certificate(port: int, cafile: Path, timeout: float = 10.0) -> tuple[
         der = tls.getpeercert(binary_form=True)
         assert der is not None
         return der, str(tls.version())
+
+
+def get(port: int, cafile: Path, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+    """GET ``path`` over TLS verified against ``cafile``: (the status code, the body)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
