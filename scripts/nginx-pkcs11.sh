@@ -30,13 +30,29 @@
 # key, logs and pid file before they start; the page is a fixed text), so as root it is root's alone: it must be
 # owned by root and writable by nobody else, and so must every directory above it (or be sticky, like /tmp), and every
 # symbolic link on the way to it must be root's; otherwise the script refuses it. A new one is made with mode 0700.
+# The same holds for the token's directory and every directory above it (SoftHSM's token directory may be sticky):
+# otherwise whoever can rename one of them could swap in files of theirs for root to chgrp and chmod, so the script
+# refuses (use --user root, or give the token a directory that only root can change).
 # As a normal user, nginx runs as that user and nothing is changed.
+#
+# nginx reads the certificate from a copy in the work directory (WORKDIR/cert.pem: only its PEM certificates), never
+# from the path given. Every path written into nginx.conf or openssl.cnf (the work directory, --module, the engine,
+# SOFTHSM2_CONF), the real path of --cert and the token's directories may only hold letters, digits and . _ / + -
+# (no spaces, quotes, ';', '#', '{', '}', '$' or control characters), user and group names likewise; the token and
+# object labels are percent-encoded and may not hold control characters. Anything else is refused (exit 2).
 set -euo pipefail
 
 say() { printf 'nginx: %s\n' "$*"; }
 warn() { printf 'nginx: %s\n' "$*" >&2; }
 die() { printf 'nginx: %s\n' "$1" >&2; exit "${2:-1}"; }
 usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+# Whether PATH is plain: absolute, and only letters, digits and . _ / + - (nothing that could end a directive of
+# nginx.conf or a value of openssl.cnf, start a comment or a variable, or a line or a field of the record).
+plain_path() { [[ $1 =~ ^/[A-Za-z0-9._/+-]+$ ]]; }
+# WHAT PATH: refuses (exit 2) a PATH that is not plain.
+need_plain_path() {
+  plain_path "$2" || die "refusing $1: its path $(printf %q "$2") may only hold letters, digits and . _ / + -" 2
+}
 
 port= cert= token=KMS object=RSAKEY pin= pin_file= pin_env= pin_arg=0 module= workdir=./nginx-pkcs11
 softhsm_conf=${SOFTHSM2_CONF:-} user= group= stop=0
@@ -62,6 +78,7 @@ done
 given_workdir=$workdir
 [[ $given_workdir = /* ]] || given_workdir=$(pwd -P)/$given_workdir
 workdir=$(realpath -m -- "$workdir")
+need_plain_path "--workdir $(printf %q "$given_workdir")" "$workdir"  # nginx.conf names it (pid, logs, temporary files)
 pidfile=$workdir/logs/nginx.pid
 access_record=$workdir/token-access  # what this script changed for the workers' access to the token (root only)
 PIN_VAR=KEYBROKER_NGINX_PKCS11_PIN   # the PIN reaches pkcs11-tool and openssl in this variable, never in argv
@@ -82,13 +99,13 @@ safe_dir() {
   (( (8#$mode & 8#022) == 0 )) || { [ "${2:-}" = sticky ] && (( (8#$mode & 8#1000) != 0 )); } \
     || { echo "$1 is writable by group or others (mode $mode)"; return 1; }
 }
-# As root, whether the work directory is root's alone (the record in it says which files to chmod as root; nginx.conf
-# holds the PIN): the work directory passes safe_dir, every directory above it passes safe_dir with "sticky", and
-# every symbolic link on the way to it (as given) is root's. Parts that do not exist yet pass. Prints why not.
-trusted_workdir() {
-  local part p= d=$workdir
+# GIVEN REAL: whether the directory REAL (the real path of GIVEN) is root's alone: REAL passes safe_dir, every
+# directory above it passes safe_dir with "sticky", and every symbolic link on the way to it (as GIVEN) is root's.
+# Parts that do not exist yet pass. Prints why not.
+trusted_path() {
+  local part p= d=$2
   local -a parts
-  IFS=/ read -ra parts <<<"$given_workdir"
+  IFS=/ read -ra parts <<<"$1"
   for part in "${parts[@]}"; do
     [ -n "$part" ] || continue
     p=$p/$part
@@ -102,6 +119,9 @@ trusted_workdir() {
     if [ -e "$d" ] || [ -L "$d" ]; then safe_dir "$d" sticky || return 1; fi
   done
 }
+# As root, whether the work directory is root's alone (the record in it says which files to chmod as root; nginx.conf
+# holds the PIN).
+trusted_workdir() { trusted_path "$given_workdir" "$workdir"; }
 refuse_workdir() {
   die "refusing the work directory $workdir: $1. As root, the work directory must be owned by root and writable by \
 nobody else, and so must every directory above it (or be sticky, like /tmp); give another --workdir (a new one \
@@ -148,9 +168,10 @@ enter() {
 # only when all of this holds: PATH is the token directory TOP, a token's directory in it or a file in one of those;
 # it is still the file that was changed (device and inode), in a directory only root can change, still in the group
 # it was given (GRANTED); and the old MODE takes permissions away, never adds any. Exit status: 0 put back, 1 failed,
-# 2 refused, 3 gone or changed since (left alone).
+# 2 refused (a malformed or planted entry), 3 changed since (another file at that name, or another group: left alone,
+# and the entry must stay in the record), 4 gone since (nothing left to put back).
 restore_entry() (
-  local top=$1 mode=$2 gid=$3 granted=$4 id=$5 path=$6 rel target info cur_id cur_mode cur_gid type why
+  local top=$1 mode=$2 gid=$3 granted=$4 id=$5 path=$6 rel target info cur_id cur_mode cur_gid type why dir
   [[ $mode =~ ^[0-7]{1,4}$ && $gid =~ ^[0-9]+$ && $granted =~ ^[0-9]+$ && $id =~ ^[0-9]+:[0-9]+$ ]] \
     || { warn "ignored a malformed entry of $access_record: ${7//$'\t'/ }"; exit 2; }
   rel=${path#"$top"/}
@@ -159,20 +180,25 @@ restore_entry() (
     warn "ignored the entry of $access_record for $path: not in the token directory $top"; exit 2
   fi
   if [ -d "$path" ] && [ ! -L "$path" ]; then
-    enter "$path" || exit 3
+    enter "$path" || { warn "could not restore $path: it changed while this script looked at it"; exit 3; }
     target=.
   else
-    enter "$(dirname -- "$path")" || exit 3
+    dir=$(dirname -- "$path")
+    [ -e "$dir" ] || [ -L "$dir" ] || exit 4  # gone since, with its directory (a deleted token)
+    enter "$dir" || { warn "could not restore $path: $dir is not the directory it was"; exit 3; }
     why=$(safe_dir .) || { warn "ignored the entry of $access_record for $path: ${why/#./its directory}"; exit 2; }
     target=./$(basename -- "$path")
   fi
-  info=$(stat -c '%d:%i %a %g %F' -- "$target" 2>/dev/null) || exit 3  # gone since (SoftHSM deletes object files)
+  info=$(stat -c '%d:%i %a %g %F' -- "$target" 2>/dev/null) || exit 4  # gone since (SoftHSM deletes object files)
   read -r cur_id cur_mode cur_gid type <<<"$info"
-  [ "$cur_id" = "$id" ] || { say "left $path alone: it is another file than the one changed"; exit 3; }
+  [ "$cur_id" = "$id" ] || {
+    warn "could not restore $path: it is another file (device:inode $cur_id) than the one changed ($id)"; exit 3
+  }
   case $type in directory | "regular file" | "regular empty file") ;;
     *) warn "ignored the entry of $access_record for $path: a $type"; exit 2 ;;
   esac
-  [ "$cur_gid" = "$granted" ] || { say "left $path alone: its group changed since (now gid $cur_gid)"; exit 3; }
+  [ "$cur_gid" = "$granted" ] \
+    || { warn "could not restore $path: its group changed since (now gid $cur_gid, was given gid $granted)"; exit 3; }
   (( (8#$mode & ~8#$cur_mode) == 0 )) \
     || { warn "ignored the entry of $access_record for $path: mode $mode would add permissions to $cur_mode"; exit 2; }
   chgrp -h -- "$gid" "$target" && chmod -- "$mode" "$target" || exit 1
@@ -182,7 +208,8 @@ restore_entry() (
 # root in a root work directory, needs the same token directory: then the record goes to that one, and its --stop
 # puts it back.
 restore_access() {
-  local pid other heir= d top line kind mode gid granted id path why n=0 failed=0 ignored=0 rc
+  local pid other heir= d top line kind mode gid granted id path why n=0 ignored=0 rc i
+  local -a kept=()
   [ -e "$access_record" ] || [ -L "$access_record" ] || return 0
   [ "$is_root" = 1 ] || { warn "$access_record was written by root: run --stop as root"; return 1; }
   why=$(trusted_workdir) || { warn "not restoring what $access_record records: $why"; return 1; }
@@ -212,12 +239,27 @@ restore_access() {
     IFS=$'\t' read -r kind mode gid granted id path <<<"$line"
     [ "$kind" = was ] || continue
     rc=0; restore_entry "$top" "$mode" "$gid" "$granted" "$id" "$path" "$line" || rc=$?
-    case $rc in 0) n=$((n + 1)) ;; 1) failed=1 ;; 2) ignored=$((ignored + 1)) ;; esac
+    case $rc in
+      0) n=$((n + 1)) ;;
+      2) ignored=$((ignored + 1)) ;;
+      4) ;;                  # gone: what was granted went with it
+      *) kept+=("$line") ;;  # failed, or changed since: still to be put back, by hand
+    esac
   done < <(tac "$access_record")
-  [ "$failed" = 0 ] || { warn "could not restore every entry of $access_record (kept)"; return 1; }
-  rm -f -- "$access_record"
   [ "$ignored" = 0 ] || warn "ignored $ignored entr$([ "$ignored" = 1 ] && echo y || echo ies) of $access_record"
   [ "$n" = 0 ] || say "restored the group and mode of $n token file(s)/directories changed for the workers"
+  if [ "${#kept[@]}" != 0 ]; then
+    # Fail closed: the record keeps what is still to be put back (the rest was), so nothing is forgotten.
+    rm -f -- "$access_record.new"
+    { grep "^needs"$'\t' "$access_record" || true
+      for ((i = ${#kept[@]} - 1; i >= 0; i--)); do printf '%s\n' "${kept[i]}"; done
+    } >"$access_record.new" && mv -f -- "$access_record.new" "$access_record"
+    warn "could not restore ${#kept[@]} entr$([ "${#kept[@]}" = 1 ] && echo y || echo ies) of $access_record" \
+      "(see above): kept in it. Put back the group and mode of those files by hand (the record has, tab-separated:" \
+      "was, old mode, old gid, gid given, device:inode, path), then remove $access_record"
+    return 1
+  fi
+  rm -f -- "$access_record"
 }
 
 if [ "$stop" = 1 ]; then
@@ -267,9 +309,23 @@ fi
 [ -n "$port" ] && [ -n "$cert" ] && [ -n "$pin" ] \
   || { printf 'nginx: --port, --cert and --pin-file (or --pin-env) are required\n' >&2; usage; }
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--port $port is not a port" 2
-[ -r "$cert" ] || die "--cert $cert: no such file" 2
-cert=$(realpath -- "$cert")
-openssl x509 -in "$cert" -noout 2>/dev/null || die "--cert $cert is not a PEM certificate" 2
+[ -f "$cert" ] && [ -r "$cert" ] || die "--cert $cert: no such file" 2
+cert_real=$(realpath -- "$cert") || die "--cert $cert: no such file" 2
+need_plain_path "--cert $(printf %q "$cert")" "$cert_real"
+# nginx gets a copy in the work directory (written below) holding only the PEM certificates of the file, read once.
+cert_pem=$(head -c 1048576 -- "$cert_real" | tr -d '\r' \
+             | sed -n '/^-----BEGIN CERTIFICATE-----$/,/^-----END CERTIFICATE-----$/p' \
+             | grep -E '^(-----(BEGIN|END) CERTIFICATE-----|[A-Za-z0-9+/=]+)$' || true)
+[ -n "$cert_pem" ] && openssl x509 -noout 2>/dev/null <<<"$cert_pem" || die "--cert $cert is not a PEM certificate" 2
+for label in "--token:$token" "--object:$object"; do
+  if [[ ${label#*:} =~ [[:cntrl:]] ]]; then
+    die "refusing ${label%%:*} $(printf %q "${label#*:}"): it holds a control character" 2
+  fi
+done
+for name in "--user:$user" "--group:$group"; do
+  [ -z "${name#*:}" ] || [[ ${name#*:} =~ ^[A-Za-z0-9_.][A-Za-z0-9_.-]*$ ]] \
+    || die "refusing ${name%%:*} $(printf %q "${name#*:}"): not a user or group name" 2
+done
 if [ -z "$module" ]; then
   for m in /usr/lib/softhsm/libsofthsm2.so "/usr/lib/$(uname -m)-linux-gnu/softhsm/libsofthsm2.so"; do
     [ -e "$m" ] && { module=$m; break; }
@@ -277,10 +333,14 @@ if [ -z "$module" ]; then
   [ -n "$module" ] || die "no --module given and SoftHSM2 is not installed" 2
 fi
 [ -r "$module" ] || die "--module $module: no such file" 2
+module_given=$module
 module=$(realpath -- "$module")
+need_plain_path "--module $(printf %q "$module_given")" "$module"  # openssl.cnf's MODULE_PATH
 if [ -n "$softhsm_conf" ]; then
   [ -r "$softhsm_conf" ] || die "--softhsm-conf $softhsm_conf: no such file" 2
+  softhsm_conf_given=$softhsm_conf
   softhsm_conf=$(realpath -- "$softhsm_conf")
+  need_plain_path "--softhsm-conf (SOFTHSM2_CONF) $(printf %q "$softhsm_conf_given")" "$softhsm_conf"
   export SOFTHSM2_CONF=$softhsm_conf
 fi
 NGINX=$(command -v nginx || true); [ -n "$NGINX" ] || NGINX=/usr/sbin/nginx
@@ -289,6 +349,7 @@ command -v pkcs11-tool >/dev/null || die "pkcs11-tool is not installed (apt-get 
 enginesdir=$(openssl version -e | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
 engine=$enginesdir/pkcs11.so
 [ -e "$engine" ] || die "the pkcs11 OpenSSL engine $engine is missing (apt-get install libengine-pkcs11-openssl)"
+need_plain_path "the pkcs11 OpenSSL engine" "$engine"  # openssl.cnf's dynamic_path
 # The work directory: as root, root's alone (checked before anything is written in it, and again once it exists).
 if [ "$is_root" = 1 ]; then why=$(trusted_workdir) || refuse_workdir "$why"; fi
 if [ ! -e "$workdir" ] && [ ! -L "$workdir" ]; then
@@ -337,9 +398,9 @@ p11_err=$workdir/.pkcs11-tool.err
 list_keys() {
   rm -f -- "$p11_err"
   p11 "$@" pkcs11-tool --list-objects --type privkey 2>"$p11_err" \
-    | awk -v want="$object" '
+    | want=$object awk '
         /^[A-Z]/ { inkey = ($0 ~ /^Private Key Object/) }
-        inkey && $1 == "label:" { sub(/^[ \t]*label:[ \t]*/, ""); if ($0 == want) print "key" }'
+        inkey && $1 == "label:" { sub(/^[ \t]*label:[ \t]*/, ""); if ($0 == ENVIRON["want"]) print "key" }'
 }
 
 mkdir -p -- "$workdir/logs" "$workdir/tmp"
@@ -406,7 +467,8 @@ if [ -z "$token_pub" ]; then
 fi
 [ -n "$token_pub" ] || die "cannot read the public key of $object in the token $token (no public-key object, and \
 the engine could not load the private key), so cannot check that $cert is for it; refusing to start"
-cert_pub=$(openssl x509 -in "$cert" -noout -pubkey)
+new_file "$workdir/cert.pem" <<<"$cert_pem"  # mode 0600: the master reads it as root, before the workers start
+cert_pub=$(openssl x509 -in "$workdir/cert.pem" -noout -pubkey)
 [ "$token_pub" = "$cert_pub" ] || die "the certificate $cert is not for the key $object in the token $token"
 say "the certificate matches $pub_source in the token $token"
 
@@ -426,17 +488,25 @@ grant_here() {
 }
 # The directory DIR itself, from inside.
 grant_dir() (
+  local why
   enter "$1" || die "$1 is not a directory, or changed while this script looked at it"
+  why=$(safe_dir . sticky) \
+    || die "cannot give the workers access to the token directory safely: ${why/#./$1} (use --user root)" 2
   grant_here . "$1"
 )
 # The token's directory DIR and the files in it (SoftHSM keeps a token's files in one flat directory): DIR must be
 # root's and writable by root only, so that nobody else can swap a file for a link while this runs.
 grant_token() (
   local why name
-  why=$(safe_dir "$1") || die "cannot give the workers access to the token's directory safely: $why (use --user root)"
+  why=$(safe_dir "$1") \
+    || die "cannot give the workers access to the token's directory safely: $why (use --user root)" 2
   enter "$1" || die "$1 is not a directory, or changed while this script looked at it"
+  why=$(safe_dir .) \
+    || die "cannot give the workers access to the token's directory safely: ${why/#./$1} (use --user root)" 2
   grant_here . "$1"
   while IFS= read -r -d '' name; do
+    [[ $name =~ ^[A-Za-z0-9._+-]+$ ]] \
+      || die "refusing to give the workers access to $(printf %q "$1/$name"): an unexpected name (use --user root)" 2
     grant_here "./$name" "$1/$name"
   done < <(find . -mindepth 1 -maxdepth 1 -printf '%f\0')
 )
@@ -445,10 +515,12 @@ on_exit() { [ "$keep_access" = 1 ] || restore_access || true; }
 if [ "$is_root" = 1 ] && [ "$user" != root ] && [ "$(basename "$module")" = libsofthsm2.so ]; then
   conf=${SOFTHSM2_CONF:-/etc/softhsm/softhsm2.conf}
   tokendir=$(sed -n 's/^[ \t]*directories\.tokendir[ \t]*=[ \t]*//p' "$conf" | tail -n1 | sed 's/[ \t]*$//')
-  serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | awk -v want="$token" '
+  tokendir_given=$tokendir
+  [ -z "$tokendir_given" ] || [[ $tokendir_given = /* ]] || tokendir_given=$(pwd -P)/$tokendir_given
+  serial=$(pkcs11-tool --module "$module" -L 2>/dev/null | want=$token awk '
       /^Slot / { label = "" }
       $1 == "token" && $2 == "label" { sub(/^[^:]*:[ \t]*/, ""); label = $0 }
-      $1 == "serial" && $2 == "num" && label == want { sub(/^[^:]*:[ \t]*/, ""); print; exit }')
+      $1 == "serial" && $2 == "num" && label == ENVIRON["want"] { sub(/^[^:]*:[ \t]*/, ""); print; exit }')
   tokdir=
   if [ -n "$tokendir" ] && [ -n "$serial" ]; then
     tokendir=$(realpath -m -- "$tokendir")
@@ -459,6 +531,13 @@ if [ "$is_root" = 1 ] && [ "$user" != root ] && [ "$(basename "$module")" = libs
   fi
   [ -n "$tokdir" ] || die "cannot find the SoftHSM directory of token $token under '$tokendir'; use --user root"
   [ "$tokendir" != / ] || die "SoftHSM's token directory is /: use --user root"
+  plain_path "$tokendir" && plain_path "$tokdir" || die "refusing the token directory $(printf %q "$tokdir"): its \
+path may only hold letters, digits and . _ / + - (use --user root)" 2
+  # The token's directory and every directory above it must be root's alone (those above may be sticky), or whoever
+  # can rename one could swap in files of theirs between the checks and the chgrp/chmod below.
+  why=$(trusted_path "${tokendir_given%/}/${tokdir##*/}" "$tokdir") || die "cannot give the workers access to the \
+token's directory $tokdir safely: $why. As root, the token's directory must be owned by root and writable by nobody \
+else, and so must every directory above it (or be sticky, like /tmp); use --user root" 2
   # Refuse before changing anything when the worker could not get there anyway.
   as_worker test -r "$conf" \
     || die "the workers ($user:$group) cannot read $conf (a directory above it is not traversable?); use --user root"
@@ -511,7 +590,7 @@ http {
     scgi_temp_path        $workdir/tmp/scgi;
     server {
         listen 127.0.0.1:$port ssl;
-        ssl_certificate     $cert;
+        ssl_certificate     $workdir/cert.pem;
         ssl_certificate_key "engine:pkcs11:$key_uri;pin-value=$(pct "$pin")";
         ssl_protocols TLSv1.2 TLSv1.3;
         location / { return 200 "served by nginx with its key in PKCS#11 token $(pct "$token")\n"; }

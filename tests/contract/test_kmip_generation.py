@@ -253,3 +253,42 @@ def test_another_deployments_objects_under_the_same_key_id_are_never_touched(
     assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
     with peers.kmip().client() as client:
         assert client.get(other).value == theirs
+
+
+def test_objects_named_before_names_carried_the_deployment_are_still_read_and_deleted(
+    world: World, backend_name: str, peers: Peers
+) -> None:
+    from datetime import UTC, datetime
+
+    from kmip.core import enums
+    from kmip.pie import objects
+
+    key_id = str(uuid.uuid4())
+    secret = os.urandom(32)
+    with peers.kmip().client() as client:
+        uid = client.register(
+            objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, secret, name=f"keybroker:{key_id}")
+        )
+    policy_id = world.policy()  # (not inside the transaction below: the API call needs the writer lock)
+    with world.services.database.transaction(write=True) as session:
+        session.add(
+            KeyRow(
+                id=key_id,
+                algorithm="AES",
+                key_length=256,
+                curve_type=None,
+                label=None,
+                usage=None,
+                transfer_policy_id=policy_id,
+                backend=UNDER_TEST,
+                backend_ref=uid,
+                kmip_key_id=None,
+                created_at=datetime.now(UTC),
+            )
+        )
+    released = request_transfer(world, key_id, world.evidence())
+    assert released.status_code == 200, released.text
+    assert released_bytes(released) == secret
+    assert world.api.delete(f"/kbs/v1/keys/{key_id}").status_code == 204
+    with peers.kmip().client() as client, pytest.raises(Exception, match=r"(?i)not"):
+        client.get(uid)

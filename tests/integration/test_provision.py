@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -564,6 +564,12 @@ def test_nginx_serves_tls_with_the_provisioned_key(setup: Setup) -> None:
             nginx.served_certificate(port, _workload_ca(setup))
         config = (workdir / "nginx.conf").read_text()
         assert "env SOFTHSM2_CONF;" in config
+        # nginx reads a copy of the certificate in the work directory (the PEM certificates only), not --cert.
+        assert f"ssl_certificate     {workdir}/cert.pem;" in config
+        assert str(cert) not in config
+        copy = workdir / "cert.pem"
+        assert x509.load_pem_x509_certificates(copy.read_bytes()) == x509.load_pem_x509_certificates(cert.read_bytes())
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
         assert f'ssl_certificate_key "engine:pkcs11:pkcs11:token={token.label};object=RSAKEY;type=private' in config
         assert f';pin-value={token.pin}"' in config  # the guide's design: nginx reads the PIN from its config...
         assert stat.S_IMODE((workdir / "nginx.conf").stat().st_mode) == 0o600  # ...which only root reads
@@ -642,6 +648,59 @@ def test_nginx_refuses_a_token_without_the_key(setup: Setup) -> None:
     assert not (workdir / "logs" / "nginx.pid").exists()
 
 
+@pytest.mark.parametrize("case", ["cert", "module", "workdir", "token"])
+def test_nginx_refuses_values_that_would_break_its_configuration(tmp_path: Path, case: str) -> None:
+    """Whatever the script writes into nginx.conf or openssl.cnf is refused (exit 2) unless plain: a certificate
+    behind a symbolic link whose target holds ';' and newlines (which, written into "ssl_certificate PATH;", would
+    add an access_log directive that nginx, as root, creates), such a module, work directory or token label.
+    Nothing is created: not the work directory, not the file the injected directive names."""
+    base = tmp_path / "base"
+    base.mkdir()
+    base.chmod(0o755)
+    out = base / "out"
+    out.mkdir()
+    injected = f"x;\naccess_log {out}/OUT;\n#z"
+    cert = base / "cert.pem"
+    module = base / "libsofthsm2.so"
+    workdir = base / "nginx"
+    token = "KMS"
+    if case == "cert":  # the link's target, as nginx.conf would have named it: "BASE/x;⏎access_log OUT;⏎#z/cert.pem"
+        target = Path(f"{base}/{injected}/cert.pem")
+        target.parent.mkdir(parents=True)
+        _certificate(rsa.generate_private_key(65537, 2048), target)
+        cert.symlink_to(target)
+        refused = f"nginx: refusing --cert {cert}: its path "
+    else:
+        _certificate(rsa.generate_private_key(65537, 2048), cert)
+        refused = {
+            "module": f"nginx: refusing --module {module}: its path ",
+            "workdir": "nginx: refusing --workdir $'" + f"{base}/{injected}".replace("\n", "\\n") + "': its path ",
+            "token": "nginx: refusing --token $'KMS\\naccess_log': it holds a control character",
+        }[case]
+    if case == "module":
+        target = Path(f"{base}/{injected}/libsofthsm2.so")
+        target.parent.mkdir(parents=True)
+        shutil.copy(module_path(), target)
+        module.symlink_to(target)
+    else:
+        module.symlink_to(module_path())
+    if case == "workdir":
+        workdir = Path(f"{base}/{injected}")
+    if case == "token":
+        token = "KMS\naccess_log"
+    result = nginx.run_script(
+        "--port", str(free_port()), "--cert", str(cert), "--token", token, "--pin-env", "NGINX_TEST_PIN",
+        "--module", str(module), "--workdir", str(workdir), env={"NGINX_TEST_PIN": "1234"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert refused in result.stderr
+    if case != "token":
+        assert "may only hold letters, digits and . _ / + -" in result.stderr
+    assert not (out / "OUT").exists()
+    assert not workdir.exists()
+    assert nginx.nginx_pids(workdir) == []
+
+
 ROOT_ONLY = pytest.mark.skipif(
     os.geteuid() != 0, reason="as root only: the workers run as nobody and the script changes the token's permissions"
 )
@@ -712,6 +771,99 @@ def test_nginx_stop_ignores_planted_entries_in_the_record(setup: Setup) -> None:
     assert f"{token_object}: mode 4777 would add permissions" in stopped.stderr
     assert "ignored 4 entries" in stopped.stderr
     assert not record.exists()
+
+
+@ROOT_ONLY
+def test_nginx_as_root_refuses_a_token_directory_others_can_swap(setup: Setup) -> None:
+    """A token whose directory is in a directory that others can write to (0777, not sticky): they could rename the
+    token's directory and swap in one of theirs between the checks and the chgrp/chmod, so the start is refused before
+    anything is changed. The same token, once that directory is 0755, is served (and --stop puts everything back)."""
+    open_dir = setup.root / f"open-{uuid.uuid4().hex[:8]}"
+    saved_conf = os.environ.get("SOFTHSM2_CONF")
+    try:
+        hsm = SoftHsm(open_dir / "hsm")  # its own SOFTHSM2_CONF: tokens in OPEN/hsm/tokens
+    finally:
+        if saved_conf is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved_conf
+    other = replace(setup, hsm=hsm)
+    token, cert = _nginx_token(other, "open")
+    assert token.directory is not None
+    open_dir.chmod(0o777)
+    before = _modes(hsm.tokendir, token.directory)
+    workdir = setup.root / "nginx-open"
+    result = _start(other, token, cert, workdir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot give the workers access to the token's directory {token.directory} safely: {open_dir} is " \
+        "writable by group or others (mode 777)" in result.stderr  # fmt: skip
+    assert "use --user root" in result.stderr
+    assert _modes(hsm.tokendir, token.directory) == before
+    assert not (workdir / "token-access").exists()
+    assert not (workdir / "nginx.conf").exists()
+    assert nginx.nginx_pids(workdir) == []
+
+    open_dir.chmod(0o755)
+    known: list[int] = []
+    result = _start(other, token, cert, workdir)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        known = nginx.nginx_pids(workdir)
+        assert _modes(hsm.tokendir, token.directory) != before
+        nginx.served_certificate(int((workdir / "nginx.conf").read_text().split("listen 127.0.0.1:")[1].split()[0]),
+                                 _workload_ca(setup))  # fmt: skip
+    finally:
+        _stop_and_check(setup, workdir, known)
+    assert _modes(hsm.tokendir, token.directory) == before
+
+
+@ROOT_ONLY
+def test_nginx_stop_keeps_the_record_of_what_it_could_not_restore(tmp_path: Path) -> None:
+    """--stop fails closed: an entry whose file is another one now (another inode at that name) or in another group
+    is left alone, and stays in the record (the only entry left there), and --stop exits non-zero, every time, until
+    someone puts it back by hand and removes the record. What could be put back is; a file that is gone is no loss."""
+    base = tmp_path / "base"
+    base.mkdir()
+    base.chmod(0o755)
+    token_dir = base / "tokens" / "token"
+    token_dir.mkdir(parents=True)
+    workdir = base / "nginx"
+    workdir.mkdir(mode=0o700)
+    record = workdir / "token-access"
+    lines = [f"needs\t{base / 'tokens'}", f"needs\t{token_dir}"]
+    files = {name: token_dir / name for name in ("restored", "replaced", "regrouped", "gone")}
+    entries = {}
+    for name, path in files.items():  # as the start leaves them: group NOBODY given read access
+        path.write_text(name)
+        os.chown(path, -1, NOBODY)
+        path.chmod(0o640)
+        entries[name] = f"was\t600\t0\t{NOBODY}\t{_ident(path)}\t{path}"
+    record.write_text("\n".join(lines + list(entries.values())) + "\n")
+    fresh = token_dir / "fresh"  # another file (another inode) at the name "replaced", same group and mode
+    fresh.write_text("replaced")
+    os.chown(fresh, -1, NOBODY)
+    fresh.chmod(0o640)
+    fresh.replace(files["replaced"])
+    os.chown(files["regrouped"], -1, 0)
+    files["gone"].unlink()
+
+    stopped = nginx.stop(workdir)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert f"could not restore {files['replaced']}: it is another file" in stopped.stderr
+    assert f"could not restore {files['regrouped']}: its group changed since" in stopped.stderr
+    assert f"could not restore 2 entries of {record} (see above): kept in it" in stopped.stderr
+    assert "restored the group and mode of 1 token file" in stopped.stdout
+    assert record.read_text() == "\n".join([*lines, entries["replaced"], entries["regrouped"]]) + "\n"
+    info = files["restored"].stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o600, 0)
+    for name in ("replaced", "regrouped"):  # left alone
+        assert stat.S_IMODE(files[name].stat().st_mode) == 0o640
+    kept = record.read_text()
+    again = nginx.stop(workdir)
+    assert again.returncode == 1
+    assert record.read_text() == kept
+    record.unlink()  # what the message asks for, once the files are checked
+    assert nginx.stop(workdir).returncode == 0
 
 
 @ROOT_ONLY

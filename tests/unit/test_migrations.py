@@ -89,3 +89,15 @@ def test_two_keys_over_one_kmip_object_stop_the_upgrade_and_change_nothing(tmp_p
         assert _version(database) != "0006"
     finally:
         database.close()
+
+
+def test_an_upgrade_interrupted_half_way_runs_again(tmp_path: Path) -> None:
+    """SQLite commits DDL as it goes: after a failure part of 0007 may be in place while the version says 0006."""
+    database = _at_0006(tmp_path / "kb.db")
+    try:
+        with database.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE embedded_key_material ADD COLUMN backend VARCHAR(64)"))
+        database.migrate()
+        assert _version(database) != "0006"
+    finally:
+        database.close()

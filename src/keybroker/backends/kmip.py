@@ -387,6 +387,12 @@ class KmipKeyStore:
         namespace = self._namespace()
         return f"{NAME_PREFIX}{namespace}:{key_id}" if namespace else NAME_PREFIX + key_id
 
+    def _names_of(self, key_id: str) -> tuple[str, ...]:
+        """The names this deployment's objects of ``key_id`` may carry: the current one, and ``keybroker:<key id>``
+        of objects written before names carried the deployment (still read, and destroyed with their key)."""
+        current, legacy = self._object_name(key_id), NAME_PREFIX + key_id
+        return (current,) if current == legacy else (current, legacy)
+
     @classmethod
     def from_settings(
         cls, name: str, settings: Settings, cfg: KmipBackendSettings, namespace: Callable[[], str] = lambda: ""
@@ -465,7 +471,7 @@ class KmipKeyStore:
         if bound:
             # The name is checked before the material is fetched: an object not bound to this key is never read.
             names = self._names(uid, missing)
-            if self._object_name(key_id) not in names:
+            if not set(self._names_of(key_id)) & set(names):
                 raise StoredKeyCorrupt(f"KMIP object {uid} is not the material of key {key_id}")
         obj = self._object(uid, missing)
         try:
@@ -498,13 +504,15 @@ class KmipKeyStore:
         self._destroy(uid)
 
     def purge(self, key_id: KeyId) -> None:
-        def locate(client: Any) -> Any:
-            name = client.attribute_factory.create_attribute(kmip_enums.AttributeType.NAME, self._object_name(key_id))
-            return client.locate(attributes=[name])
+        for object_name in self._names_of(key_id):
 
-        uids = self._call(f"looking up the objects of key {key_id}", locate)
-        for uid in uids or ():
-            self._destroy(str(uid))
+            def locate(client: Any, object_name: str = object_name) -> Any:
+                name = client.attribute_factory.create_attribute(kmip_enums.AttributeType.NAME, object_name)
+                return client.locate(attributes=[name])
+
+            uids = self._call(f"looking up the objects of key {key_id}", locate)
+            for uid in uids or ():
+                self._destroy(str(uid))
 
     def check(self) -> None:
         def query(client: Any) -> None:

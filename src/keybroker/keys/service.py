@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -69,7 +69,9 @@ class NewKey:
     kmip_key_id: str | None = None
 
 
-CLAIM_EXPIRES = timedelta(minutes=10)  # a reconciler holding a row longer than this is presumed dead
+# A reconciler holding a row this long is presumed dead and its row may be taken over. Far longer than any backend
+# call may take (timeouts of seconds), so that a slow reconciler is never mistaken for a dead one.
+CLAIM_EXPIRES = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,7 @@ class KeyService:
         except Conflict:
             # The backend already holds something under this key id that this attempt did not write (a chosen id
             # that another deployment or the guide's own tooling used): it is not ours to remove.
-            self._release(key_id)
+            self._release_own(key_id, "create")
             raise
         except BaseException:
             self._abandon(store, key_id)
@@ -237,7 +239,7 @@ class KeyService:
         try:
             ref = store.generate(key_id, new.spec)
         except Conflict:
-            self._release(key_id)  # as in store(): what the backend already holds under this id is not ours
+            self._release_own(key_id, "create")  # as in store(): what the backend holds under this id is not ours
             raise
         except BaseException:
             self._abandon(store, key_id)
@@ -257,7 +259,7 @@ class KeyService:
         try:
             ref = store.register_existing(key_id, new.kmip_key_id, new.spec)
         except BaseException:
-            self._release(key_id)  # nothing was written to the backend
+            self._release_own(key_id, "create")  # nothing was written to the backend
             raise
         return self._record_new(new, key_id, backend, ref, "register", audit, kmip_key_id=new.kmip_key_id)
 
@@ -285,18 +287,27 @@ class KeyService:
         except IntegrityError:
             with self._db.transaction() as session:
                 pending = session.get(PendingMaterialRow, key_id)
-                deleting = pending is not None and pending.operation == "delete"
+                deleting = pending is not None and pending.operation in {"delete", "purge"}
             if deleting:
                 raise Conflict(
-                    f"key {key_id} was deleted but its material is still being removed from its backend; "
+                    f"material of an earlier key {key_id} is still being removed from its backend; "
                     "retry once that is done (keybroker backends reconcile)",
                     code="key_delete_pending",
                 ) from None
             raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
 
-    def _release(self, key_id: KeyId) -> None:
+    def _release_own(self, key_id: KeyId, operation: str) -> None:
+        """Remove this caller's outbox row once its backend work is done, unless a reconciler has claimed it (it
+        then holds the key id until its own work is done; freeing the id under it could let a new key with the
+        same id be created and then purged by that reconciler)."""
         with self._db.transaction(write=True) as session:
-            session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == key_id))
+            session.execute(
+                delete(PendingMaterialRow).where(
+                    PendingMaterialRow.key_id == key_id,
+                    PendingMaterialRow.operation == operation,
+                    PendingMaterialRow.claimed_at.is_(None),
+                )
+            )
 
     def _abandon(self, store: KeyStore, key_id: KeyId) -> None:
         """Undo a put whose record will not be written; leaves the outbox row if the backend is unreachable."""
@@ -306,7 +317,7 @@ class KeyService:
             return  # reconcile() finishes it once the backend is back
         except Exception:  # the original error is the one to report; the row stays for reconcile
             return
-        self._release(key_id)
+        self._release_own(key_id, "create")
 
     def _record_new(
         self,
@@ -385,7 +396,7 @@ class KeyService:
         if kmip_key_id is None:
             self._abandon(store, key_id)
         else:
-            self._release(key_id)  # a registered object is not ours to destroy
+            self._release_own(key_id, "create")  # a registered object is not ours to destroy
 
     def get(self, key_id: str) -> KeyRecord:
         if canonical_uuid(key_id) is None:
@@ -483,7 +494,7 @@ class KeyService:
                 ),
             )
             raise
-        self._release(record.id)
+        self._release_own(record.id, "delete")
 
     def _add_pending_delete(self, session: Session, record: KeyRecord) -> None:
         session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == record.id))
@@ -516,28 +527,29 @@ class KeyService:
             if store is None:
                 waiting += 1  # the backend is not configured (any more): keep the row for when it is
                 continue
-            if not self._claim(row):
+            claim = self._claim(row)
+            if claim is None:
                 continue  # another reconciler, or the create itself, got there first
             try:
-                if row.operation == "create":
-                    store.purge(KeyId(row.key_id))
-                elif row.backend_ref is not None:
+                if row.operation == "delete" and row.backend_ref is not None:
                     store.delete(BackendRef(row.backend_ref))
-                    store.purge(KeyId(row.key_id))
+                store.purge(KeyId(row.key_id))
             except BackendUnavailable:
-                self._unclaim(row)
+                self._unclaim(row, claim)
                 waiting += 1
                 continue
-            self._release(KeyId(row.key_id))  # only now is the key id free again
+            self._finish_claim(row, claim)  # only now is the key id free again
             finished += 1
         return ReconcileResult(finished, waiting)
 
-    def _claim(self, row: PendingMaterialRow) -> bool:
-        """Mark the outbox row as being worked on (a conditional update): the key id stays reserved until the
-        backend work is done and the row removed, and a create still in flight finds its row claimed and gives up
-        instead of writing a record whose material is being purged. A claim older than ``CLAIM_EXPIRES`` (a
-        reconciler that died) may be taken over. False if someone else holds it."""
+    def _claim(self, row: PendingMaterialRow) -> datetime | None:
+        """Mark the outbox row as being worked on (a conditional update) and return the claim, or None if someone
+        else holds it. The key id stays reserved until the work is done. A create's row becomes a ``purge`` row for
+        good: the create, if it is still in flight, then finds no row of its own and gives up instead of writing a
+        record whose material is being (or was partly) purged. A claim older than ``CLAIM_EXPIRES`` (a reconciler
+        that died) may be taken over; every later write of a claim is conditional on it (a fencing token)."""
         now = self._clock.now()
+        operation = "purge" if row.operation in {"create", "purge"} else row.operation
         with self._db.transaction(write=True) as session:
             taken = session.execute(
                 update(PendingMaterialRow)
@@ -546,12 +558,23 @@ class KeyService:
                     PendingMaterialRow.created_at == row.created_at,
                     PendingMaterialRow.claimed_at.is_(None) | (PendingMaterialRow.claimed_at < now - CLAIM_EXPIRES),
                 )
-                .values(claimed_at=now)
+                .values(claimed_at=now, operation=operation)
             )
-            return bool(getattr(taken, "rowcount", 0) == 1)
+            return now if getattr(taken, "rowcount", 0) == 1 else None
 
-    def _unclaim(self, row: PendingMaterialRow) -> None:
+    def _finish_claim(self, row: PendingMaterialRow, claim: datetime) -> None:
         with self._db.transaction(write=True) as session:
             session.execute(
-                update(PendingMaterialRow).where(PendingMaterialRow.key_id == row.key_id).values(claimed_at=None)
+                delete(PendingMaterialRow).where(
+                    PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.claimed_at == claim
+                )
+            )
+
+    def _unclaim(self, row: PendingMaterialRow, claim: datetime) -> None:
+        """Give the row back for a later round (the backend was unreachable); a create stays a ``purge``."""
+        with self._db.transaction(write=True) as session:
+            session.execute(
+                update(PendingMaterialRow)
+                .where(PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.claimed_at == claim)
+                .values(claimed_at=None)
             )

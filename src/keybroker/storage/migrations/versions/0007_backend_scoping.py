@@ -29,31 +29,34 @@ depends_on = None
 
 
 def upgrade() -> None:
-    doubles = (
-        op.get_bind()
-        .execute(
-            sa.text(
-                "SELECT backend, kmip_key_id, COUNT(*) FROM keys WHERE kmip_key_id IS NOT NULL "
-                "GROUP BY backend, kmip_key_id HAVING COUNT(*) > 1"
-            )
+    bind = op.get_bind()
+    doubles = bind.execute(
+        sa.text(
+            "SELECT backend, kmip_key_id, COUNT(*) FROM keys WHERE kmip_key_id IS NOT NULL "
+            "GROUP BY backend, kmip_key_id HAVING COUNT(*) > 1"
         )
-        .all()
-    )
+    ).all()
     if doubles:
         listed = ", ".join(f"{backend}/{object_id} ({count} keys)" for backend, object_id, count in doubles)
         raise RuntimeError(
-            f"several keys adopt the same KMIP object: {listed}. Delete all but one of each (keybroker key delete; "
-            "the KMIP objects stay), then start keybroker again."
+            f"several keys adopt the same KMIP object: {listed}. With the previous keybroker version, delete all "
+            "but one of each (keybroker key delete; the KMIP objects stay), then start this version again."
         )
-    with op.batch_alter_table("embedded_key_material") as batch:
-        batch.add_column(sa.Column("backend", sa.String(64), nullable=True))
+    # Each step checks what is already there: SQLite commits DDL as it goes, so an upgrade that failed half way
+    # must be able to run again.
+    inspector = sa.inspect(bind)
+    if "backend" not in {column["name"] for column in inspector.get_columns("embedded_key_material")}:
+        with op.batch_alter_table("embedded_key_material") as batch:
+            batch.add_column(sa.Column("backend", sa.String(64), nullable=True))
     op.execute(
         "UPDATE embedded_key_material SET backend = "
-        "(SELECT keys.backend FROM keys WHERE keys.backend_ref = embedded_key_material.ref)"
+        "(SELECT keys.backend FROM keys WHERE keys.backend_ref = embedded_key_material.ref) WHERE backend IS NULL"
     )
-    with op.batch_alter_table("pending_material") as batch:
-        batch.add_column(sa.Column("claimed_at", UTCDateTime(), nullable=True))
-    op.create_index("ux_keys_backend_kmip", "keys", ["backend", "kmip_key_id"], unique=True)
+    if "claimed_at" not in {column["name"] for column in inspector.get_columns("pending_material")}:
+        with op.batch_alter_table("pending_material") as batch:
+            batch.add_column(sa.Column("claimed_at", UTCDateTime(), nullable=True))
+    if "ux_keys_backend_kmip" not in {index["name"] for index in inspector.get_indexes("keys")}:
+        op.create_index("ux_keys_backend_kmip", "keys", ["backend", "kmip_key_id"], unique=True)
 
 
 def downgrade() -> None:
