@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json as _json
@@ -9,8 +10,11 @@ import math
 import os
 import socket
 import ssl
+import subprocess
+import sys
+import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +150,46 @@ class LeanClient:
 
     def close(self) -> None:
         self._connection.close()
+
+
+class SetupError(Exception):
+    """The benchmark cannot run (bad arguments, server not starting, a setup request refused)."""
+
+
+@contextlib.contextmanager
+def own_server(
+    tmp: Path, env: dict[str, str] | None = None, workers: int = 1, startup_timeout: float = 30.0
+) -> Iterator[tuple[str, str, int, str]]:
+    """``keybroker init`` a data directory in ``tmp`` and serve it over HTTPS (the service CA) with ``env`` added
+    to the environment; yields (addr, admin token, server pid, CA file); stopped (terminate, wait) on the way out."""
+    data_dir, log_path = tmp / "data", tmp / "server.log"
+    command = [sys.executable, "-m", "keybroker"]
+    init = subprocess.run(
+        [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if init.returncode != 0:
+        raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
+    token = (data_dir / "admin-token").read_text().strip()
+    port = free_port()
+    addr = f"https://127.0.0.1:{port}"
+    ca_file = str(data_dir / "ca.pem")
+    serve = [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", "--workers", str(workers)]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            serve, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not healthy(addr, ca_file):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
+                time.sleep(0.1)
+            yield addr, token, server.pid, ca_file
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

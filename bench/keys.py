@@ -30,19 +30,18 @@ import os
 import random
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port, healthy, is_loopback, percentile
+from _common import SetupError, is_loopback, own_server, percentile
 from _common import table as render_table
 
 SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -59,10 +58,6 @@ RSA_7680 = ("RSA-7680", {"algorithm": "RSA", "key_length": 7680})
 RSA_7680_MAX_REQUESTS = 4
 SAFETY_MAX_REQUESTS = 1_000_000  # the count bound when --requests is not given
 POLICY_FILE = Path(__file__).resolve().parent.parent / "examples" / "transfer-policy.json"
-
-
-class SetupError(Exception):
-    """The benchmark cannot run (bad arguments, server not starting, token refused)."""
 
 
 @dataclass
@@ -100,46 +95,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of proc(5)
-
-
-@contextlib.contextmanager
-def own_server(startup_timeout: float = 30.0) -> Iterator[tuple[str, str, int, str]]:
-    """Init a data directory in a temp dir and serve it (HTTPS, the service CA); yields (addr, admin token, server
-    pid, CA file)."""
-    with tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp:
-        data_dir, log_path = Path(tmp) / "data", Path(tmp) / "server.log"
-        command = [sys.executable, "-m", "keybroker"]
-        init = subprocess.run(
-            [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
-        )
-        if init.returncode != 0:
-            raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
-        token = (data_dir / "admin-token").read_text().strip()
-        port = free_port()
-        addr = f"https://127.0.0.1:{port}"
-        ca_file = str(data_dir / "ca.pem")
-        with log_path.open("wb") as log:
-            server = subprocess.Popen(
-                [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                deadline = time.monotonic() + startup_timeout
-                while not healthy(addr, ca_file):
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        tail = log_path.read_text(errors="replace")[-2000:]
-                        raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
-                    time.sleep(0.1)
-                yield addr, token, server.pid, ca_file
-            finally:
-                server.terminate()
-                try:
-                    server.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
 
 
 def measure(
@@ -288,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 addr, token, pid = args.addr.rstrip("/"), args.token, None
             else:
                 print("starting a keybroker server ...", file=sys.stderr, flush=True)
-                addr, token, pid, args.cacert = stack.enter_context(own_server())
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="keybroker-bench-")))
+                addr, token, pid, args.cacert = stack.enter_context(own_server(tmp))
             phases = run(args, addr, token, pid)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -81,7 +81,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from _common import LeanClient, cpu_times, free_port, healthy, is_loopback, percentile
+from _common import LeanClient, SetupError, cpu_times, is_loopback, own_server, percentile
 from _common import table as render_table
 from keybroker.attestation.collateral import bundle_to_qvl, bundle_upload
 from keybroker.sim.collateral import CollateralSpec, make_collateral
@@ -100,10 +100,6 @@ NONCE_TTL_S = 300.0
 TRANSFER_HEADERS = {"Attestation-Type": "SGX"}
 JSON_HEADERS = {"Attestation-Type": "SGX", "Content-Type": "application/json"}
 TARGET_RATE, TARGET_P99_MS, TARGET_CONCURRENCY, TARGET_CPU_RATIO = 300.0, 100.0, 32, 2.0
-
-
-class SetupError(Exception):
-    """The benchmark cannot run (bad arguments, server not starting, setup request refused)."""
 
 
 # --- measurement helpers (as bench/keys.py) ---------------------------------------------------------------------
@@ -144,58 +140,6 @@ def make_simulator(tmp: Path, existing: Path | None) -> Simulator:
     root_pem = (directory / "root-ca.pem").read_bytes()
     root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
     return Simulator(directory, out, load_platform(directory, "default"), root_der)
-
-
-@contextlib.contextmanager
-def own_server(
-    tmp: Path, simulated_root: Path, startup_timeout: float = 30.0, workers: int = 1
-) -> Iterator[tuple[str, str, int, str]]:
-    """Init a data directory in ``tmp`` and serve it (HTTPS, the service CA) trusting the simulated root; yields
-    (addr, admin token, server pid, CA file). The server is stopped (terminate, wait) on the way out."""
-    data_dir, log_path = tmp / "data", tmp / "server.log"
-    command = [sys.executable, "-m", "keybroker"]
-    init = subprocess.run(
-        [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
-    )
-    if init.returncode != 0:
-        raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
-    token = (data_dir / "admin-token").read_text().strip()
-    port = free_port()
-    addr = f"https://127.0.0.1:{port}"
-    ca_file = str(data_dir / "ca.pem")
-    env = {**os.environ, "KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(simulated_root)}
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [
-                *command,
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while not healthy(addr, ca_file):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace")[-2000:]
-                    raise SetupError(f"the server did not become healthy on {addr}:\n{tail}")
-                time.sleep(0.1)
-            yield addr, token, server.pid, ca_file
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
@@ -920,7 +864,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print("starting a keybroker server ...", file=sys.stderr, flush=True)
                 addr, token, pid, args.cacert = stack.enter_context(
-                    own_server(tmp, sim.directory / "root-ca.pem", workers=args.workers)
+                    own_server(
+                        tmp,
+                        {"KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(sim.directory / "root-ca.pem")},
+                        workers=args.workers,
+                    )
                 )
             verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
             timeout = httpx.Timeout(args.timeout, connect=10.0)
