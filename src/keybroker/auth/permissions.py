@@ -55,6 +55,9 @@ BUILTIN_ROLES: MappingProxyType[str, frozenset[str]] = MappingProxyType(
     }
 )
 
+ADMIN_ROLE = "admin"  # fixed: every permission, restored by 'keybroker init --new-admin-token'
+MANAGE_PERMISSION = "tokens:manage"  # at least one active token always grants it (RoleStore.refuse_lockout)
+
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 # A token's free permission context (the guide's PERMISSION="nginx,USA"): words without spaces or commas.
 CONTEXT_VALUE = re.compile(r"^[!-+\--~]{1,128}$")  # printable ASCII without space or comma

@@ -1,9 +1,15 @@
 """Roles: named sets of permissions, stored in the database. Built-in roles are seeded at init and may be edited
-(a permission removed from a role stops working for every token of that role at once) but not deleted."""
+(a permission removed from a role stops working for every token of that role at once) but not deleted, except
+``admin``, whose permissions are fixed: it is the recovery path (``keybroker init --new-admin-token``).
+
+Lock-out guard: no role change, role deletion or token revocation may leave the deployment without an active (not
+revoked, not expired) token that grants ``tokens:manage``; such a change is refused with 409 ``role_lockout``. The
+check runs inside the changing transaction with every role row locked, so two concurrent changes cannot each pass
+it and together lock everyone out."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,8 +17,8 @@ from typing import Any
 from sqlalchemy import JSON, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
-from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
-from keybroker.auth.permissions import BUILTIN_ROLES, ROLE_NAME, validate_permissions
+from keybroker.audit.log import SYSTEM, AuditContext, AuditEvent, AuditLog
+from keybroker.auth.permissions import ADMIN_ROLE, BUILTIN_ROLES, MANAGE_PERMISSION, ROLE_NAME, validate_permissions
 from keybroker.clock import Clock
 from keybroker.errors import Conflict, InvalidRequest, NotFound, UnknownReference
 from keybroker.storage.db import Database
@@ -58,12 +64,56 @@ class RoleStore:
         self._clock = clock
 
     def seed(self, session: Session) -> None:
-        """Create the built-in roles that do not exist yet (init and upgrades)."""
+        """Create the built-in roles that do not exist yet (init and upgrades), and give ``admin`` back exactly its
+        fixed permissions if anything ever changed them (an edited database, a version without the guard)."""
         for name, permissions in BUILTIN_ROLES.items():
-            if session.get(RoleRow, name) is None:
+            row = session.get(RoleRow, name, with_for_update=True)
+            if row is None:
                 session.add(
                     RoleRow(name=name, permissions=sorted(permissions), builtin=True, updated_at=self._clock.now())
                 )
+            elif name == ADMIN_ROLE and (sorted(row.permissions) != sorted(permissions) or not row.builtin):
+                before = sorted(row.permissions)
+                row.permissions, row.builtin, row.updated_at = sorted(permissions), True, self._clock.now()
+                self._audit.append(
+                    session,
+                    SYSTEM,
+                    AuditEvent("role.restore", "success", name, {"before": before, "after": sorted(permissions)}),
+                )
+
+    def refuse_lockout(
+        self,
+        session: Session,
+        changed: Mapping[str, frozenset[str] | None] | None = None,
+        revoking: str | None = None,
+    ) -> None:
+        """Raise 409 ``role_lockout`` if, after the change, no active token would grant ``tokens:manage``.
+        ``changed`` maps role names to their new permissions (``None``: deleted); ``revoking`` is a token id.
+        Call it inside the changing transaction: it locks every role row first."""
+        permissions = {
+            row.name: frozenset(row.permissions)
+            for row in session.scalars(select(RoleRow).order_by(RoleRow.name).with_for_update())
+        }
+        for name, after in (changed or {}).items():
+            if after is None:
+                permissions.pop(name, None)
+            else:
+                permissions[name] = after
+        now = self._clock.now()
+        active = session.execute(
+            select(ApiTokenRow.id, ApiTokenRow.roles).where(
+                ApiTokenRow.revoked_at.is_(None),
+                ApiTokenRow.expires_at.is_(None) | (ApiTokenRow.expires_at > now),
+            )
+        )
+        for token_id, roles in active:
+            if token_id != revoking and any(MANAGE_PERMISSION in permissions.get(role, ()) for role in roles):
+                return
+        raise Conflict(
+            f"this would leave no active token that grants {MANAGE_PERMISSION}, and so nobody able to manage roles "
+            "and tokens; issue another token with that permission first",
+            code="role_lockout",
+        )
 
     def permissions_of(self, session: Session, roles: Sequence[str]) -> frozenset[str]:
         rows = session.execute(_PERMISSIONS_OF, {"names": list(roles)}).scalars()
@@ -96,9 +146,16 @@ class RoleStore:
             granted = validate_permissions(list(permissions))
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="unknown_permission") from None
-        with self._db.transaction() as session:
+        with self._db.transaction(write=True) as session:
+            self.refuse_lockout(session, {name: granted})
             row = session.get(RoleRow, name, with_for_update=True)
             before = sorted(row.permissions) if row else None
+            if name == ADMIN_ROLE and before != sorted(granted):
+                raise Conflict(
+                    f"the built-in role {ADMIN_ROLE!r} always grants every permission (it is the recovery path); "
+                    "make a new role for narrower tokens",
+                    code="role_fixed",
+                )
             if row is None:
                 row = RoleRow(name=name, permissions=sorted(granted), builtin=False, updated_at=self._clock.now())
                 session.add(row)
@@ -124,6 +181,7 @@ class RoleStore:
             ]
             if holders:
                 raise Conflict(f"role {name!r} is held by {len(holders)} unrevoked token(s)", code="role_in_use")
+            self.refuse_lockout(session, {name: None})
             session.delete(row)
             self._audit.append(session, audit, AuditEvent("role.delete", "success", name, {}))
 

@@ -178,6 +178,7 @@ class TokenStore:
             if row is None:
                 raise NotFound(f"token {token_id} does not exist", code="token_not_found")
             if row.revoked_at is None:
+                self._roles.refuse_lockout(session, revoking=token_id)
                 row.revoked_at = self._clock.now()
                 self._audit.append(session, audit, AuditEvent("token.revoke", "success", token_id, {"name": row.name}))
             return _info(row)
