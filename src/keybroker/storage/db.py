@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from keybroker.errors import BackendUnavailable
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+# The largest integer SQLite and PostgreSQL (BIGINT) can bind: integers that reach SQL are bounded by it at the edge.
+SQL_INT_MAX = 2**63 - 1
 
 
 class UTCDateTime(TypeDecorator[datetime]):

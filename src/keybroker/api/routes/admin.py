@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query
+from keybroker.auth.tokens import MAX_TTL
 from keybroker.errors import InvalidRequest
+from keybroker.storage.db import SQL_INT_MAX
 from keybroker.services import Services
 
 router = APIRouter(tags=["administration"])
@@ -23,7 +25,7 @@ class TokenCreateRequest(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     roles: Annotated[list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=16)]
     context: Annotated[list[str], Field(max_length=32)] = []
-    ttl_seconds: Annotated[int | None, Field(strict=True, ge=1)] = None
+    ttl_seconds: Annotated[int | None, Field(strict=True, ge=1, le=int(MAX_TTL.total_seconds()))] = None
 
 
 class RolePutRequest(BaseModel):
@@ -89,7 +91,7 @@ def list_audit(
     request: Request,
     response: Response,
     services: ServicesDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
     since: datetime | None = None,
     target: Annotated[str | None, Query(max_length=200)] = None,
@@ -97,11 +99,21 @@ def list_audit(
     """Entries in order, from ``after`` (a seq). ``X-Audit-Head`` carries the chain head (``seq:hash``) so that a
     client can verify the whole chain itself."""
     reject_unknown_query(request, frozenset({"after", "limit", "since", "target"}))
-    if since is not None and since.tzinfo is None:
-        raise InvalidRequest("since needs a timezone (e.g. 2026-11-27T12:00:00Z)", code="invalid_request")
+    if since is not None:
+        since = _utc(since)
     head_seq, head_hash = services.audit.head()
     response.headers["X-Audit-Head"] = f"{head_seq}:{head_hash}"
     entries = services.audit.entries(after_seq=after, limit=limit, since=since, target=target)
     if len(entries) == limit:
         response.headers["X-Next-Cursor"] = str(entries[-1]["seq"])
     return entries
+
+
+def _utc(value: datetime) -> datetime:
+    """``value`` in UTC; a time without a zone, or one that leaves the representable range in UTC, is a 400."""
+    if value.tzinfo is None:
+        raise InvalidRequest("since needs a timezone (e.g. 2026-11-27T12:00:00Z)", code="invalid_request")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest("since is out of range", code="invalid_request") from None
