@@ -8,10 +8,12 @@ import hashlib
 import threading
 from datetime import timedelta
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 
 from keybroker.attestation.nonce import Nonce
@@ -287,3 +289,67 @@ def test_binding_accepts_sha512_and_sgx_sha256(services: Services) -> None:
         else:
             with pytest.raises(AttestationFailed):
                 check_binding(fake, nonce, data)
+
+
+def _whole(response: Any) -> bytes:
+    """The body, after checking that Content-Length announces exactly it (a client reads no more, no less)."""
+    assert response.status_code == 200, response.text
+    assert int(response.headers["content-length"]) == len(response.content), response.headers
+    return bytes(response.content)
+
+
+def _chain_header(value: str, expected_pem: str) -> None:
+    """Intel PCS sends issuer chains URL-encoded with every reserved character escaped (``%20``, ``%0A``, ``%2F``,
+    ``%2B``, ``%3D``); Intel's QCNL drops the last two characters unless they are part of an escape."""
+    assert unquote(value) == expected_pem
+    assert value == quote(expected_pem, safe="")
+    assert value.endswith("%0A")
+    assert not set(value) & set(" \n/+=")
+
+
+def test_pccs_routes_follow_intel_pcs_v4_formats(api: TestClient, clock: FixedClock, imported: None) -> None:
+    tdx = next(q for q in POSITIVE if q.name.startswith("tdx-v4-phala"))
+    sgx = next(q for q in POSITIVE if q.name.startswith("sgx-v3-phala"))
+    clock.set(tdx.now)
+    for tee, real in (("tdx", tdx), ("sgx", sgx)):
+        clock.set(real.now)
+        response = api.get(
+            f"/{tee}/certification/v4/tcb", params={"fmspc": real.expected["fmspc"], "update": "standard"}
+        )
+        assert _whole(response) == (real.folder / "tcb_info.json").read_bytes()
+        assert response.headers["content-type"] == "application/json"
+        _chain_header(
+            response.headers["tcb-info-issuer-chain"], (real.folder / "tcb_info_issuer_chain.pem").read_text()
+        )
+        response = api.get(f"/{tee}/certification/v4/qe/identity", params={"update": "standard"})
+        assert _whole(response) == (real.folder / "qe_identity.json").read_bytes()
+        assert response.headers["content-type"] == "application/json"
+        _chain_header(
+            response.headers["sgx-enclave-identity-issuer-chain"],
+            (real.folder / "qe_identity_issuer_chain.pem").read_text(),
+        )
+
+    clock.set(tdx.now)
+    der = (tdx.folder / "pck_crl.der").read_bytes()
+    chain = (tdx.folder / "pck_crl_issuer_chain.pem").read_text()
+    response = api.get("/sgx/certification/v4/pckcrl", params={"ca": "platform", "encoding": "der"})
+    assert _whole(response) == der
+    assert response.headers["content-type"] == "application/pkix-crl"
+    _chain_header(response.headers["sgx-pck-crl-issuer-chain"], chain)
+    for params in ({"ca": "platform", "encoding": "pem"}, {"ca": "platform"}):  # PEM is Intel PCS's default
+        response = api.get("/sgx/certification/v4/pckcrl", params=params)
+        pem = _whole(response).decode("ascii")
+        assert response.headers["content-type"] == "application/x-pem-file"
+        _chain_header(response.headers["sgx-pck-crl-issuer-chain"], chain)
+        lines = pem.split("\n")
+        assert lines[0] == "-----BEGIN X509 CRL-----"
+        assert lines[-2:] == ["-----END X509 CRL-----", ""]
+        assert all(len(line) == 64 for line in lines[1:-3]) and 0 < len(lines[-3]) <= 64
+        assert x509.load_pem_x509_crl(pem.encode()).public_bytes(serialization.Encoding.DER) == der
+    response = api.get("/sgx/certification/v4/rootcacrl")
+    assert _whole(response) == (tdx.folder / "root_ca_crl.der").read_bytes().hex().encode()
+    assert response.headers["content-type"] == "application/pkix-crl"  # as Intel's PCCS labels its hex
+    assert_problem(
+        api.get("/sgx/certification/v4/pckcrl", params={"ca": "platform", "encoding": "b64"}), 400, "invalid_request"
+    )
+    assert_problem(api.get("/sgx/certification/v4/pckcrl", params={"ca": "other"}), 400, "invalid_request")

@@ -11,7 +11,14 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
-from keybroker.attestation.collateral import ROOT_CRL_KEY, item_from_pcs, pck_crl_key, qe_key, tcb_key
+from keybroker.attestation.collateral import (
+    ROOT_CRL_KEY,
+    CollateralItem,
+    item_from_pcs,
+    pck_crl_key,
+    qe_key,
+    tcb_key,
+)
 from keybroker.attestation.service import b64decode
 from keybroker.audit.log import AuditEvent
 from keybroker.errors import NotFound
@@ -84,36 +91,45 @@ def status(services: ServicesDep) -> list[dict[str, Any]]:
 
 
 # --- PCCS-compatible reads --------------------------------------------------------------------------------
+# Paths, headers and bodies as Intel PCS v4 sends them (PROTOCOL.md §5): issuer chains URL-encoded with every
+# reserved character escaped; TCB info and QE identity byte for byte; the PCK CRL as DER or (PCS's default) PEM
+# with 64-character lines; the root CA CRL, which only Intel's PCCS serves, as PCCS does: the DER in hex.
 
 
-def _serve(services: Services, key: str, header: str | None, media_type: str) -> Response:
+def _item(services: Services, key: str) -> CollateralItem:
     item = services.collateral.select(key, services.clock.now())
     if item is None:
         raise NotFound(f"no collateral {key} in the cache", code="collateral_not_found")
-    headers = {header: quote(item.issuer_chain, safe="")} if header else {}
-    return Response(item.body, media_type=media_type, headers=headers)
+    return item
+
+
+def _serve(services: Services, key: str, header: str, media_type: str) -> Response:
+    item = _item(services, key)
+    return Response(item.body, media_type=media_type, headers={header: quote(item.issuer_chain, safe="")})
 
 
 Fmspc = Annotated[str, Query(pattern=r"^[0-9A-Fa-f]{12}$")]
+# Intel PCS's choice between the early and the standard TCB recovery collateral; the cache holds what it was given.
+Update = Annotated[str, Query(pattern=r"^(early|standard)$")]
 
 
 @router.get("/sgx/certification/v4/tcb", dependencies=[public()])
-def sgx_tcb(services: ServicesDep, fmspc: Fmspc) -> Response:
+def sgx_tcb(services: ServicesDep, fmspc: Fmspc, update: Update = "standard") -> Response:
     return _serve(services, tcb_key("SGX", fmspc), "TCB-Info-Issuer-Chain", "application/json")
 
 
 @router.get("/tdx/certification/v4/tcb", dependencies=[public()])
-def tdx_tcb(services: ServicesDep, fmspc: Fmspc) -> Response:
+def tdx_tcb(services: ServicesDep, fmspc: Fmspc, update: Update = "standard") -> Response:
     return _serve(services, tcb_key("TDX", fmspc), "TCB-Info-Issuer-Chain", "application/json")
 
 
 @router.get("/sgx/certification/v4/qe/identity", dependencies=[public()])
-def sgx_qe(services: ServicesDep) -> Response:
+def sgx_qe(services: ServicesDep, update: Update = "standard") -> Response:
     return _serve(services, qe_key("SGX"), "SGX-Enclave-Identity-Issuer-Chain", "application/json")
 
 
 @router.get("/tdx/certification/v4/qe/identity", dependencies=[public()])
-def tdx_qe(services: ServicesDep) -> Response:
+def tdx_qe(services: ServicesDep, update: Update = "standard") -> Response:
     return _serve(services, qe_key("TDX"), "SGX-Enclave-Identity-Issuer-Chain", "application/json")
 
 
@@ -121,18 +137,29 @@ def tdx_qe(services: ServicesDep) -> Response:
 def pck_crl(
     services: ServicesDep,
     ca: Annotated[str, Query(pattern=r"^(processor|platform)$")],
-    encoding: Annotated[str, Query(pattern=r"^(der|pem)$")] = "der",
+    encoding: Annotated[str, Query(pattern=r"^(der|pem)$")] = "pem",
 ) -> Response:
-    response = _serve(services, pck_crl_key(ca), "SGX-PCK-CRL-Issuer-Chain", "application/pkix-crl")
-    if encoding == "pem":
-        body = base64.encodebytes(bytes(response.body)).decode()
-        pem = f"-----BEGIN X509 CRL-----\n{body}-----END X509 CRL-----\n"
-        return Response(pem, media_type="application/x-pem-file", headers=dict(response.headers))
-    return response
+    """``encoding=der``: the CRL as stored; otherwise PEM, Intel PCS v4's default (Intel's PCCS sends hex there,
+    which every Intel client also reads as PEM's alternative; dcap-qvl always asks for DER)."""
+    if encoding == "der":
+        return _serve(services, pck_crl_key(ca), "SGX-PCK-CRL-Issuer-Chain", "application/pkix-crl")
+    item = _item(services, pck_crl_key(ca))
+    return Response(
+        pem_crl(item.body),
+        media_type="application/x-pem-file",
+        headers={"SGX-PCK-CRL-Issuer-Chain": quote(item.issuer_chain, safe="")},
+    )
+
+
+def pem_crl(der: bytes) -> bytes:
+    """RFC 7468 PEM with 64-character lines, as Intel PCS frames its CRLs."""
+    text = base64.b64encode(der).decode("ascii")
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return ("-----BEGIN X509 CRL-----\n" + "\n".join(lines) + "\n-----END X509 CRL-----\n").encode("ascii")
 
 
 @router.get("/sgx/certification/v4/rootcacrl", dependencies=[public()])
 def root_ca_crl(services: ServicesDep) -> Response:
-    """As Intel's PCCS serves it (and its clients expect): the DER, hex-encoded."""
-    response = _serve(services, ROOT_CRL_KEY, None, "application/pkix-crl")
-    return Response(bytes(response.body).hex(), media_type="text/plain")
+    """As Intel's PCCS serves it (and its clients, dcap-qvl included, expect): the DER, hex-encoded, labelled
+    application/pkix-crl."""
+    return Response(_item(services, ROOT_CRL_KEY).body.hex(), media_type="application/pkix-crl")
