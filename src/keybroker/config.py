@@ -59,9 +59,24 @@ class ServerSettings(_Section):
         default=None, description="Base URL clients use (for transfer_link); default: from the request"
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
-    keygen_workers: int = Field(default=2, ge=1, le=64, description="threads for slow RSA key generation")
+    keygen_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="threads for costly requests (RSA generation, key import checks, collateral import): at most "
+        "this many run at once, so that they cannot take the cores transfers need",
+    )
+    costly_queue: int = Field(
+        default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"
+    )
     workers: int = Field(default=1, ge=1, le=64, description="server processes (use the cores; SQLite or PostgreSQL)")
     role: Literal["all", "kbs", "attestation"] = "all"
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=300,
+        description="a connection whose TLS handshake or request headers take longer is closed (slow clients)",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -281,6 +296,44 @@ class AttestationSettings(_Section):
     url_ca_file: Path | None = Field(default=None, description="CA of that attestation service (its DATA_DIR/ca.pem)")
 
 
+class LimitsSettings(_Section):
+    """Abuse limits, per client address and per server process (see the README's "Limits")."""
+
+    unauthenticated_rps: float = Field(
+        default=50, gt=0, le=1_000_000, description="requests/s per address without a valid token (token bucket)"
+    )
+    unauthenticated_burst: int = Field(default=100, ge=1, le=10_000_000)
+    transfer_rps: float = Field(
+        default=5000,
+        gt=0,
+        le=1_000_000,
+        description="requests/s per address to the attested endpoints (transfer, appraisal nonce/attest): a "
+        "cluster scaling up behind one NAT address must not be starved",
+    )
+    transfer_burst: int = Field(default=10_000, ge=1, le=10_000_000)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="addresses or networks (CIDR) whose X-Forwarded-For is believed; nobody's by default",
+    )
+    audit_window_seconds: int = Field(
+        default=60, ge=1, le=86_400, description="anonymous refusals are audited as one entry per address and window"
+    )
+    max_connections_per_address: int = Field(default=256, ge=1, le=1_000_000)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or network") from None
+        return values
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -302,6 +355,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
     attestation: AttestationSettings = AttestationSettings()
+    limits: LimitsSettings = LimitsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -18,6 +18,7 @@ status exactly once, in ``keybroker.api.errors``.
     ├── NotFound                 404  unknown (or invisible) key or policy
     ├── Conflict                 409  policy in use, immutable policy, duplicate id
     ├── BackendUnavailable       503  the KMS backend holding the key cannot be reached
+    │   ├── ServerBusy           503  too many costly requests (key generation, imports) are waiting already
     │   └── CollateralUnavailable 503 Intel collateral needed for a quote is neither cached nor fetchable
     ├── StoredKeyCorrupt         500  stored material failed authentication (tampering, wrong KEK)
     └── ConfigurationError       --   invalid settings; raised at start, never at request time
@@ -129,6 +130,13 @@ class Conflict(KeybrokerError):
 class BackendUnavailable(KeybrokerError):
     code = "backend_unavailable"
     title = "Key backend unavailable"
+
+
+class ServerBusy(BackendUnavailable):
+    """The pool for costly requests is full; retry after ``Retry-After`` seconds."""
+
+    code = "server_busy"
+    title = "Server busy"
 
 
 class CollateralUnavailable(BackendUnavailable):

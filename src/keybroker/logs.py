@@ -8,6 +8,7 @@ only its type (``error_type``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -39,15 +40,23 @@ def _drop_record(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> M
     return event
 
 
+def _process_id(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["pid"] = os.getpid()  # which of several server processes (server.workers) wrote the line
+    return event
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     level = getattr(logging, settings.level.upper())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if settings.format == "json" else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if settings.format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())  # no escape codes in log files
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _process_id,
         _exception_type_only,
     ]
     structlog.configure(

@@ -89,7 +89,9 @@ def test_deleting_a_role_is_refused_when_it_would_lock_out(api: TestClient, serv
     assert_problem(api.delete(f"{ROLES}/admin"), 409, "role_builtin")
 
 
-def test_new_admin_token_restores_a_changed_admin_role(settings: Settings, services: Services, clock: FixedClock) -> None:
+def test_new_admin_token_restores_a_changed_admin_role(
+    settings: Settings, services: Services, clock: FixedClock
+) -> None:
     """A database edited (or damaged by an older version) so that admin grants nothing: init recovers it."""
     with services.database.transaction(write=True) as session:
         session.execute(update(RoleRow).where(RoleRow.name == "admin").values(permissions=[]))

@@ -59,9 +59,13 @@ class Server:
         )
 
 
-def start_server(data_dir: Path, **env: str) -> Server:
+def start_server(data_dir: Path, *serve_args: str, toml: str | None = None, **env: str) -> Server:
     """``keybroker init`` then ``serve`` on a free port; ``env`` adds KEYBROKER_* settings (plain HTTP with
-    ``KEYBROKER_TLS__ENABLED="false"``)."""
+    ``KEYBROKER_TLS__ENABLED="false"``), ``toml`` is written to ``DATA_DIR/keybroker.toml`` before ``init``, and
+    ``serve_args`` go to ``serve`` (e.g. ``--workers 2``)."""
+    if toml is not None:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (data_dir / "keybroker.toml").write_text(toml)
     subprocess.run(
         [sys.executable, "-m", "keybroker", "init", "--data-dir", str(data_dir)],
         check=True,
@@ -72,12 +76,22 @@ def start_server(data_dir: Path, **env: str) -> Server:
     log = data_dir.parent / f"server-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "keybroker", "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "keybroker",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                *serve_args,
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=clean_env(**env),
         )
-    tls = env.get("KEYBROKER_TLS__ENABLED", "true") != "false"
+    tls = env.get("KEYBROKER_TLS__ENABLED", "true") != "false" and "enabled = false" not in (toml or "")
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         wait_until_serving(url, process, log, ssl.create_default_context(cafile=str(data_dir / "ca.pem")))

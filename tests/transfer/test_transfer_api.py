@@ -479,3 +479,76 @@ def test_a_changed_policy_applies_at_once_also_from_another_replica(world: World
     finally:
         replica.close()
     _refused(world, request_transfer(world, key_id, world.evidence("sgx")), 403, "policy_denied", "mrenclave_mismatch")
+
+
+def _added(world: World, head: int) -> list[dict[str, Any]]:
+    return world.services.audit.entries(after_seq=head, limit=1000)
+
+
+def test_every_transfer_request_is_exactly_one_audit_entry(world: World) -> None:
+    """Red-team finding 6: a transfer refused for its bearer token wrote auth.refused and key.transfer. Whatever
+    a transfer request carries, it is one key.transfer entry (and nonce requests none)."""
+    key_id = world.key(world.policy(client_permissions_allof=["nginx"]))
+    path = f"/kbs/v1/keys/{key_id}/transfer"
+    year = timedelta(days=365)
+    lacking = world.services.tokens.issue("w", ["workload"], [], year, SYSTEM)[0]
+    entitled = world.services.tokens.issue("n", ["workload"], ["nginx"], year, SYSTEM)[0]
+    forged = entitled[:-4] + "AAAA"
+    unknown = "0b8ea4b5-5a0e-4a5e-9a43-6c7f0a3e2a11"
+    cases: list[tuple[str, Any, int, str, str | None]] = [
+        (
+            "forged token",
+            lambda: request_transfer(world, key_id, world.evidence(), token=forged),
+            401,
+            "invalid_token",
+            key_id,
+        ),
+        (
+            "missing permission",
+            lambda: request_transfer(world, key_id, world.evidence(), token=lacking),
+            403,
+            "policy_denied",
+            key_id,
+        ),
+        (
+            "unknown key",
+            lambda: world.api.post(
+                f"/kbs/v1/keys/{unknown}/transfer", json={"quote": "x"}, headers={"Authorization": ""}
+            ),
+            404,
+            "key_not_found",
+            unknown,
+        ),
+        (
+            "not a key id",
+            lambda: world.api.post("/kbs/v1/keys/not-a-key-id/transfer", json={"quote": "x"}, headers={"Authorization": ""}),
+            404,
+            "key_not_found",
+            None,
+        ),
+        (
+            "not JSON",
+            lambda: world.api.post(
+                path, content=b"{nope", headers={"Authorization": "", "content-type": "application/json"}
+            ),
+            400,
+            "invalid_json",
+            key_id,
+        ),
+        ("released", lambda: request_transfer(world, key_id, world.evidence(), token=entitled), 200, "", key_id),
+    ]
+    for name, call, status, code, target in cases:
+        nonce_head = world.services.audit.head()[0]
+        world.api.post(path, json={}, headers={"Authorization": ""})
+        assert _added(world, nonce_head) == [], name  # the nonce step writes nothing
+        head = world.services.audit.head()[0]
+        response = call()
+        assert response.status_code == status, (name, response.text)
+        added = _added(world, head)
+        assert len(added) == 1, (name, added)
+        (entry,) = added
+        assert entry["action"] == "key.transfer", name
+        assert entry["target"] == target, name
+        assert entry["outcome"] == ("allowed" if status == 200 else "denied"), name
+        if code:
+            assert entry["details"]["status_code"] == code, name

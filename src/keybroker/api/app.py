@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
@@ -14,18 +13,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from keybroker import __version__
+from keybroker.api.costly import CostlyPool
 from keybroker.api.deps import check_routes_declare_permissions
 from keybroker.api.errors import (
     http_error_handler,
     keybroker_error_handler,
     validation_error_handler,
 )
+from keybroker.api.limits import ClientAddresses, RateClasses
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
 from keybroker.attestation.pcs import refresh_due
+from keybroker.audit.aggregate import AnonymousRefusals
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 
@@ -121,27 +125,40 @@ def api_routes() -> list[APIRoute]:
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
 
 
-def worker_app() -> FastAPI:
-    """The application of one of several server processes (``server.workers > 1``): each loads the settings the
-    parent left in its environment and builds its own services (database connections cannot be shared)."""
-    import os
-    from pathlib import Path
+async def _flush_refusals(refusals: AnonymousRefusals) -> None:
+    """Write the anonymous refusals' aggregate entries once their window has closed (checked every second)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await run_in_threadpool(refusals.flush_due)
+        except Exception as exc:  # an audit outage: the counts are kept for the next round
+            log.warning("audit_aggregate_failed", error_type=type(exc).__name__)
 
-    from keybroker.config import load_settings
-    from keybroker.logs import configure_logging
-    from keybroker.services import build_services
 
-    config = os.environ.get("KEYBROKER_CONFIG")
-    settings = load_settings(config_file=Path(config) if config else None)
-    configure_logging(settings.logging)
-    return create_app(build_services(settings), settings.server.role, owns_services=True)
+def _template_finder(app: FastAPI) -> Callable[[Scope], str]:
+    """The route template a request's scope would reach (for requests refused before routing)."""
+
+    def template_of(scope: Scope) -> str:
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
+
+    return template_of
 
 
 def create_app(services: Services, role: str = "all", owns_services: bool = False) -> FastAPI:
+    settings = services.settings
+    refusals = AnonymousRefusals(
+        services.audit, services.clock, timedelta(seconds=settings.limits.audit_window_seconds)
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        executor = ThreadPoolExecutor(max_workers=services.settings.server.keygen_workers, thread_name_prefix="keygen")
-        app.state.keygen_executor = executor
+        costly = CostlyPool(settings.server.keygen_workers, settings.server.costly_queue)
+        app.state.costly = costly
+        flusher = asyncio.create_task(_flush_refusals(refusals))
         refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
         purger = asyncio.create_task(_purge_nonces(services))
         reconciler = asyncio.create_task(_reconcile_backends(services)) if role != "attestation" else None
@@ -149,13 +166,18 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
         try:
             yield
         finally:
+            flusher.cancel()
+            try:
+                await run_in_threadpool(refusals.flush_all)
+            except Exception as exc:
+                log.warning("audit_aggregate_failed", error_type=type(exc).__name__, lost=refusals.pending())
             purger.cancel()
             if reconciler is not None:
                 reconciler.cancel()
             renewer.cancel()
             if refresher is not None:
                 refresher.cancel()
-            executor.shutdown(wait=False, cancel_futures=True)
+            costly.shutdown()
             if owns_services:
                 services.close()
 
@@ -169,6 +191,8 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     )
     app.state.services = services
     app.state.metrics = Metrics()
+    app.state.refusals = refusals
+    app.state.limits = RateClasses.from_settings(settings.limits)
     check_routes_declare_permissions(api_routes())
     for router in ROLES[role]:
         app.include_router(router)
@@ -178,7 +202,11 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_middleware(
         RequestContextMiddleware,
-        max_body_bytes=services.settings.server.max_body_bytes,
+        max_body_bytes=settings.server.max_body_bytes,
         metrics=app.state.metrics,
+        addresses=ClientAddresses(settings.limits.trusted_proxies),
+        limits=app.state.limits,
+        refusals=refusals,
+        template_of=_template_finder(app),
     )
     return app

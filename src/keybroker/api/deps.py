@@ -104,9 +104,8 @@ _JSON_TYPES = ("application/json",)
 M = TypeVar("M", bound=BaseModel)
 
 
-async def json_object(request: Request) -> dict[str, Any] | None:
-    """The body as a JSON object (same rules as ``json_body``), or None when the body is empty."""
-    body = await request.body()
+def json_object_of(request: Request, body: bytes) -> dict[str, Any] | None:
+    """``body`` (the request's) as a JSON object (same rules as ``json_body``), or None when it is empty."""
     if not body.strip():
         return None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

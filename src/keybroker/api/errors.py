@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import errors
+from keybroker.api.limits import retry_after
 from keybroker.audit.log import AuditEvent
 
 log = structlog.get_logger("keybroker.api")
@@ -95,14 +96,44 @@ def describe_validation_errors(raw: Sequence[Any]) -> list[dict[str, str]]:
 async def keybroker_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.KeybrokerError)
     status = status_for(exc)
-    await run_in_threadpool(_audit_refusal, request, status, exc.instance_code)
+    code = exc.instance_code
+    if getattr(request.state, "audited", False):
+        pass  # the route audited this request itself (a transfer: exactly one key.transfer entry)
+    elif status == 401 and getattr(request.state, "principal", None) is None:
+        # No valid token: counted into the address's aggregate, and charged to its unauthenticated bucket if the
+        # middleware did not charge it already (a request that came with an Authorization header).
+        client = request.client.host if request.client else None
+        if request.state.rate_class is None:
+            wait = request.app.state.limits.unauthenticated.take(client or "-")
+            if wait:
+                request.app.state.refusals.add(client, _route(request), "rate_limited")
+                return problem(
+                    request,
+                    429,
+                    "rate_limited",
+                    "Too many requests",
+                    "this client has sent too many requests without a valid token; retry after the time in Retry-After",
+                    headers={"Retry-After": retry_after(wait)},
+                )
+        request.app.state.refusals.add(client, _route(request), code)
+    else:
+        await run_in_threadpool(_audit_refusal, request, status, code)
     headers = {"WWW-Authenticate": 'Bearer realm="keybroker"'} if status == 401 else None
-    return problem(request, status, exc.instance_code, exc.title, exc.detail, exc.extra, headers)
+    if isinstance(exc, errors.ServerBusy):
+        headers = {"Retry-After": "1"}
+    return problem(request, status, code, exc.title, exc.detail, exc.extra, headers)
+
+
+def _route(request: Request) -> str:
+    """``METHOD /route/{template}``: never the raw path (it would let a client grow the aggregate without bound)."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', None) or 'unmatched'}"
 
 
 def _audit_refusal(request: Request, status: int, code: str) -> None:
-    """Every authentication/authorisation refusal is audited, and so is every failed change by a known caller
-    (reads that fail are not: they change nothing and would drown the log)."""
+    """Every authorisation refusal of a known caller is audited, and so is every failed change by one (reads that
+    fail are not: they change nothing and would drown the log). Refusals of callers without a valid token are
+    audited in aggregate (``keybroker.audit.aggregate``)."""
     from keybroker.api.deps import audit_context  # the deps module imports this one
 
     denied = status in (401, 403)

@@ -1,4 +1,12 @@
-"""ASGI middleware: request ids, an access log line per request, and the request body size limit.
+"""ASGI middleware: the client's address, rate limits, request ids, an access log line per request, and the
+request body size limit.
+
+Before anything else the client address is resolved (``X-Forwarded-For`` only from trusted proxies) and written
+into the scope, so that audit entries and limits see the same address. Requests to the attested endpoints, and
+requests without an ``Authorization`` header, then take a token from their client's bucket (``keybroker.api.limits``):
+an empty bucket is 429 ``rate_limited`` with ``Retry-After``, counted into the anonymous refusals' audit aggregate,
+before the body is read. (Requests whose token turns out to be invalid are charged when they are refused: see
+``keybroker.api.errors``.)
 
 The body limit is enforced while reading (a lying or absent Content-Length changes nothing): a body larger than
 ``max_body_bytes`` gets 413 before any route sees it.
@@ -10,12 +18,15 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keybroker.api.errors import PROBLEM_CONTENT_TYPE, problem_body
+from keybroker.api.limits import UNAUTHENTICATED, ClientAddresses, RateClasses, retry_after
 from keybroker.api.metrics import Metrics
+from keybroker.audit.aggregate import AnonymousRefusals
 
 _DISCONNECTED = b"\0disconnected"  # sentinel (compared by identity)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -30,17 +41,33 @@ _KEY_OPERATIONS = {
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        metrics: Metrics,
+        addresses: ClientAddresses,
+        limits: RateClasses,
+        refusals: AnonymousRefusals,
+        template_of: Callable[[Scope], str],
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.addresses = addresses
+        self.limits = limits
+        self.refusals = refusals
+        self.template_of = template_of  # the route template a request would reach (before routing)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        client, rate_class = self._classify(scope)
+        state["rate_class"] = rate_class
         started = time.perf_counter()
         status_holder = {"status": 0}
 
@@ -53,6 +80,13 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if rate_class is not None:
+                wait = self.limits.buckets(rate_class).take(client or "-")
+                if wait:
+                    state["template"] = self.template_of(scope)
+                    self.refusals.add(client, f"{scope['method']} {state['template']}", "rate_limited")
+                    await _rate_limited(send_with_id, request_id, wait)
+                    return
             body = await self._read_body(scope, receive)
             if body is _DISCONNECTED:
                 return  # the client went away mid-body: nothing of a partial request may be acted on
@@ -73,26 +107,39 @@ class RequestContextMiddleware:
                 if status_holder["status"] == 0:
                     await _internal_error(send_with_id, request_id)
         finally:
-            elapsed = time.perf_counter() - started
-            status = status_holder["status"]
-            # The route template, not the path: ids must not explode the metrics' label space.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
-            operation = _KEY_OPERATIONS.get((method, route))
-            if operation:
-                outcome = "success" if 200 <= status < 300 else f"http_{status}"
-                self.metrics.key_operations.labels(operation, outcome).inc()
-            log.info(
-                "request",
-                method=method,
-                path=scope["path"],
-                status=status,
-                duration_ms=round(elapsed * 1000, 2),
-                request_id=request_id,
-                client=(scope.get("client") or ("-",))[0],
-            )
+            self._record(scope, status_holder["status"], time.perf_counter() - started, request_id)
+
+    def _classify(self, scope: Scope) -> tuple[str | None, str | None]:
+        """The client's address (written into the scope) and the rate class the request is charged to up front."""
+        peer = scope.get("client")
+        client = self.addresses.resolve(peer[0] if peer else None, _header(scope, b"x-forwarded-for"))
+        if peer is not None and client != peer[0]:
+            scope["client"] = (client, peer[1])
+        rate_class = RateClasses.classify(scope["method"], scope["path"])
+        if rate_class is None and _header(scope, b"authorization") is None:
+            rate_class = UNAUTHENTICATED
+        return client, rate_class
+
+    def _record(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
+        """Metrics and the access log line of a finished request."""
+        # The route template, not the path: ids must not explode the metrics' label space.
+        route = getattr(scope.get("route"), "path", None) or scope["state"].get("template") or "unmatched"
+        method = scope["method"]
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.latency.labels(method, route).observe(elapsed)
+        operation = _KEY_OPERATIONS.get((method, route))
+        if operation:
+            outcome = "success" if 200 <= status < 300 else f"http_{status}"
+            self.metrics.key_operations.labels(operation, outcome).inc()
+        log.info(
+            "request",
+            method=method,
+            path=scope["path"],
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            request_id=request_id,
+            client=(scope.get("client") or ("-",))[0],
+        )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         declared = _header(scope, b"content-length")
@@ -147,11 +194,31 @@ async def _too_large(send: Send, request_id: str, limit: int) -> None:
     )
 
 
+async def _rate_limited(send: Send, request_id: str, wait: float) -> None:
+    await _problem(
+        send,
+        request_id,
+        429,
+        "rate_limited",
+        "Too many requests",
+        "this client has sent too many requests; retry after the time in Retry-After",
+        [(b"retry-after", retry_after(wait).encode())],
+    )
+
+
 async def _internal_error(send: Send, request_id: str) -> None:
     await _problem(send, request_id, 500, "internal_error", "Internal error", "an unexpected error occurred")
 
 
-async def _problem(send: Send, request_id: str, status: int, code: str, title: str, detail: str) -> None:
+async def _problem(
+    send: Send,
+    request_id: str,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     payload = json.dumps(problem_body(status, code, title, detail, request_id)).encode()
     await send(
         {
@@ -161,6 +228,7 @@ async def _problem(send: Send, request_id: str, status: int, code: str, title: s
                 (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
+                *(headers or []),
             ],
         }
     )

@@ -76,6 +76,7 @@ from keybroker.errors import (
     StoredKeyCorrupt,
     UnknownReference,
 )
+from keybroker.keys.material import check_rsa
 from keybroker.keys.models import Algorithm, BackendRef, Curve, KeyId, KeyMaterial, KeySpec
 
 # PyKMIP pulls in deprecated ciphers from cryptography and SQLAlchemy 1.x APIs at import; the warnings say nothing
@@ -197,8 +198,8 @@ def _private_key_material(value: bytes, spec: KeySpec, *, validate: bool) -> byt
             if key.private_numbers().public_numbers.e < 65537:
                 raise _Mismatch("its RSA public exponent is below 65537")
             try:
-                serialization.load_der_private_key(value, password=None)
-            except ValueError:
+                check_rsa(key)
+            except InvalidKeyMaterial:
                 raise _Mismatch("its RSA key fails the consistency check") from None
     else:
         if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -124,8 +124,7 @@ def serve(
     workers: Annotated[int | None, typer.Option("--workers", help="Server processes (default 1).")] = None,
 ) -> None:
     """Serve the API."""
-    import uvicorn
-
+    from keybroker.api import server
     from keybroker.api.app import create_app
     from keybroker.logs import configure_logging
     from keybroker.services import build_services
@@ -152,16 +151,6 @@ def serve(
             structlog.get_logger("keybroker").warning(
                 "tls_disabled", detail="serving plain HTTP because tls.enabled is false; tokens cross the wire in clear"
             )
-        options: dict[str, Any] = {
-            "host": settings.server.host,
-            "port": settings.server.port,
-            "log_config": None,
-            "access_log": False,
-            "server_header": False,
-            "date_header": True,
-            "timeout_graceful_shutdown": 10,
-            **tls,
-        }
         scheme = "https" if tls else "http"
         output.stderr.print(
             f"keybroker {__version__} listening on {scheme}://{settings.server.listen}"
@@ -169,16 +158,10 @@ def serve(
             highlight=False,
         )
         if settings.server.workers > 1:
-            # Each worker process builds its own services from the same settings, handed over the environment.
-            os.environ["KEYBROKER_DATA_DIR"] = str(settings.data_dir)
-            os.environ["KEYBROKER_SERVER__LISTEN"] = settings.server.listen
-            os.environ["KEYBROKER_SERVER__ROLE"] = settings.server.role
-            if config is not None:
-                os.environ["KEYBROKER_CONFIG"] = str(config.resolve())
-            services.close()
-            uvicorn.run("keybroker.api.app:worker_app", factory=True, workers=settings.server.workers, **options)
-            return
-        uvicorn.Server(uvicorn.Config(create_app(services, settings.server.role), **options)).run()
+            services.close()  # each worker process builds its own from the same settings
+            server.run(settings, None, tls)
+        else:
+            server.run(settings, create_app(services, settings.server.role), tls)
     finally:
         services.close()
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.ca import ServiceCA, fingerprint
 from keybroker.clock import Clock
 from keybroker.errors import InvalidRequest, NotFound
+from keybroker.keys.material import stored_private_key
 from keybroker.keys.models import Algorithm
 from keybroker.keys.service import KeyService
 from keybroker.storage.db import Database
@@ -122,9 +122,7 @@ class KeyCertificates:
         record = self._keys.get(key_id)
         if record.spec.algorithm is Algorithm.AES:
             raise InvalidRequest("only RSA and EC keys can be certified", code="key_not_asymmetric")
-        private = serialization.load_der_private_key(self._keys.load_material(record).secret, password=None)
-        if not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-            raise InvalidRequest("only RSA and EC keys can be certified", code="key_not_asymmetric")
+        private = stored_private_key(self._keys.load_material(record))
         now = self._clock.now()
         self._ca.create(now, "keybroker workload CA")  # data directories from before it existed get it now
         cert = self._ca.certify_key(private.public_key(), name, entries, now, days)

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import structlog
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -68,6 +69,8 @@ class NewKey:
     key_string: str | None = field(default=None, repr=False)
     kmip_key_id: str | None = None
 
+
+log = structlog.get_logger("keybroker.keys")
 
 # A reconciler holding a row this long is presumed dead and its row may be taken over. Far longer than any backend
 # call may take (timeouts of seconds), so that a slow reconciler is never mistaken for a dead one.
@@ -456,9 +459,10 @@ class KeyService:
     def delete(self, key_id: str, audit: AuditContext) -> None:
         """Delete the record (with its audit entry and an outbox row), then the backend material.
 
-        The record goes first so that a failed audit write leaves the key fully intact. If the backend then
-        cannot delete the material, the failure is audited with the orphaned reference and raised (503); the
-        outbox row makes ``reconcile`` delete it once the backend is back.
+        The record goes first so that a failed audit write leaves the key fully intact. Once that transaction has
+        committed the key is deleted, and the answer says so (204) whatever the backend does next: if it cannot
+        delete the material now, the outbox row makes ``reconcile`` finish it once the backend is back (logged as
+        ``key_material_delete_queued``). One request, one audit entry.
         """
         record = self.get(key_id)
         store = self._stores.get(record.backend)
@@ -483,17 +487,15 @@ class KeyService:
         try:
             store.delete(record.backend_ref)
             store.purge(record.id)  # also a duplicate a retried write may have left under the key's name (KMIP)
-        except BackendUnavailable:
-            self._audit.record(
-                audit,
-                AuditEvent(
-                    "key.delete",
-                    "failure",
-                    key_id,
-                    {"backend": record.backend, "orphaned_backend_ref": record.backend_ref},
-                ),
+        except Exception as exc:  # the key is deleted; its material follows through the outbox
+            log.warning(
+                "key_material_delete_queued",
+                key_id=key_id,
+                backend=record.backend,
+                error_type=type(exc).__name__,
+                code=getattr(exc, "instance_code", None),
             )
-            raise
+            return
         self._release_own(record.id, "delete")
 
     def _add_pending_delete(self, session: Session, record: KeyRecord) -> None:

@@ -22,7 +22,15 @@ from keybroker.attestation.service import AttestationService, b64decode
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.auth.tokens import Principal
 from keybroker.crypto.transfer import Wrapped, decode_user_data, workload_public_key, wrap_for_workload
-from keybroker.errors import AttestationFailed, Conflict, Forbidden, InvalidRequest, KeybrokerError, PolicyDenied
+from keybroker.errors import (
+    AttestationFailed,
+    BackendUnavailable,
+    Conflict,
+    InvalidRequest,
+    KeybrokerError,
+    PolicyDenied,
+)
+from keybroker.ids import canonical_uuid
 from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import KeyService
 from keybroker.policy.model import TransferPolicyDocument
@@ -102,8 +110,12 @@ class TransferService:
         return self.attester.issue_nonce(), types
 
     def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
-        """Audit a transfer refused before it reached the service (an invalid bearer token)."""
-        self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, {"status_code": error.instance_code}))
+        """Audit a transfer refused before its evidence was looked at (an invalid bearer token, a body that is not
+        JSON, an unknown key). The target is the key id only if it is one (the path is the caller's text)."""
+        self.audit.record(
+            audit,
+            AuditEvent("key.transfer", _outcome(error), canonical_uuid(key_id), {"status_code": error.instance_code}),
+        )
 
     def transfer(
         self,
@@ -113,7 +125,11 @@ class TransferService:
         principal: Principal | None,
         audit: AuditContext,
     ) -> Wrapped:
-        record, document = self._lookup(key_id)
+        try:
+            record, document = self._lookup(key_id)
+        except KeybrokerError as exc:
+            self.refused_before(key_id, exc, audit)
+            raise
         details: dict[str, Any] = {
             "transfer_policy_id": record.transfer_policy_id,
             "mode": "passport" if "attestation_token" in body else "background",
@@ -127,8 +143,7 @@ class TransferService:
             raise
         except KeybrokerError as exc:
             details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
-            outcome = "denied" if isinstance(exc, AttestationFailed | Forbidden) else "failure"
-            self.audit.record(audit, AuditEvent("key.transfer", outcome, key_id, details))
+            self.audit.record(audit, AuditEvent("key.transfer", _outcome(exc), key_id, details))
             raise
         # Audited before the response; if this write fails the key is not released (503 audit_unavailable).
         self._finish(audit, key_id, "allowed", details, use)
@@ -235,6 +250,12 @@ class TransferService:
         user_data = base64.b64decode(str(claims["attester_held_data"]))
         workload_public_key(user_data)
         return claims, nonce, user_data, matched
+
+
+def _outcome(error: KeybrokerError) -> str:
+    """``failure`` when keybroker could not decide (a backend, the collateral source or the audit log was
+    unavailable), ``denied`` for every refusal of the request itself (PROTOCOL.md §10)."""
+    return "failure" if isinstance(error, BackendUnavailable) else "denied"
 
 
 def _policy_ids(document: TransferPolicyDocument, tee: str | None) -> list[str]:

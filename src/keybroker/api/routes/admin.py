@@ -12,8 +12,8 @@ from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query
 from keybroker.auth.tokens import MAX_TTL
 from keybroker.errors import InvalidRequest
-from keybroker.storage.db import SQL_INT_MAX
 from keybroker.services import Services
+from keybroker.storage.db import SQL_INT_MAX
 
 router = APIRouter(tags=["administration"])
 ServicesDep = Annotated[Services, Depends(get_services)]

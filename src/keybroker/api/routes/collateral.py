@@ -7,8 +7,9 @@ import base64
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
 from keybroker.attestation.collateral import (
@@ -20,7 +21,7 @@ from keybroker.attestation.collateral import (
     tcb_key,
 )
 from keybroker.attestation.service import b64decode
-from keybroker.audit.log import AuditEvent
+from keybroker.audit.log import AuditContext, AuditEvent
 from keybroker.errors import NotFound
 from keybroker.services import Services
 
@@ -46,18 +47,29 @@ class ImportRequest(BaseModel):
 
 
 @router.post("/collateral/v1/items", dependencies=[requires("collateral:manage")])
-def import_items(
-    services: ServicesDep, body: Annotated[ImportRequest, Depends(json_body(ImportRequest))], audit: AuditDep
+async def import_items(
+    request: Request,
+    services: ServicesDep,
+    body: Annotated[ImportRequest, Depends(json_body(ImportRequest))],
+    audit: AuditDep,
 ) -> dict[str, int]:
-    """Check every item (signature and chain to a trusted root) before any is stored: all or nothing."""
+    """Check every item (signature and chain to a trusted root) before any is stored: all or nothing. The checks
+    of up to 200 items run in the bounded pool for costly requests (api/costly.py)."""
     roots = services.attestation.verifier.anchors.roots()
-    items = [item_from_pcs(i.key, b64decode(i.body, "body"), i.issuer_chain, roots) for i in body.items]
-    added = services.collateral.put(items, body.source)
-    services.audit.record(
-        audit,
-        AuditEvent("collateral.import", "success", None, {"items": len(items), "added": added, "source": body.source}),
-    )
+
+    def check() -> list[CollateralItem]:
+        return [item_from_pcs(i.key, b64decode(i.body, "body"), i.issuer_chain, roots) for i in body.items]
+
+    items = await request.app.state.costly.run(check)
+    added = await run_in_threadpool(services.collateral.put, items, body.source)
+    await run_in_threadpool(_audit_import, services, audit, len(items), added, body.source)
     return {"received": len(items), "added": added}
+
+
+def _audit_import(services: Services, audit: AuditContext, items: int, added: int, source: str) -> None:
+    services.audit.record(
+        audit, AuditEvent("collateral.import", "success", None, {"items": items, "added": added, "source": source})
+    )
 
 
 @router.get("/collateral/v1/items", dependencies=[requires("collateral:manage")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -41,10 +40,9 @@ async def create_key(
     if generated is not None:
         return KeyOut.of(generated, base_url(services))
     if new.spec.algorithm is Algorithm.RSA:
-        # RSA generation takes up to seconds (7680 bits) and validating an imported RSA key is costly too; a small
-        # dedicated pool keeps them from starving the threads that serve every other request.
-        executor = request.app.state.keygen_executor
-        material = await asyncio.get_running_loop().run_in_executor(executor, services.keys.make_material, new)
+        # RSA generation takes up to seconds (7680 bits) and checking an imported RSA key some milliseconds: the
+        # bounded pool keeps them from taking the cores that serve every other request (api/costly.py).
+        material = await request.app.state.costly.run(services.keys.make_material, new)
     else:
         material = await run_in_threadpool(services.keys.make_material, new)
     record = await run_in_threadpool(services.keys.store, new, material, audit)
