@@ -35,6 +35,14 @@ def _no_keybroker_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _pinned_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich and click read COLUMNS: tests see the same width on every terminal (a CLI test once passed only at 80+
+    columns). Narrow terminals are tested on purpose (test_cli.py), with their own COLUMNS."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("LINES", raising=False)
+
+
 @pytest.fixture(scope="session")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     """One SoftHSM2 token directory for the whole run: SoftHSM reads SOFTHSM2_CONF once per C_Initialize and

@@ -344,7 +344,8 @@ def test_pccs_routes_follow_intel_pcs_v4_formats(api: TestClient, clock: FixedCl
         lines = pem.split("\n")
         assert lines[0] == "-----BEGIN X509 CRL-----"
         assert lines[-2:] == ["-----END X509 CRL-----", ""]
-        assert all(len(line) == 64 for line in lines[1:-3]) and 0 < len(lines[-3]) <= 64
+        assert all(len(line) == 64 for line in lines[1:-3])
+        assert 0 < len(lines[-3]) <= 64
         assert x509.load_pem_x509_crl(pem.encode()).public_bytes(serialization.Encoding.DER) == der
     response = api.get("/sgx/certification/v4/rootcacrl")
     assert _whole(response) == (tdx.folder / "root_ca_crl.der").read_bytes().hex().encode()

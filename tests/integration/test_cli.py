@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,7 +89,35 @@ def test_server_refusals_are_readable(cli_env: dict[str, str], tmp_path: Path) -
     bad_policy.write_text("{not json")
     result = runner.invoke(app, ["policy", "create", str(bad_policy)])
     assert result.exit_code == 2
-    assert "not valid JSON" in result.output
+    assert f"Error: Invalid value for FILE: {bad_policy} is not valid JSON: Expecting property name" in result.output
+
+
+@pytest.mark.parametrize("columns", ["20", "60", "200"])
+def test_errors_are_whole_plain_lines_at_any_width(cli_env: dict[str, str], tmp_path: Path, columns: str) -> None:
+    """As a script sees them (stderr not a terminal): one plain line per message, never boxed, wrapped or cut,
+    whatever COLUMNS says, for typer's own errors, server refusals and local ones."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    bad = deep / "bad.json"
+    bad.write_text("{not json")
+    env = {**os.environ, **cli_env, "KEYBROKER_CACERT": os.environ["KEYBROKER_CACERT"], "COLUMNS": columns}
+    cases = [
+        (["policy", "create", str(bad)], 2, f"Error: Invalid value for FILE: {bad} is not valid JSON:"),
+        (["policy", "create", str(deep / "missing.json")], 1, f"Error: cannot use {deep / 'missing.json'}:"),
+        (
+            ["key", "create", "-a", "RSA", "-l", "1024", "-p", "00000000-0000-4000-8000-000000000000"],
+            1,
+            "Error: RSA key_length must be one of 2048, 3072, 4096, 7680 (unsupported_key_length, HTTP 400)",
+        ),
+    ]
+    for args, code, line in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "keybroker", *args], capture_output=True, text=True, env=env, check=False
+        )
+        assert result.returncode == code, result.stderr
+        assert any(row.startswith(line) for row in result.stderr.splitlines()), result.stderr
+        assert not set("╭╮╰╯│─…") & set(result.stderr), result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_wrong_token_and_unreachable_server(cli_env: dict[str, str]) -> None:

@@ -8,6 +8,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,3 +236,48 @@ def test_demo(tmp_path: Path) -> None:
     assert '["key.transfer", "allowed"], ["key.transfer", "denied"]' in result.stdout
     log = (tmp_path / "demo" / "server.log").read_text()
     assert "simulated_tee_trusted" in log  # the start-up warning
+
+
+def test_transfers_are_answered_while_rsa_7680_imports_run(setup: Setup) -> None:
+    """Four importers send RSA-7680 keys back to back (each import is checked in the bounded pool for costly
+    requests); meanwhile attested transfers keep being released. (Their latency is measured in bench/costly.py.)"""
+    big = rsa.generate_private_key(65537, 7680)
+    pem = big.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    policy = setup.server.client().get(f"/kbs/v1/keys/{setup.keys['AES'][0]}").json()["transfer_policy_id"]
+    body = {
+        "key_information": {"algorithm": "RSA", "key_length": 7680, "key_string": pem.decode()},
+        "transfer_policy_id": policy,
+    }
+    stop_importing = threading.Event()
+    imports: list[tuple[float, float, int]] = []  # (started, ended, status)
+
+    def importer() -> None:
+        with setup.server.client() as admin:
+            while not stop_importing.is_set():
+                started = time.monotonic()
+                status = admin.post("/kbs/v1/keys", json=body).status_code
+                imports.append((started, time.monotonic(), status))
+
+    threads = [threading.Thread(target=importer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    released_during: list[float] = []
+    try:
+        time.sleep(0.3)
+        key_id, expected = setup.keys["AES"]
+        with Client(setup.server.url, ca=setup.server.ca_file) as client:
+            for _ in range(15):
+                assert client.fetch_key(key_id, _evidence(setup, "sgx")).key == expected
+                released_during.append(time.monotonic())
+    finally:
+        stop_importing.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert imports
+    assert {status for _, _, status in imports} == {201}
+    first_start, last_end = min(s for s, _, _ in imports), max(e for _, e, _ in imports)
+    assert all(first_start < at < last_end for at in released_during)  # every transfer overlapped the imports
+    imported = (
+        setup.server.client().get("/kbs/v1/keys", params={"algorithm": "RSA", "keyLength": 7680, "limit": 1000}).json()
+    )
+    assert len(imported) >= len(imports)

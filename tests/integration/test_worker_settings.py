@@ -81,8 +81,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     try:
         result = runner.invoke(
             app,
-            ["collateral", "import", str(sim / "coll"), "--addr", server.url, "--token", server.token]
-            + ["--cacert", str(server.ca_file)],
+            [
+                *("collateral", "import", str(sim / "coll")),
+                *("--addr", server.url, "--token", server.token, "--cacert", str(server.ca_file)),
+            ],
         )
         assert result.exit_code == 0, result.output
         yield Setup(server, (base / "quote.bin").read_bytes())

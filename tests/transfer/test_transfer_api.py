@@ -521,7 +521,9 @@ def test_every_transfer_request_is_exactly_one_audit_entry(world: World) -> None
         ),
         (
             "not a key id",
-            lambda: world.api.post("/kbs/v1/keys/not-a-key-id/transfer", json={"quote": "x"}, headers={"Authorization": ""}),
+            lambda: world.api.post(
+                "/kbs/v1/keys/not-a-key-id/transfer", json={"quote": "x"}, headers={"Authorization": ""}
+            ),
             404,
             "key_not_found",
             None,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import math
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -164,3 +165,71 @@ def test_curve_aliases(curve: str, expected: Curve) -> None:
     spec = build_spec("ec", None, curve)
     assert spec.curve is expected
     assert spec.key_length == expected.bits
+
+
+def _numbers_pem(numbers: rsa.RSAPrivateNumbers) -> str:
+    key = numbers.private_key(unsafe_skip_rsa_key_validation=True)
+    return _pem(key, serialization.PrivateFormat.PKCS8)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda n: {"dmp1": n.dmp1 ^ 2}, "CRT values disagree"),
+        (lambda n: {"iqmp": n.iqmp + 1}, "CRT values disagree"),
+        (lambda n: {"d": n.d + 2}, "private exponent does not invert"),
+    ],
+    ids=["dmp1", "iqmp", "d"],
+)
+def test_inconsistent_rsa_imports_are_refused_with_their_reason(change: object, reason: str) -> None:
+    numbers = rsa.generate_private_key(65537, 2048).private_numbers()
+    values = {"p": numbers.p, "q": numbers.q, "d": numbers.d, "dmp1": numbers.dmp1, "dmq1": numbers.dmq1}
+    values["iqmp"] = numbers.iqmp
+    values.update(change(numbers))  # type: ignore[operator]
+    pem = _numbers_pem(rsa.RSAPrivateNumbers(public_numbers=numbers.public_numbers, **values))
+    with pytest.raises(InvalidKeyMaterial, match=reason):
+        parse_import(KeySpec(Algorithm.RSA, 2048), pem)
+
+
+def test_a_composite_factor_fails_the_signature_round_trip() -> None:
+    """Every structural check passes (they are made of p-1 as given), but p is not prime: the signature made with
+    the key does not verify."""
+    e = 65537
+    while True:
+        p1 = rsa.generate_private_key(e, 1024).private_numbers().p
+        p2 = rsa.generate_private_key(e, 1024).private_numbers().q
+        q = rsa.generate_private_key(e, 2048).private_numbers().p
+        p = p1 * p2
+        if (p * q).bit_length() == 2048:
+            break
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    d = pow(e, -1, lam)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    pem = _numbers_pem(rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public))
+    with pytest.raises(InvalidKeyMaterial, match="does not verify"):
+        parse_import(KeySpec(Algorithm.RSA, 2048), pem)
+
+
+def test_a_consistent_rsa_import_is_accepted_without_openssls_slow_check() -> None:
+    key = rsa.generate_private_key(65537, 2048)
+    material = parse_import(KeySpec(Algorithm.RSA, 2048), _pem(key, serialization.PrivateFormat.PKCS8))
+    assert serialization.load_der_private_key(material.secret, None).private_numbers() == key.private_numbers()
+
+
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    length = len(body)
+    encoded = bytes([length]) if length < 128 else bytes([0x80 | 2]) + length.to_bytes(2, "big")
+    return b"\x02" + encoded + body
+
+
+def test_factors_that_do_not_multiply_to_the_modulus_are_refused() -> None:
+    """A PKCS#1 key whose p·q is not n (cryptography will not build one, so the DER is written here)."""
+    n = rsa.generate_private_key(65537, 2048).private_numbers()
+    fields = [0, n.public_numbers.n, n.public_numbers.e, n.d, n.p + 2, n.q, n.dmp1, n.dmq1, n.iqmp]
+    body = b"".join(_der_integer(v) for v in fields)
+    der = b"\x30\x82" + len(body).to_bytes(2, "big") + body
+    text = base64.encodebytes(der).decode()
+    pem = f"-----BEGIN RSA PRIVATE KEY-----\n{text}-----END RSA PRIVATE KEY-----\n"
+    with pytest.raises(InvalidKeyMaterial, match=r"factors do not multiply|does not parse"):
+        parse_import(KeySpec(Algorithm.RSA, 2048), pem)

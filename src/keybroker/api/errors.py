@@ -40,6 +40,7 @@ STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
     errors.Conflict: 409,
     errors.BackendUnavailable: 503,
     errors.CollateralUnavailable: 503,
+    errors.ServerBusy: 503,
     errors.StoredKeyCorrupt: 500,
     errors.ConfigurationError: 500,
 }

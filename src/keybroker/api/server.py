@@ -97,12 +97,16 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def _handshake_bounded(base: type[asyncio.AbstractEventLoop], timeout: float) -> LoopFactory:
-    """An event loop class whose TLS servers give up on a handshake after ``timeout`` (asyncio's default: 60 s)."""
+    """An event loop class whose TLS servers give up on a handshake, or on a closing handshake, after ``timeout``
+    (asyncio's defaults: 60 and 30 s)."""
 
     class Loop(base):  # type: ignore[valid-type,misc]  # a class made from a runtime base
         async def create_server(self, *args: Any, **kwargs: Any) -> Any:
             if kwargs.get("ssl") is not None:
                 kwargs.setdefault("ssl_handshake_timeout", timeout)
+                # A closed TLS connection waits for the peer's close_notify (asyncio: 30 s); a slow client must not
+                # hold it that long.
+                kwargs.setdefault("ssl_shutdown_timeout", timeout)
             return await super().create_server(*args, **kwargs)
 
     return Loop

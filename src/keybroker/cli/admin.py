@@ -218,7 +218,7 @@ def audit_verify(
     head_seq, _, head_hash = head.partition(":")
     report = verify_chain(entries, int(head_seq or 0), head_hash)
     if not report.ok:
-        output.stderr.print(f"[red]audit chain BROKEN[/red] at entry {report.first_bad_seq}: {report.reason}")
+        output.say("audit chain BROKEN", f"at entry {report.first_bad_seq}: {report.reason}")
         raise typer.Exit(1)
     output.stderr.print(f"audit chain intact: {report.checked} entries, head {head_hash[:16]}…", highlight=False)
 

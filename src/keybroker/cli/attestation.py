@@ -66,15 +66,14 @@ def verify(
         if output_format is Output.JSON:
             output.emit_json({"verified": False, "reason": reason, "detail": exc.detail})
         else:
-            output.stderr.print(f"[red]refused[/red] ({reason}): {exc.detail}", highlight=False)
+            output.say("refused", f"({reason}): {exc.detail}")
         raise typer.Exit(1) from None
     claims = verified.claims()
     if output_format is Output.JSON:
         output.emit_json({"verified": True, **claims})
     else:
-        output.stderr.print(
-            f"[green]verified[/green]: {verified.quote.tee} quote v{verified.quote.version}, TCB {verified.tcb_status}",
-            highlight=False,
+        output.say(
+            "verified:", f"{verified.quote.tee} quote v{verified.quote.version}, TCB {verified.tcb_status}", "green"
         )
         output.details(claims)
 

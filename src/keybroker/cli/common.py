@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import typer
+from typer.core import TyperGroup
 
 from keybroker.cli import output
 from keybroker.cli.http import DEFAULT_ADDR, AdminApi, Connection
@@ -50,6 +52,16 @@ OutputOpt = Annotated[
 ]
 
 
+class PlainWhenPiped(TyperGroup):
+    """typer's own errors (an unknown option, a missing argument, a BadParameter) as plain lines when stderr is not
+    a terminal: rich draws them in a box that wraps and cuts long messages at the terminal's width ("..."), and
+    scripts read them. On a terminal they keep rich's box."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        self.rich_markup_mode = "rich" if sys.stderr.isatty() else None
+        return super().main(*args, **kwargs)
+
+
 def handled(func: Callable[P, R]) -> Callable[P, R]:
     """Turn keybroker's and the server's errors into a readable message and a non-zero exit."""
 
@@ -58,13 +70,17 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except ProblemError as exc:
-            output.stderr.print(f"[red]Error:[/red] {exc.problem.describe()}", highlight=False, markup=True)
+            output.say("Error:", exc.problem.describe())
             raise typer.Exit(1) from None
         except ConfigurationError as exc:
-            output.stderr.print(f"[red]Configuration error:[/red] {exc.detail}", highlight=False)
+            output.say("Configuration error:", exc.detail)
             raise typer.Exit(2) from None
         except (KeybrokerError, KeybrokerClientError) as exc:
-            output.stderr.print(f"[red]Error:[/red] {exc}", highlight=False)
+            output.say("Error:", str(exc))
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a file argument that cannot be read or written
+            where = f" {exc.filename}" if exc.filename else ""
+            output.say("Error:", f"cannot use{where}: {exc.strerror or type(exc).__name__}")
             raise typer.Exit(1) from None
 
     return wrapper

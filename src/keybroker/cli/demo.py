@@ -94,10 +94,10 @@ def demo_server(base: Path) -> Iterator[DemoServer]:
             except httpx.HTTPError:
                 time.sleep(0.1)
         else:
-            output.stderr.print(f"[red]keybroker did not start; see {base / 'server.log'}[/red]")
+            output.say(f"keybroker did not start; see {base / 'server.log'}")
             raise typer.Exit(1)
         if server.poll() is not None:
-            output.stderr.print(f"[red]keybroker exited; see {base / 'server.log'}[/red]")
+            output.say(f"keybroker exited; see {base / 'server.log'}")
             raise typer.Exit(1)
         _say(f"keybroker serving on {url} (trusting the simulated TEE, with a warning in its log)")
         for tee in ("sgx", "tdx"):
@@ -173,7 +173,7 @@ def demo(  # noqa: PLR0915 - a narrative, step by step
             )
             try:
                 client.fetch_key(keys["AES"], SimulatedEvidence(sim, "sgx", mrenclave=OTHER, isvsvn=1))
-                output.stderr.print("[red]the second workload was not refused[/red]")
+                output.say("the second workload was not refused")
                 raise typer.Exit(1)
             except ProblemError as refusal:
                 reasons = ", ".join(f"{r['code']}: {r['detail']}" for r in refusal.problem.reasons)

@@ -52,7 +52,7 @@ def _module() -> str:
     for candidate in MODULES:
         if Path(candidate).exists():
             return candidate
-    output.stderr.print("[red]SoftHSM2 is not installed: bash scripts/bootstrap.sh --test (as root)[/red]")
+    output.say("SoftHSM2 is not installed: bash scripts/bootstrap.sh --test (as root)")
     raise typer.Exit(1)
 
 
@@ -133,11 +133,10 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
     blocked = _untraversable(base) if os.geteuid() == 0 else None
     if blocked is not None:
         shutil.rmtree(base, ignore_errors=True)
-        output.stderr.print(
-            f"[red]nginx's workers (nobody) cannot traverse {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}),"
+        output.say(
+            f"nginx's workers (nobody) cannot traverse {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}),"
             f" so they could not reach the token under it: give a --dir that others can traverse (e.g. /tmp)."
-            f" The demo does not change the permissions of directories it did not create.[/red]",
-            highlight=False,
+            f" The demo does not change the permissions of directories it did not create.",
         )
         raise typer.Exit(1)
     _say(f"the demo's files: {base}")

@@ -16,7 +16,7 @@ from keybroker import __version__
 from keybroker.cli import output
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
-from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled, remote, segment
+from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, PlainWhenPiped, handled, remote, segment
 from keybroker.cli.demo import demo
 from keybroker.cli.demo_nginx import demo_nginx
 from keybroker.cli.http import AdminApi
@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=PlainWhenPiped,
 )
 key_app = typer.Typer(help="Create, import, list, show and delete keys.", no_args_is_help=True)
 policy_app = typer.Typer(help="Manage key transfer policies.", no_args_is_help=True)

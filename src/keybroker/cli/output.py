@@ -10,10 +10,18 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # Tables are for reading and grepping; when piped, keep one row per line instead of folding to 80 columns.
 stdout = Console(width=None if sys.stdout.isatty() else 250)
-stderr = Console(stderr=True, soft_wrap=True)  # messages are never folded mid-sentence
+# Messages are never folded or cut (soft_wrap) and never read as markup (a path or a server's detail may hold
+# "[...]"); on a terminal the label of say() is coloured, elsewhere everything is plain text for scripts.
+stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def say(label: str, message: str = "", style: str = "red") -> None:
+    """``label`` (coloured on a terminal), then ``message`` exactly as given, on stderr."""
+    stderr.print(Text.assemble((label, style), " " if label and message else "", message))
 
 
 class Output(enum.StrEnum):
