@@ -71,6 +71,9 @@ class ServerSettings(_Section):
     )
     workers: int = Field(default=1, ge=1, le=64, description="server processes (use the cores; SQLite or PostgreSQL)")
     role: Literal["all", "kbs", "attestation"] = "all"
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, le=1_048_576, description="request line and headers larger than this get 431"
+    )
     header_timeout_seconds: float = Field(
         default=10.0,
         ge=0.1,

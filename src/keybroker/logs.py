@@ -75,6 +75,8 @@ def configure_logging(settings: LoggingSettings) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    access = logging.getLogger("uvicorn.access")  # keybroker writes its own access line (api/middleware.py)
+    access.handlers, access.propagate = [], False

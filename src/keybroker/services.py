@@ -76,6 +76,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     database.migrate()
     audit = AuditLog(database, clock)
     roles = RoleStore(database, audit, clock)
+    with database.transaction(write=True) as session:
+        roles.seed(session)  # built-in roles an upgrade added, and admin's fixed permissions
     tokens = TokenStore(database, roles, audit, clock)
     policies = PolicyStore(database, audit, clock)
     try:

@@ -265,3 +265,71 @@ def test_authenticated_refusals_stay_individual(api: TestClient, services: Servi
     (entry,) = services.audit.entries(after_seq=head)
     assert (entry["action"], entry["outcome"]) == ("auth.refused", "denied")
     assert "aggregate" not in entry["details"]
+
+
+def test_a_made_up_authorization_header_buys_nothing(limited: tuple[TestClient, Services, str]) -> None:
+    """Public routes do not look at the header; the limit does: unless its token proves valid it is charged."""
+    client, _, token = limited
+    bogus = {"Authorization": "x"}
+    statuses = [client.get("/version", headers=bogus).status_code for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2
+    assert client.get("/no-such-route", headers=bogus).status_code == 429
+    assert client.get("/version", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_every_forwarded_for_line_counts(tmp_path: Path, clock: FixedClock) -> None:
+    """A client behind a proxy that adds its own header line cannot choose its address with a line of its own."""
+    services, _ = _world(
+        tmp_path, clock, unauthenticated_rps=0.001, unauthenticated_burst=2, trusted_proxies=["10.0.0.0/8"]
+    )
+    try:
+        with TestClient(create_app(services), client=("10.0.0.2", 1)) as proxy:
+            statuses = []
+            for i in range(4):
+                headers = [("X-Forwarded-For", f"198.51.100.{i}"), ("X-Forwarded-For", "203.0.113.7")]
+                statuses.append(proxy.get("/healthz", headers=headers).status_code)
+            assert statuses == [200, 200, 429, 429]
+    finally:
+        services.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "key"),
+    [
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("192.0.2.7", "192.0.2.7"),
+    ],
+)
+def test_clients_are_counted_by_ipv4_address_or_ipv6_64(peer: str, key: str) -> None:
+    from keybroker.net import client_key, normalise
+
+    assert client_key(peer) == key
+    assert normalise("::ffff:192.0.2.7") == "192.0.2.7"
+    assert ClientAddresses(["192.0.2.0/24"]).resolve("::ffff:192.0.2.1", "198.51.100.5") == "198.51.100.5"
+
+
+def test_one_ipv6_64_is_one_client(tmp_path: Path, clock: FixedClock) -> None:
+    services, _ = _world(tmp_path, clock, unauthenticated_rps=0.001, unauthenticated_burst=3, audit_window_seconds=60)
+    try:
+        app = create_app(services)
+        head = services.audit.head()[0]
+        statuses = []
+        for i in range(6):  # each client leaves through the lifespan, which writes what was counted
+            with TestClient(app, client=(f"2001:db8::{i + 1:x}", 1)) as client:
+                statuses.append(client.get("/kbs/v1/keys").status_code)
+        assert statuses == [401] * 3 + [429] * 3
+        entries = services.audit.entries(after_seq=head)
+        assert {e["client"] for e in entries} == {"2001:db8::/64"}
+        assert sum(e["details"]["count"] for e in entries) == 6
+        entry = entries[0]
+        assert entry["details"]["codes"].keys() <= {"unauthorized", "rate_limited"}
+    finally:
+        services.close()
+
+
+def test_forwarded_for_walks_a_bounded_number_of_hops() -> None:
+    addresses = ClientAddresses(["10.0.0.0/8"])
+    long_chain = ", ".join(["10.1.1.1"] * 10_000)
+    assert addresses.resolve("10.0.0.2", "198.51.100.1, " + long_chain) == "10.1.1.1"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -187,3 +189,29 @@ def test_limits_section(setup: Setup) -> None:
     assert len(answered) == 2, answered
     for pid, seen in answered.items():
         assert seen.count("200") <= 40, pid
+
+
+def test_sighup_reloads_the_settings_into_new_workers(setup: Setup) -> None:
+    """Runs last in this module: the file is edited and the supervisor told; the replaced workers apply it."""
+    toml = setup.server.data_dir / "keybroker.toml"
+    toml.write_text(toml.read_text().replace("unauthenticated_burst = 40", "unauthenticated_burst = 3"))
+    log = setup.server.log
+    started_before = log.read_text().count("Started server process")
+    setup.server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while log.read_text().count("Started server process") < started_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "settings_reloaded" in log.read_text()
+    time.sleep(1.0)  # the old workers retire after their replacements serve
+    before = len(log.read_text().splitlines())
+    with httpx.Client(base_url=setup.server.url, verify=setup.server.verify()) as client:
+        for _ in range(40):
+            client.get("/healthz", headers={"connection": "close"})
+    answered: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines()[before:]:
+        pid, status = PID.search(line), re.search(r"\bstatus=(\d+)", line)
+        if pid and status and "path=/healthz" in line:
+            answered.setdefault(pid.group(1), []).append(status.group(1))
+    assert answered
+    for pid, seen in answered.items():
+        assert seen.count("200") <= 3, (pid, seen)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import math
+import secrets
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -191,9 +192,9 @@ def test_inconsistent_rsa_imports_are_refused_with_their_reason(change: object, 
         parse_import(KeySpec(Algorithm.RSA, 2048), pem)
 
 
-def test_a_composite_factor_fails_the_signature_round_trip() -> None:
-    """Every structural check passes (they are made of p-1 as given), but p is not prime: the signature made with
-    the key does not verify."""
+def test_a_composite_factor_is_refused() -> None:
+    """Every structural check passes (they are made of p-1 as given), and OpenSSL's signing falls back to d when
+    its CRT result is wrong, so a signature round trip passes too; Miller-Rabin finds that p is not prime."""
     e = 65537
     while True:
         p1 = rsa.generate_private_key(e, 1024).private_numbers().p
@@ -206,7 +207,30 @@ def test_a_composite_factor_fails_the_signature_round_trip() -> None:
     d = pow(e, -1, lam)
     public = rsa.RSAPublicNumbers(e, p * q)
     pem = _numbers_pem(rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public))
-    with pytest.raises(InvalidKeyMaterial, match="does not verify"):
+    with pytest.raises(InvalidKeyMaterial, match="not prime"):
+        parse_import(KeySpec(Algorithm.RSA, 2048), pem)
+
+
+def _prime(bits: int) -> int:
+    while True:
+        candidate = secrets.randbits(bits) | (1 << (bits - 1)) | 1
+        if all(pow(a, candidate - 1, candidate) == 1 for a in (2, 3, 5, 7, 11, 13)):
+            return candidate
+
+
+def test_many_small_factors_are_refused() -> None:
+    """p a product of six 171-bit primes (a modulus that elliptic-curve factoring breaks; accepted before)."""
+    e = 65537
+    while True:
+        p = math.prod(_prime(171) for _ in range(6))
+        q = rsa.generate_private_key(e, 2048).private_numbers().p
+        if (p * q).bit_length() == 2048 and math.gcd(e, (p - 1) * (q - 1)) == 1:
+            break
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    d = pow(e, -1, lam)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    pem = _numbers_pem(rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public))
+    with pytest.raises(InvalidKeyMaterial, match="not prime"):
         parse_import(KeySpec(Algorithm.RSA, 2048), pem)
 
 

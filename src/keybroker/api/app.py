@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -30,7 +31,7 @@ from keybroker.api.middleware import RequestContextMiddleware
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
 from keybroker.attestation.pcs import refresh_due
 from keybroker.audit.aggregate import AnonymousRefusals
-from keybroker.errors import KeybrokerError
+from keybroker.errors import KeybrokerError, Unauthenticated
 from keybroker.services import Services
 
 log = structlog.get_logger("keybroker.api")
@@ -148,6 +149,21 @@ def _template_finder(app: FastAPI) -> Callable[[Scope], str]:
     return template_of
 
 
+async def _token_is_valid(services: Services, header: str) -> bool:
+    """Whether an ``Authorization`` header carries a valid token (asked only when its client's bucket is empty).
+    An outage of the token store counts as valid: the route then answers 503, not a misleading 429."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    try:
+        await run_in_threadpool(services.tokens.authenticate, token.strip())
+    except Unauthenticated:
+        return False
+    except KeybrokerError:
+        return True
+    return True
+
+
 def create_app(services: Services, role: str = "all", owns_services: bool = False) -> FastAPI:
     settings = services.settings
     refusals = AnonymousRefusals(
@@ -208,5 +224,6 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
         limits=app.state.limits,
         refusals=refusals,
         template_of=_template_finder(app),
+        token_is_valid=functools.partial(_token_is_valid, services),
     )
     return app

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from starlette.requests import Request
+
 from keybroker.errors import ServerBusy
 
 P = ParamSpec("P")
@@ -50,3 +52,9 @@ class CostlyPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def costly_pool(request: Request) -> CostlyPool:
+    """The application's pool (made by its lifespan)."""
+    pool: CostlyPool = request.app.state.costly
+    return pool

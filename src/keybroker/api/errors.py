@@ -17,7 +17,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import errors
-from keybroker.api.limits import retry_after
 from keybroker.audit.log import AuditEvent
 
 log = structlog.get_logger("keybroker.api")
@@ -101,22 +100,8 @@ async def keybroker_error_handler(request: Request, exc: Exception) -> JSONRespo
     if getattr(request.state, "audited", False):
         pass  # the route audited this request itself (a transfer: exactly one key.transfer entry)
     elif status == 401 and getattr(request.state, "principal", None) is None:
-        # No valid token: counted into the address's aggregate, and charged to its unauthenticated bucket if the
-        # middleware did not charge it already (a request that came with an Authorization header).
-        client = request.client.host if request.client else None
-        if request.state.rate_class is None:
-            wait = request.app.state.limits.unauthenticated.take(client or "-")
-            if wait:
-                request.app.state.refusals.add(client, _route(request), "rate_limited")
-                return problem(
-                    request,
-                    429,
-                    "rate_limited",
-                    "Too many requests",
-                    "this client has sent too many requests without a valid token; retry after the time in Retry-After",
-                    headers={"Retry-After": retry_after(wait)},
-                )
-        request.app.state.refusals.add(client, _route(request), code)
+        # No valid token: counted into the address's aggregate (the middleware charges its rate limit).
+        request.app.state.refusals.add(request.client.host if request.client else None, _route(request), code)
     else:
         await run_in_threadpool(_audit_refusal, request, status, code)
     headers = {"WWW-Authenticate": 'Bearer realm="keybroker"'} if status == 401 else None

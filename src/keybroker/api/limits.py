@@ -23,16 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keybroker.config import LimitsSettings
+from keybroker.net import IPAddress, IPNetwork, normalise
+from keybroker.net import parse_address as _address
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _address(value: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(value.strip())
-    except ValueError:
-        return None
+MAX_FORWARDED_HOPS = 16  # X-Forwarded-For entries examined, from the right (a long header costs nothing more)
 
 
 class ClientAddresses:
@@ -42,15 +36,21 @@ class ClientAddresses:
     def _is_trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self._trusted)
 
+    def is_trusted(self, address: str | None) -> bool:
+        parsed = _address(address) if address is not None else None
+        return parsed is not None and self._is_trusted(parsed)
+
     def resolve(self, peer: str | None, forwarded_for: str | None) -> str | None:
-        """The client's address: the peer's, or (peer a trusted proxy) the nearest untrusted hop it reports."""
+        """The client's address: the peer's, or (peer a trusted proxy) the nearest untrusted hop it reports.
+        ``forwarded_for`` is every X-Forwarded-For line joined with commas, in order (RFC 9110 §5.3)."""
+        peer = normalise(peer)
         if peer is None or not self._trusted or not forwarded_for:
             return peer
         parsed = _address(peer)
         if parsed is None or not self._is_trusted(parsed):
             return peer
         candidate = peer
-        for hop in reversed(forwarded_for.split(",")):
+        for hop in reversed(forwarded_for.rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]):
             address = _address(hop)
             if address is None:
                 break  # garbage from beyond the trusted proxies: the last trusted hop is all that is known
@@ -85,6 +85,13 @@ class TokenBuckets:
             self._store(key, tokens, now)
             return (1.0 - tokens) / self.rate
 
+    def peek(self, key: str) -> bool:
+        """Whether ``key`` has a token now (none is taken)."""
+        now = self._now()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            return tokens + (now - at) * self.rate >= 1.0
+
     def _store(self, key: str, tokens: float, now: float) -> None:
         if len(self._buckets) >= self._max_clients:
             self._prune(now)
@@ -103,6 +110,7 @@ _ATTESTED_GET = frozenset({"/appraisal/v1/nonce"})
 
 ATTESTED = "attested"
 UNAUTHENTICATED = "unauthenticated"
+DEFERRED = "deferred"  # carries a token: charged to UNAUTHENTICATED afterwards unless it proved valid
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,16 @@
 request body size limit.
 
 Before anything else the client address is resolved (``X-Forwarded-For`` only from trusted proxies) and written
-into the scope, so that audit entries and limits see the same address. Requests to the attested endpoints, and
-requests without an ``Authorization`` header, then take a token from their client's bucket (``keybroker.api.limits``):
-an empty bucket is 429 ``rate_limited`` with ``Retry-After``, counted into the anonymous refusals' audit aggregate,
-before the body is read. (Requests whose token turns out to be invalid are charged when they are refused: see
-``keybroker.api.errors``.)
+into the scope, so that audit entries and limits see the same address. Then the rate limits
+(``keybroker.api.limits``), before the body is read; over a limit is 429 ``rate_limited`` with ``Retry-After``,
+counted into the anonymous refusals' audit aggregate:
+
+* the attested endpoints take a token from their own bucket;
+* a request without an ``Authorization`` header takes one from the unauthenticated bucket;
+* a request with one is let through while that bucket has tokens, and charged to it afterwards unless its token
+  proved valid (a principal was established), whatever the route (a public route does not look at the header). When
+  the bucket is empty its token is checked first: only a valid one passes. So a made-up header buys nothing, and a
+  valid token is never limited, even from an address that others exhaust.
 
 The body limit is enforced while reading (a lying or absent Content-Length changes nothing): a body larger than
 ``max_body_bytes`` gets 413 before any route sees it.
@@ -18,15 +23,16 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keybroker.api.errors import PROBLEM_CONTENT_TYPE, problem_body
-from keybroker.api.limits import UNAUTHENTICATED, ClientAddresses, RateClasses, retry_after
+from keybroker.api.limits import DEFERRED, UNAUTHENTICATED, ClientAddresses, RateClasses, retry_after
 from keybroker.api.metrics import Metrics
 from keybroker.audit.aggregate import AnonymousRefusals
+from keybroker.net import client_key
 
 _DISCONNECTED = b"\0disconnected"  # sentinel (compared by identity)
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -50,6 +56,7 @@ class RequestContextMiddleware:
         limits: RateClasses,
         refusals: AnonymousRefusals,
         template_of: Callable[[Scope], str],
+        token_is_valid: Callable[[str], Awaitable[bool]],
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -58,6 +65,7 @@ class RequestContextMiddleware:
         self.limits = limits
         self.refusals = refusals
         self.template_of = template_of  # the route template a request would reach (before routing)
+        self.token_is_valid = token_is_valid  # for a request that carries a token when its bucket is empty
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,18 +87,18 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        key = client_key(client)
         try:
-            if rate_class is not None:
-                wait = self.limits.buckets(rate_class).take(client or "-")
-                if wait:
-                    state["template"] = self.template_of(scope)
-                    self.refusals.add(client, f"{scope['method']} {state['template']}", "rate_limited")
-                    await _rate_limited(send_with_id, request_id, wait)
-                    return
+            wait = await self._admit(scope, rate_class, key)
+            if wait:
+                self._refused(scope, client, "rate_limited")
+                await _rate_limited(send_with_id, request_id, wait)
+                return
             body = await self._read_body(scope, receive)
             if body is _DISCONNECTED:
                 return  # the client went away mid-body: nothing of a partial request may be acted on
             if body is None:
+                self._refused(scope, client, "payload_too_large")  # before any token or transfer was looked at
                 await _too_large(send_with_id, request_id, self.max_body_bytes)
                 return
             try:
@@ -107,17 +115,36 @@ class RequestContextMiddleware:
                 if status_holder["status"] == 0:
                     await _internal_error(send_with_id, request_id)
         finally:
+            if rate_class == DEFERRED and "principal" not in state:
+                self.limits.unauthenticated.take(key)  # its token did not prove valid
             self._record(scope, status_holder["status"], time.perf_counter() - started, request_id)
+
+    async def _admit(self, scope: Scope, rate_class: str | None, key: str) -> float:
+        """0.0 if the request may proceed, else the seconds its client should wait."""
+        if rate_class != DEFERRED:
+            assert rate_class is not None
+            return self.limits.buckets(rate_class).take(key)
+        buckets = self.limits.unauthenticated
+        if buckets.peek(key):
+            return 0.0
+        header = _header(scope, b"authorization") or ""
+        return 0.0 if await self.token_is_valid(header) else buckets.take(key) or 1.0 / buckets.rate
+
+    def _refused(self, scope: Scope, client: str | None, code: str) -> None:
+        """Count a refusal made before routing into the anonymous aggregate, under the route it would reach."""
+        scope["state"]["template"] = self.template_of(scope)
+        self.refusals.add(client, f"{scope['method']} {scope['state']['template']}", code)
 
     def _classify(self, scope: Scope) -> tuple[str | None, str | None]:
         """The client's address (written into the scope) and the rate class the request is charged to up front."""
         peer = scope.get("client")
-        client = self.addresses.resolve(peer[0] if peer else None, _header(scope, b"x-forwarded-for"))
+        forwarded = b",".join(value for name, value in scope.get("headers", []) if name.lower() == b"x-forwarded-for")
+        client = self.addresses.resolve(peer[0] if peer else None, forwarded.decode("latin-1") or None)
         if peer is not None and client != peer[0]:
             scope["client"] = (client, peer[1])
         rate_class = RateClasses.classify(scope["method"], scope["path"])
-        if rate_class is None and _header(scope, b"authorization") is None:
-            rate_class = UNAUTHENTICATED
+        if rate_class is None:
+            rate_class = UNAUTHENTICATED if _header(scope, b"authorization") is None else DEFERRED
         return client, rate_class
 
     def _record(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:

@@ -2,10 +2,11 @@
 
 * **The same settings in every process.** The ``Settings`` loaded once by ``keybroker serve`` travel to each
   worker inside the (pickled) uvicorn configuration, so every setting takes effect the same with 1 or N workers;
-  a worker reads no file and no environment to find them again.
-* **Slow clients.** A connection whose TLS handshake, or whose request line and headers, take longer than
-  ``server.header_timeout_seconds`` is closed (uvicorn itself only bounds the idle time between requests), and no
-  address may hold more than ``limits.max_connections_per_address`` open connections in a process.
+  a worker reads no file and no environment to find them again. With several workers, SIGHUP reloads the settings
+  (file and environment, as at start) and replaces the workers one by one; an invalid configuration is refused
+  and the running workers are kept. (``listen`` and ``workers`` themselves need a restart.)
+* **Slow and greedy clients** are bounded by ``keybroker.api.connections``: the event loop's TLS servers are
+  replaced by its ``Gate``, which counts each connection before the handshake and does the handshake itself.
 * **Client addresses.** uvicorn's own ``X-Forwarded-For`` handling is off (it believes any loopback peer); the
   API resolves addresses itself, believing only ``limits.trusted_proxies`` (``keybroker.api.limits``).
 """
@@ -14,100 +15,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from keybroker.api.connections import Gate, GuardedHttpProtocol
+from keybroker.api.limits import ClientAddresses
 from keybroker.config import Settings
+from keybroker.errors import ConfigurationError
 
 log = structlog.get_logger("keybroker.server")
-
-# Open connections per client address in this process (the event loop's thread is the only one touching it).
-_open_connections: dict[str, int] = {}
-
-
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for the request head and a per-address connection bound."""
-
-    config: KeybrokerConfig
-
-    def __init__(self, config: KeybrokerConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
-        self._counted: str | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's signature
-        super().connection_made(transport)
-        address = self.client[0] if self.client else None
-        if address is not None:
-            open_now = _open_connections.get(address, 0)
-            if open_now >= self.config.max_connections_per_address:
-                log.warning("connection_refused", reason="too_many_connections", client=address, open=open_now)
-                transport.abort()
-                return
-            _open_connections[address] = open_now + 1
-            self._counted = address
-        self._arm_head_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        if self._counted is not None:
-            left = _open_connections.get(self._counted, 1) - 1
-            if left > 0:
-                _open_connections[self._counted] = left
-            else:
-                _open_connections.pop(self._counted, None)
-            self._counted = None
-        super().connection_lost(exc)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._arm_head_deadline()  # the next request on a kept-alive connection gets its own deadline
-
-    def on_headers_complete(self) -> None:
-        self._disarm_head_deadline()
-        super().on_headers_complete()
-
-    def _arm_head_deadline(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(self.config.header_timeout, self._head_too_slow)
-
-    def _disarm_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        if self.transport.is_closing():
-            return
-        log.info("connection_closed", reason="header_timeout", client=self.client[0] if self.client else None)
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            )
-        self.transport.close()
-
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-def _handshake_bounded(base: type[asyncio.AbstractEventLoop], timeout: float) -> LoopFactory:
-    """An event loop class whose TLS servers give up on a handshake, or on a closing handshake, after ``timeout``
-    (asyncio's defaults: 60 and 30 s)."""
+def _gated(base: type[asyncio.AbstractEventLoop], config: KeybrokerConfig) -> LoopFactory:
+    """An event loop class whose servers put a ``Gate`` in front of every accepted connection (and leave the TLS
+    handshake to it)."""
 
     class Loop(base):  # type: ignore[valid-type,misc]  # a class made from a runtime base
-        async def create_server(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("ssl") is not None:
-                kwargs.setdefault("ssl_handshake_timeout", timeout)
-                # A closed TLS connection waits for the peer's close_notify (asyncio: 30 s); a slow client must not
-                # hold it that long.
-                kwargs.setdefault("ssl_shutdown_timeout", timeout)
-            return await super().create_server(*args, **kwargs)
+        async def create_server(
+            self, protocol_factory: Callable[[], asyncio.Protocol], *args: Any, **kwargs: Any
+        ) -> Any:
+            context: ssl.SSLContext | None = kwargs.pop("ssl", None)
+            return await super().create_server(lambda: Gate(protocol_factory, context, config), *args, **kwargs)
 
     return Loop
 
@@ -117,7 +52,10 @@ class KeybrokerConfig(uvicorn.Config):
 
     def __init__(self, app: Any, settings: Settings, **options: Any) -> None:
         self.header_timeout = settings.server.header_timeout_seconds
+        self.max_header_bytes = settings.server.max_header_bytes
+        self.max_body_bytes = settings.server.max_body_bytes
         self.max_connections_per_address = settings.limits.max_connections_per_address
+        self.addresses = ClientAddresses(settings.limits.trusted_proxies)
         super().__init__(
             app,
             host=settings.server.host,
@@ -139,7 +77,7 @@ class KeybrokerConfig(uvicorn.Config):
             base: type[asyncio.AbstractEventLoop] = uvloop.Loop
         except ImportError:  # not on Linux: the standard loop
             base = asyncio.SelectorEventLoop
-        return _handshake_bounded(base, self.header_timeout)
+        return _gated(base, self)
 
 
 def worker_app(settings: Settings) -> Any:
@@ -153,13 +91,32 @@ def worker_app(settings: Settings) -> Any:
     return create_app(build_services(settings), settings.server.role, owns_services=True)
 
 
-def run(settings: Settings, app: Any, tls: dict[str, Any]) -> None:
+class _Workers(Multiprocess):
+    """uvicorn's supervisor; SIGHUP reloads the settings before the workers are replaced."""
+
+    def __init__(self, config: KeybrokerConfig, reload: Callable[[], Settings], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._reload = reload
+
+    def handle_hup(self) -> None:
+        try:
+            settings = self._reload()
+        except ConfigurationError as exc:
+            log.error("reload_refused", detail=exc.detail)
+            return
+        self.config.app = functools.partial(worker_app, settings)
+        log.info("settings_reloaded", detail="replacing the worker processes")
+        super().handle_hup()
+
+
+def run(settings: Settings, app: Any, tls: dict[str, Any], reload: Callable[[], Settings] | None = None) -> None:
     """Serve ``app`` in this process, or (``server.workers`` > 1) ``settings.server.workers`` processes that each
-    build their own application with ``worker_app``; ``app`` is then not used."""
+    build their own application with ``worker_app``; ``app`` is then not used, and ``reload`` (loading the settings
+    again, as at start) is what SIGHUP calls."""
     if settings.server.workers > 1:
         config = KeybrokerConfig(
             functools.partial(worker_app, settings), settings, factory=True, workers=settings.server.workers, **tls
         )
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        _Workers(config, reload or (lambda: settings), sockets=[config.bind_socket()]).run()
         return
     uvicorn.Server(KeybrokerConfig(app, settings, **tls)).run()

@@ -11,7 +11,8 @@ What stays individual: refusals of authenticated callers (403) and every transfe
 (the transfer service audits those itself, PROTOCOL.md §10).
 
 Thread-safe (one lock around the counters; the audit writes happen outside it). Memory is bounded: at most
-``max_clients`` addresses per window, further addresses are counted under ``client = "*"``. If an entry cannot be
+``max_clients`` addresses per window (so at most that many entries), further addresses are counted under
+``client = "*"``. If an entry cannot be
 written (audit outage) its counts are kept and written with the next flush.
 """
 
@@ -23,6 +24,7 @@ from datetime import datetime, timedelta
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog, format_time
 from keybroker.clock import Clock
+from keybroker.net import client_key
 
 OVERFLOW_CLIENT = "*"
 
@@ -37,7 +39,7 @@ class _Window:
 
 
 class AnonymousRefusals:
-    def __init__(self, audit: AuditLog, clock: Clock, window: timedelta, max_clients: int = 10_000) -> None:
+    def __init__(self, audit: AuditLog, clock: Clock, window: timedelta, max_clients: int = 1_000) -> None:
         self._audit = audit
         self._clock = clock
         self._window = window
@@ -47,9 +49,10 @@ class AnonymousRefusals:
         self._flush_lock = threading.Lock()  # one flush at a time: entries leave in window order
 
     def add(self, client: str | None, route: str, code: str) -> None:
-        """Count one refusal of ``client`` (an address) on ``route`` (a route template, never a raw path)."""
+        """Count one refusal of ``client`` (an address) on ``route`` (a route template, never a raw path). Counted
+        by ``client_key``: an IPv6 client by its /64, which is then the entry's ``client``."""
         now = self._clock.now()
-        key = client or "-"
+        key = client_key(client)
         with self._lock:
             window = self._open.get(key)
             if window is None:

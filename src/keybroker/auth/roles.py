@@ -2,16 +2,17 @@
 (a permission removed from a role stops working for every token of that role at once) but not deleted, except
 ``admin``, whose permissions are fixed: it is the recovery path (``keybroker init --new-admin-token``).
 
-Lock-out guard: no role change, role deletion or token revocation may leave the deployment without an active (not
-revoked, not expired) token that grants ``tokens:manage``; such a change is refused with 409 ``role_lockout``. The
-check runs inside the changing transaction with every role row locked, so two concurrent changes cannot each pass
-it and together lock everyone out."""
+Lock-out guard: no role change, role deletion or token revocation may leave the deployment without a token that
+grants ``tokens:manage``, is not revoked and stays valid for at least ``MANAGER_MIN_LIFETIME`` (a manager that
+expires a second later is no manager); such a change is refused with 409 ``role_lockout``. The check runs inside
+the changing transaction with every role row locked (always all of them, in name order, before any other row, so
+that concurrent changes can neither deadlock nor each pass the check and together lock everyone out)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, bindparam, func, select, text
@@ -48,6 +49,10 @@ _PERMISSIONS_OF = (
 )
 
 
+# A managing token that expires sooner does not keep the deployment open: its holder could not act in time.
+MANAGER_MIN_LIFETIME = timedelta(hours=24)
+
+
 def _role(row: RoleRow) -> Role:
     return Role(row.name, tuple(sorted(row.permissions)), row.builtin, row.updated_at)
 
@@ -63,11 +68,18 @@ class RoleStore:
         self._audit = audit
         self._clock = clock
 
+    @staticmethod
+    def lock_all(session: Session) -> dict[str, RoleRow]:
+        """Every role row, locked, in name order (the one lock order of this module)."""
+        return {row.name: row for row in session.scalars(select(RoleRow).order_by(RoleRow.name).with_for_update())}
+
     def seed(self, session: Session) -> None:
-        """Create the built-in roles that do not exist yet (init and upgrades), and give ``admin`` back exactly its
-        fixed permissions if anything ever changed them (an edited database, a version without the guard)."""
+        """Create the built-in roles that do not exist yet (init, serve and upgrades), and give ``admin`` back
+        exactly its fixed permissions if anything ever changed them (an edited database, an older version, a
+        permission added by an upgrade)."""
+        rows = self.lock_all(session)
         for name, permissions in BUILTIN_ROLES.items():
-            row = session.get(RoleRow, name, with_for_update=True)
+            row = rows.get(name)
             if row is None:
                 session.add(
                     RoleRow(name=name, permissions=sorted(permissions), builtin=True, updated_at=self._clock.now())
@@ -86,32 +98,32 @@ class RoleStore:
         session: Session,
         changed: Mapping[str, frozenset[str] | None] | None = None,
         revoking: str | None = None,
+        locked: Mapping[str, RoleRow] | None = None,
     ) -> None:
-        """Raise 409 ``role_lockout`` if, after the change, no active token would grant ``tokens:manage``.
+        """Raise 409 ``role_lockout`` if, after the change, no lasting token would grant ``tokens:manage``.
         ``changed`` maps role names to their new permissions (``None``: deleted); ``revoking`` is a token id.
-        Call it inside the changing transaction: it locks every role row first."""
-        permissions = {
-            row.name: frozenset(row.permissions)
-            for row in session.scalars(select(RoleRow).order_by(RoleRow.name).with_for_update())
-        }
+        Call it inside the changing transaction; it locks every role row first unless given them (``locked``)."""
+        rows = locked if locked is not None else self.lock_all(session)
+        permissions = {name: frozenset(row.permissions) for name, row in rows.items()}
         for name, after in (changed or {}).items():
             if after is None:
                 permissions.pop(name, None)
             else:
                 permissions[name] = after
-        now = self._clock.now()
+        lasting = self._clock.now() + MANAGER_MIN_LIFETIME
         active = session.execute(
             select(ApiTokenRow.id, ApiTokenRow.roles).where(
                 ApiTokenRow.revoked_at.is_(None),
-                ApiTokenRow.expires_at.is_(None) | (ApiTokenRow.expires_at > now),
+                ApiTokenRow.expires_at.is_(None) | (ApiTokenRow.expires_at >= lasting),
             )
         )
         for token_id, roles in active:
             if token_id != revoking and any(MANAGE_PERMISSION in permissions.get(role, ()) for role in roles):
                 return
+        hours = int(MANAGER_MIN_LIFETIME.total_seconds() // 3600)
         raise Conflict(
-            f"this would leave no active token that grants {MANAGE_PERMISSION}, and so nobody able to manage roles "
-            "and tokens; issue another token with that permission first",
+            f"this would leave no unrevoked token that grants {MANAGE_PERMISSION} for at least another {hours} hours, "
+            "and so soon nobody able to manage roles and tokens; issue another such token first",
             code="role_lockout",
         )
 
@@ -147,8 +159,11 @@ class RoleStore:
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="unknown_permission") from None
         with self._db.transaction(write=True) as session:
-            self.refuse_lockout(session, {name: granted})
-            row = session.get(RoleRow, name, with_for_update=True)
+            rows = self.lock_all(session)
+            # A change that would lock everyone out says so first (also for admin), any other change to admin is
+            # refused as such.
+            self.refuse_lockout(session, {name: granted}, locked=rows)
+            row = rows.get(name)
             before = sorted(row.permissions) if row else None
             if name == ADMIN_ROLE and before != sorted(granted):
                 raise Conflict(
@@ -169,7 +184,8 @@ class RoleStore:
 
     def delete(self, name: str, audit: AuditContext) -> None:
         with self._db.transaction(write=True) as session:
-            row = session.get(RoleRow, name, with_for_update=True)
+            rows = self.lock_all(session)
+            row = rows.get(name)
             if row is None:
                 raise role_not_found(name)
             if row.builtin:
@@ -181,7 +197,7 @@ class RoleStore:
             ]
             if holders:
                 raise Conflict(f"role {name!r} is held by {len(holders)} unrevoked token(s)", code="role_in_use")
-            self.refuse_lockout(session, {name: None})
+            self.refuse_lockout(session, {name: None}, locked=rows)
             session.delete(row)
             self._audit.append(session, audit, AuditEvent("role.delete", "success", name, {}))
 

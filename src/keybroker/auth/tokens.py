@@ -171,14 +171,17 @@ class TokenStore:
             return len(list(session.scalars(select(ApiTokenRow.id))))
 
     def revoke(self, token_id: str, audit: AuditContext) -> TokenInfo:
-        if canonical_uuid(token_id) is None:
+        canonical = canonical_uuid(token_id)
+        if canonical is None:
             raise NotFound("no token has that id", code="token_not_found")
+        token_id = canonical
         with self._db.transaction(write=True) as session:
+            roles = self._roles.lock_all(session)  # role rows first: the lock order of RoleStore
             row = session.get(ApiTokenRow, token_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"token {token_id} does not exist", code="token_not_found")
             if row.revoked_at is None:
-                self._roles.refuse_lockout(session, revoking=token_id)
+                self._roles.refuse_lockout(session, revoking=token_id, locked=roles)
                 row.revoked_at = self._clock.now()
                 self._audit.append(session, audit, AuditEvent("token.revoke", "success", token_id, {"name": row.name}))
             return _info(row)

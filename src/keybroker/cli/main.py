@@ -160,7 +160,12 @@ def serve(
         )
         if settings.server.workers > 1:
             services.close()  # each worker process builds its own from the same settings
-            server.run(settings, None, tls)
+            server.run(
+                settings,
+                None,
+                tls,
+                reload=lambda: load_settings(data_dir=data_dir, config_file=config, overrides=overrides),
+            )
         else:
             server.run(settings, create_app(services, settings.server.role), tls)
     finally:

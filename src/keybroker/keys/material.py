@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from keybroker.errors import InvalidKeyMaterial
 from keybroker.keys.models import KEY_LENGTHS, Algorithm, Curve, KeyMaterial, KeySpec
+from keybroker.keys.primes import all_probably_prime
 
 _EC_CURVES: dict[Curve, type[ec.EllipticCurve]] = {
     Curve.P256: ec.SECP256R1,
@@ -118,9 +119,8 @@ def _load_pem_private_key(key_string: str) -> object:
 
 def check_rsa(key: rsa.RSAPrivateKey) -> None:
     """An imported RSA key is consistent: n = p·q with distinct factors, e·d ≡ 1 modulo p-1 and q-1, the CRT values
-    agree with d, p and q, and a signature made with the private key (OpenSSL uses the CRT values) verifies with
-    the public one. A composite "prime" fails that round trip unless it is a Carmichael-like number; the primes
-    themselves are not re-proven (an importer who brings a weak key weakens only that key).
+    agree with d, p and q, p and q pass Miller-Rabin rounds with random bases (in a helper process: ``primes``), and
+    a signature made with the private key verifies with the public one.
 
     Raises ``InvalidKeyMaterial`` naming the failed check, never a value."""
     numbers = key.private_numbers()
@@ -138,6 +138,8 @@ def check_rsa(key: rsa.RSAPrivateKey) -> None:
     for failure, passed in checks:
         if not passed:
             raise InvalidKeyMaterial(f"key_string is not a consistent RSA key: {failure}")
+    if not all_probably_prime(p, q):
+        raise InvalidKeyMaterial("key_string is not a consistent RSA key: a factor of its modulus is not prime")
     message = os.urandom(32)
     pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH)
     try:

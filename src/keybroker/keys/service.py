@@ -536,7 +536,8 @@ class KeyService:
                 if row.operation == "delete" and row.backend_ref is not None:
                     store.delete(BackendRef(row.backend_ref))
                 store.purge(KeyId(row.key_id))
-            except BackendUnavailable:
+            except Exception as exc:  # unreachable, or refusing: the row waits for the next round either way
+                log.warning("reconcile_deferred", key_id=row.key_id, backend=row.backend, error_type=type(exc).__name__)
                 self._unclaim(row, claim)
                 waiting += 1
                 continue

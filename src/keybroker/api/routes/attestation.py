@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.costly import costly_pool
 from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
 from keybroker.attestation.nonce import parse_nonce
 from keybroker.attestation.service import b64decode
@@ -67,10 +68,15 @@ def rotate(services: ServicesDep, audit: AuditDep) -> dict[str, str]:
 
 
 @router.post("/appraisal/v1/policies", status_code=201, dependencies=[requires("appraisal_policies:create")])
-def create_policy(
-    services: ServicesDep, body: Annotated[PolicyRequest, Depends(json_body(PolicyRequest))], audit: AuditDep
+async def create_policy(
+    request: Request,
+    services: ServicesDep,
+    body: Annotated[PolicyRequest, Depends(json_body(PolicyRequest))],
+    audit: AuditDep,
 ) -> dict[str, Any]:
-    return services.attestation.policies.create(body.name, body.policy, audit).as_dict()
+    """The Rego text is compiled here (up to 64 KiB of it): in the bounded pool for costly requests."""
+    created = await costly_pool(request).run(services.attestation.policies.create, body.name, body.policy, audit)
+    return created.as_dict()
 
 
 @router.get("/appraisal/v1/policies", dependencies=[requires("appraisal_policies:search")])
@@ -84,13 +90,16 @@ def get_policy(policy_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.put("/appraisal/v1/policies/{policy_id}", dependencies=[requires("appraisal_policies:update")])
-def replace_policy(
+async def replace_policy(
     policy_id: str,
+    request: Request,
     services: ServicesDep,
     body: Annotated[PolicyRequest, Depends(json_body(PolicyRequest))],
     audit: AuditDep,
 ) -> dict[str, Any]:
-    return services.attestation.policies.replace(policy_id, body.name, body.policy, audit).as_dict()
+    policies = services.attestation.policies
+    replaced = await costly_pool(request).run(policies.replace, policy_id, body.name, body.policy, audit)
+    return replaced.as_dict()
 
 
 @router.delete(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.costly import costly_pool
 from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
 from keybroker.attestation.collateral import (
     ROOT_CRL_KEY,
@@ -60,7 +61,7 @@ async def import_items(
     def check() -> list[CollateralItem]:
         return [item_from_pcs(i.key, b64decode(i.body, "body"), i.issuer_chain, roots) for i in body.items]
 
-    items = await request.app.state.costly.run(check)
+    items = await costly_pool(request).run(check)
     added = await run_in_threadpool(services.collateral.put, items, body.source)
     await run_in_threadpool(_audit_import, services, audit, len(items), added, body.source)
     return {"received": len(items), "added": added}

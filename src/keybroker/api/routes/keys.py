@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.costly import costly_pool
 from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
 from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
@@ -32,17 +33,19 @@ async def create_key(
     new = body.to_new_key()
     await run_in_threadpool(services.keys.check_new, new)
     if new.kmip_key_id is not None:
-        registered = await run_in_threadpool(services.keys.register, new, audit)
+        # Registering checks the existing object's key like an import (RSA: api/costly.py's bounded pool).
+        registered = await costly_pool(request).run(services.keys.register, new, audit)
         return KeyOut.of(registered, base_url(services))
     # A backend that generates keys of this spec itself (KMIP: Create / CreateKeyPair) creates it there; the
     # server does the work (RSA-4096: up to a second or two), so this thread only waits for it.
     generated = await run_in_threadpool(services.keys.generate_in_backend, new, audit)
     if generated is not None:
         return KeyOut.of(generated, base_url(services))
-    if new.spec.algorithm is Algorithm.RSA:
-        # RSA generation takes up to seconds (7680 bits) and checking an imported RSA key some milliseconds: the
-        # bounded pool keeps them from taking the cores that serve every other request (api/costly.py).
-        material = await request.app.state.costly.run(services.keys.make_material, new)
+    if new.spec.algorithm is Algorithm.RSA or new.key_string is not None:
+        # RSA generation takes up to seconds (7680 bits), and checking an imported key (any key_string may be an
+        # RSA key, whatever algorithm it claims) up to a second: the bounded pool keeps them from taking the cores
+        # that serve every other request (api/costly.py).
+        material = await costly_pool(request).run(services.keys.make_material, new)
     else:
         material = await run_in_threadpool(services.keys.make_material, new)
     record = await run_in_threadpool(services.keys.store, new, material, audit)
