@@ -102,8 +102,12 @@ class Gate(asyncio.Protocol):
             ssl_handshake_timeout=self._config.header_timeout,
             ssl_shutdown_timeout=self._config.header_timeout,  # a closing connection must not wait 30 s for a peer
         )
+        # As loop.start_tls does it: reading paused around the switch, so that the transport reads for the TLS
+        # protocol the way that one reads (buffered), not the way it began reading for this one.
+        transport.pause_reading()
         transport.set_protocol(secured)
-        secured.connection_made(transport)
+        loop.call_soon(secured.connection_made, transport)
+        loop.call_soon(transport.resume_reading)
         done.add_done_callback(functools.partial(_handshake_done, protocol))
 
     def _release(self) -> None:
