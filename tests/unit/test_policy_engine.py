@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from keybroker.policy.model import TransferPolicyDocument
-from keybroker.transfer.engine import RequestContext, evaluate
+from keybroker.policy.engine import RequestContext, evaluate
 
 H32, H48 = "aa" * 32, "bb" * 48
 SGX_CLAIMS: dict[str, Any] = {

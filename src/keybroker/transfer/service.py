@@ -38,7 +38,7 @@ from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.transfer.attesters import Attester
-from keybroker.transfer.engine import RequestContext, evaluate
+from keybroker.policy.engine import RequestContext, evaluate
 
 _MEASUREMENTS = (
     "sgx_mrenclave",
