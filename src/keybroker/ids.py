@@ -1,8 +1,14 @@
-"""Identifiers: UUIDv4 strings in canonical lowercase form (PROTOCOL.md conventions)."""
+"""Identifiers: UUIDv4 strings in canonical lowercase form (PROTOCOL.md conventions), and the id types that cross
+the layers (keys, policies, backend references)."""
 
 from __future__ import annotations
 
 import uuid
+from typing import NewType
+
+KeyId = NewType("KeyId", str)  # a key's id (UUIDv4)
+PolicyId = NewType("PolicyId", str)  # a key transfer policy's id (UUIDv4)
+BackendRef = NewType("BackendRef", str)  # where a backend keeps a key's material (a Vault path, a KMIP uid, ...)
 
 
 def canonical_uuid(value: str) -> str | None:

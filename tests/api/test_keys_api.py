@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
 
-from keybroker.keys.models import KeyId
+from keybroker.ids import KeyId
 from keybroker.services import Services
 from tests.conftest import assert_problem, sgx_policy, snapshot
 

@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 
 from keybroker.backends.base import KeyStore
 from keybroker.errors import BackendUnavailable, NotFound
-from keybroker.keys.models import Algorithm, BackendRef, KeyId, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import Algorithm, KeySpec
 from keybroker.storage.tables import AuditEventRow, KeyRow, PendingMaterialRow
 from tests.contract.conftest import OUTAGE_BACKENDS, Peers, outage
 from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401

@@ -20,7 +20,8 @@ from keybroker.backends.base import Capability, GeneratingKeyStore, KeyStore, Re
 from keybroker.clock import FixedClock
 from keybroker.config import load_settings
 from keybroker.errors import BackendUnsupported, KeybrokerError, NotFound, StoredKeyCorrupt
-from keybroker.keys.models import Algorithm, Curve, KeyId, KeyMaterial, KeySpec, PolicyId
+from keybroker.ids import KeyId, PolicyId
+from keybroker.keys.models import Algorithm, Curve, KeyMaterial, KeySpec
 from keybroker.keys.service import NewKey
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.services import Services, build_services, initialise

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keybroker.errors import BackendUnavailable
-from keybroker.keys.models import KeyId, KeySpec
+from keybroker.ids import KeyId
+from keybroker.keys.models import KeySpec
 from keybroker.storage.tables import KeyRow
 from tests.contract.conftest import Peers
 from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401

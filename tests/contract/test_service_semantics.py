@@ -15,7 +15,7 @@ import pytest
 
 from keybroker.clock import FixedClock
 from keybroker.config import load_settings
-from keybroker.keys.models import BackendRef, KeyId
+from keybroker.ids import BackendRef, KeyId
 from keybroker.services import build_services, initialise
 from tests.conftest import NOW
 from tests.contract.conftest import KV1_MOUNT, KV2_MOUNT, Peers

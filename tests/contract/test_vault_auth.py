@@ -38,7 +38,8 @@ from keybroker.config import (
     load_settings,
 )
 from keybroker.errors import BackendUnavailable, ConfigurationError, NotFound
-from keybroker.keys.models import Algorithm, BackendRef, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import Algorithm, KeyMaterial, KeySpec
 from tests.conftest import NOW
 from tests.contract.conftest import BAO_TOKEN_ENV, KV1_MOUNT, KV2_MOUNT, Peers
 from tests.peers.openbao import ROOT_TOKEN

@@ -21,7 +21,8 @@ from keybroker.backends.vault import VaultKvStore
 from keybroker.clock import SystemClock
 from keybroker.config import VaultBackendSettings, load_settings
 from keybroker.errors import BackendUnavailable
-from keybroker.keys.models import Algorithm, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import KeyId
+from keybroker.keys.models import Algorithm, KeyMaterial, KeySpec
 from tests.contract.conftest import BAO_TOKEN_ENV, KV1_MOUNT
 from tests.peers.openbao import ROOT_TOKEN, DevBao
 

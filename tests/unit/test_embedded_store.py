@@ -13,7 +13,8 @@ from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import FixedClock
 from keybroker.config import Settings
 from keybroker.errors import ConfigurationError, NotFound, StoredKeyCorrupt
-from keybroker.keys.models import Algorithm, BackendRef, Curve, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import Algorithm, Curve, KeyMaterial, KeySpec
 from keybroker.services import Services, build_services, initialise
 from keybroker.storage.tables import EmbeddedMaterialRow
 

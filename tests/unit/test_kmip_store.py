@@ -33,8 +33,9 @@ from keybroker.errors import (
     StoredKeyCorrupt,
     UnknownReference,
 )
+from keybroker.ids import BackendRef, KeyId
 from keybroker.keys.material import generate
-from keybroker.keys.models import Algorithm, BackendRef, Curve, KeyId, KeyMaterial, KeySpec
+from keybroker.keys.models import Algorithm, Curve, KeyMaterial, KeySpec
 from tests.peers.kmip import KmipServer, TestCa
 
 with warnings.catch_warnings():

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from keybroker.errors import BackendUnavailable
-from keybroker.keys.models import BackendRef, KeyId, KeyMaterial
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import KeyMaterial
 from keybroker.services import Services
 
 

@@ -34,8 +34,9 @@ from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
 from keybroker.clock import SystemClock
 from keybroker.config import EmbeddedBackendSettings, Pkcs11WrapperSettings, SecretSource, Settings, load_settings
 from keybroker.errors import BackendUnavailable, ConfigurationError, StoredKeyCorrupt
+from keybroker.ids import KeyId
 from keybroker.keys.material import generate
-from keybroker.keys.models import Algorithm, KeyId, KeySpec
+from keybroker.keys.models import Algorithm, KeySpec
 from keybroker.services import Services
 from keybroker.storage.tables import EmbeddedMaterialRow
 from tests.peers.softhsm import SoftHsm, Token, module_path

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.engine import RequestContext, evaluate
+from keybroker.policy.model import TransferPolicyDocument
 
 H32, H48 = "aa" * 32, "bb" * 48
 SGX_CLAIMS: dict[str, Any] = {

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from keybroker.errors import InvalidRequest
-from keybroker.ids import is_uuid4
-from keybroker.keys.models import KeyId, KeyRecord, PolicyId
+from keybroker.ids import KeyId, PolicyId, is_uuid4
+from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import NewKey, build_spec
 from keybroker.policy.model import Uuid
 from keybroker.policy.store import PolicyRecord

@@ -15,7 +15,8 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
-from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import KeyMaterial, KeySpec
 
 
 class Capability(enum.StrEnum):

@@ -17,7 +17,8 @@ from keybroker.backends.base import Capability, KeyWrapper
 from keybroker.clock import Clock
 from keybroker.crypto.aead import SealError, open_sealed, seal
 from keybroker.errors import NotFound, StoredKeyCorrupt
-from keybroker.keys.models import BackendRef, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import KeyMaterial, KeySpec
 from keybroker.storage.db import Database
 from keybroker.storage.tables import EmbeddedMaterialRow
 

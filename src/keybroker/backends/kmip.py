@@ -76,8 +76,9 @@ from keybroker.errors import (
     StoredKeyCorrupt,
     UnknownReference,
 )
+from keybroker.ids import BackendRef, KeyId
 from keybroker.keys.material import check_rsa
-from keybroker.keys.models import Algorithm, BackendRef, Curve, KeyId, KeyMaterial, KeySpec
+from keybroker.keys.models import Algorithm, Curve, KeyMaterial, KeySpec
 
 # PyKMIP pulls in deprecated ciphers from cryptography and SQLAlchemy 1.x APIs at import; the warnings say nothing
 # about keybroker and would fail a ``-W error`` run. Only this import is silenced.

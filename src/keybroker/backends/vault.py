@@ -38,7 +38,8 @@ from keybroker.backends.base import Capability
 from keybroker.clock import Clock
 from keybroker.config import Settings, VaultBackendSettings, VaultConnectionSettings
 from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, NotFound, StoredKeyCorrupt
-from keybroker.keys.models import Algorithm, BackendRef, KeyId, KeyMaterial, KeySpec
+from keybroker.ids import BackendRef, KeyId
+from keybroker.keys.models import Algorithm, KeyMaterial, KeySpec
 
 T = TypeVar("T")
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NewType
 
-KeyId = NewType("KeyId", str)
-PolicyId = NewType("PolicyId", str)
-BackendRef = NewType("BackendRef", str)
+from keybroker.ids import BackendRef, KeyId, PolicyId
 
 
 class Algorithm(enum.StrEnum):

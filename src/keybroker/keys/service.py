@@ -35,20 +35,9 @@ from keybroker.errors import (
     NotFound,
     UnknownReference,
 )
-from keybroker.ids import canonical_uuid
+from keybroker.ids import BackendRef, KeyId, PolicyId, canonical_uuid
 from keybroker.keys import material as key_material
-from keybroker.keys.models import (
-    CURVE_ALIASES,
-    KEY_LENGTHS,
-    Algorithm,
-    BackendRef,
-    Curve,
-    KeyId,
-    KeyMaterial,
-    KeyRecord,
-    KeySpec,
-    PolicyId,
-)
+from keybroker.keys.models import CURVE_ALIASES, KEY_LENGTHS, Algorithm, Curve, KeyMaterial, KeyRecord, KeySpec
 from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database

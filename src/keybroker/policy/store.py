@@ -13,8 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.clock import Clock
 from keybroker.errors import Conflict, NotFound
-from keybroker.ids import canonical_uuid
-from keybroker.keys.models import PolicyId
+from keybroker.ids import PolicyId, canonical_uuid
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.storage import revision
 from keybroker.storage.db import Database

@@ -33,12 +33,12 @@ from keybroker.errors import (
 from keybroker.ids import canonical_uuid
 from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import KeyService
+from keybroker.policy.engine import RequestContext, evaluate
 from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
 from keybroker.transfer.attesters import Attester
-from keybroker.policy.engine import RequestContext, evaluate
 
 _MEASUREMENTS = (
     "sgx_mrenclave",

@@ -12,8 +12,9 @@ from keybroker.api.costly import costly_pool
 from keybroker.api.deps import AuditDep, get_services, json_body, requires
 from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
 from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
+from keybroker.ids import PolicyId
 from keybroker.keys.certificates import KeyCertificates
-from keybroker.keys.models import Algorithm, PolicyId
+from keybroker.keys.models import Algorithm
 from keybroker.keys.service import KeyFilter, parse_algorithm, parse_curve
 from keybroker.services import Services
 from keybroker.storage.pagination import Page
