@@ -36,8 +36,8 @@ from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
-from keybroker.transfer.attesters import Attester, LocalAttester, RemoteAttester
 from keybroker.transfer.service import TransferService
+from keybroker.transfer.verifiers import EvidenceVerifier, LocalVerifier, RemoteVerifier
 
 ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name
 
@@ -63,8 +63,8 @@ class Services:
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.close()
-        if isinstance(self.transfer.attester, RemoteAttester):
-            self.transfer.attester.close()
+        if isinstance(self.transfer.verifier, RemoteVerifier):
+            self.transfer.verifier.close()
         if self.backends is not None:
             self.backends.close()
         self.database.close()
@@ -137,16 +137,16 @@ def _assemble(
         policies=AppraisalPolicies(database, audit, clock),
         clock=clock,
     )
-    attester: Attester = LocalAttester(attestation)
+    evidence: EvidenceVerifier = LocalVerifier(attestation)
     if settings.attestation.url:
         remote_verify: ssl.SSLContext | bool = True
         if settings.attestation.url_ca_file is not None:
             remote_verify = ssl.create_default_context(cafile=str(settings.resolve(settings.attestation.url_ca_file)))
-        attester = RemoteAttester(
+        evidence = RemoteVerifier(
             settings.attestation.url, clock, timedelta(seconds=settings.attestation.nonce_ttl_seconds), remote_verify
         )
     transfer = TransferService(
-        keys, policies, attestation, audit, database, simulated_trusted=anchors.simulated is not None, attester=attester
+        keys, policies, attestation, audit, database, simulated_trusted=anchors.simulated is not None, verifier=evidence
     )
     return Services(
         settings,

@@ -38,7 +38,7 @@ from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
-from keybroker.transfer.attesters import Attester
+from keybroker.transfer.verifiers import EvidenceVerifier
 
 _MEASUREMENTS = (
     "sgx_mrenclave",
@@ -78,7 +78,7 @@ class TransferService:
     audit: AuditLog
     database: Database
     simulated_trusted: bool
-    attester: Attester
+    verifier: EvidenceVerifier
     lookups: _Lookups = field(default_factory=_Lookups)
 
     def _lookup(self, key_id: str) -> tuple[KeyRecord, TransferPolicyDocument]:
@@ -107,7 +107,7 @@ class TransferService:
     def nonce(self, key_id: str) -> tuple[Nonce, list[str]]:
         """Step 1: a fresh nonce, and the TEE types the key's policy accepts (the Attestation-Type header)."""
         _, types = self.attestation_types(key_id)
-        return self.attester.issue_nonce(), types
+        return self.verifier.issue_nonce(), types
 
     def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
         """Audit a transfer refused before its evidence was looked at (an invalid bearer token, a body that is not
@@ -225,9 +225,9 @@ class TransferService:
         user_data = decode_user_data(body["user_data"])
         workload_public_key(user_data)  # refuse a bad key before any costly verification
         nonce = parse_nonce(body["nonce"])
-        self.attester.check_nonce(nonce)
+        self.verifier.check_nonce(nonce)
         quote = b64decode(body["quote"], "quote")
-        claims, matched = self.attester.background(quote, nonce, user_data, _policy_ids(document, header_type))
+        claims, matched = self.verifier.background(quote, nonce, user_data, _policy_ids(document, header_type))
         return claims, nonce, user_data, matched
 
     def _passport(
@@ -240,13 +240,13 @@ class TransferService:
             tee = str(jwt.decode(token, options={"verify_signature": False}).get("attester_type"))
         except jwt.PyJWTError:
             tee = ""
-        claims, matched = self.attester.passport(token, _policy_ids(document, tee))
+        claims, matched = self.verifier.passport(token, _policy_ids(document, tee))
         if "verifier_nonce" not in claims or "attester_held_data" not in claims:
             raise AttestationFailed(
                 "the token binds no nonce and no held data; attest with a nonce", reason="token_not_bound"
             )
         nonce = parse_nonce(claims["verifier_nonce"])
-        self.attester.check_nonce(nonce)
+        self.verifier.check_nonce(nonce)
         user_data = base64.b64decode(str(claims["attester_held_data"]))
         workload_public_key(user_data)
         return claims, nonce, user_data, matched

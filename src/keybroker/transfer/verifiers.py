@@ -24,7 +24,14 @@ from keybroker.clock import Clock
 from keybroker.errors import AttestationFailed, BackendUnavailable, Conflict, InvalidRequest, KeybrokerError
 
 
-class Attester(Protocol):
+class EvidenceVerifier(Protocol):
+    """The verifier side of RATS for a transfer: issues the nonces workloads bind into their evidence and verifies
+    that evidence (the workload is the attester).
+
+    Thread-safety: every method may be called from many threads at once. Fail closed: anything the verifier
+    cannot establish (an unreachable attestation service, a token key it cannot fetch, a claim it cannot read)
+    raises, never returns claims; a caller that gets claims back may rely on every one of them."""
+
     def issue_nonce(self) -> Nonce: ...
 
     def check_nonce(self, nonce: Nonce) -> None:
@@ -42,7 +49,7 @@ class Attester(Protocol):
         ...
 
 
-class LocalAttester:
+class LocalVerifier:
     def __init__(self, service: AttestationService) -> None:
         self._service = service
 
@@ -68,7 +75,7 @@ class LocalAttester:
         return self._service.policies.evaluate(policy_ids, claims)[0] if policy_ids else []
 
 
-class RemoteAttester:
+class RemoteVerifier:
     """A keybroker attestation service over HTTPS: its nonces, its verification (``/appraisal/v1/attest``) and its
     tokens, checked against its JWKS (``/certs``, re-read every minute and whenever an unknown key id appears)."""
 
@@ -84,7 +91,7 @@ class RemoteAttester:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"RemoteAttester({self._url!r})"
+        return f"RemoteVerifier({self._url!r})"
 
     def close(self) -> None:
         self._http.close()
