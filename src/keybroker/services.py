@@ -24,10 +24,10 @@ from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, intel_ro
 from keybroker.audit.log import SYSTEM, AuditLog
 from keybroker.auth.roles import RoleStore
 from keybroker.auth.tokens import TokenStore, deployment_id
-from keybroker.backends import Backends, build_backends
 from keybroker.backends.base import KeyWrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
+from keybroker.backends.registry import Backends, build_backends
 from keybroker.ca import ServiceCA
 from keybroker.clock import Clock, SystemClock
 from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings

@@ -28,9 +28,9 @@ from pkcs11.constants import Attribute, ObjectClass
 from pkcs11.mechanisms import KeyType, Mechanism
 from sqlalchemy import select
 
-from keybroker.backends import build_wrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
+from keybroker.backends.registry import build_wrapper
 from keybroker.clock import SystemClock
 from keybroker.config import EmbeddedBackendSettings, Pkcs11WrapperSettings, SecretSource, Settings, load_settings
 from keybroker.errors import BackendUnavailable, ConfigurationError, StoredKeyCorrupt
