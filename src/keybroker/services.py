@@ -23,7 +23,7 @@ from keybroker.attestation.tokens import TokenIssuer
 from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, intel_root_der
 from keybroker.audit.log import SYSTEM, AuditLog
 from keybroker.auth.roles import RoleStore
-from keybroker.auth.tokens import TokenStore, deployment_id
+from keybroker.auth.tokens import TokenStore
 from keybroker.backends.base import KeyWrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
@@ -35,6 +35,7 @@ from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.db import Database
+from keybroker.storage.deployment import deployment_id
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
 from keybroker.transfer.service import TransferService
 from keybroker.transfer.verifiers import EvidenceVerifier, LocalVerifier, RemoteVerifier

@@ -39,7 +39,7 @@ def _create(world: World, info: dict[str, Any]) -> Any:
 
 def object_name(world: World, key_id: str) -> str:
     """``keybroker:<deployment id>:<key id>``: what this keybroker names its KMIP objects."""
-    from keybroker.auth.tokens import deployment_id
+    from keybroker.storage.deployment import deployment_id
 
     return f"keybroker:{deployment_id(world.services.database)}:{key_id}"
 

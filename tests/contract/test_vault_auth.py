@@ -94,7 +94,7 @@ def _kv_store(tmp_path: Path, peers: Peers, auth: dict[str, Any], clock: Clock, 
     )
     config = settings.backends["vault"]
     assert isinstance(config, VaultBackendSettings)
-    return VaultKvStore.from_settings("vault", settings, config, clock)
+    return VaultKvStore.from_settings("vault", settings.secrets, config, clock)
 
 
 def _approle_store(
@@ -364,10 +364,10 @@ def test_a_missing_or_world_readable_credential_file_stops_the_start(tmp_path: P
     assert isinstance(config, VaultBackendSettings)
     (tmp_path / "secret-id").chmod(0o644)
     with pytest.raises(ConfigurationError, match="readable by others"):
-        VaultKvStore.from_settings("vault", settings, config, SystemClock())
+        VaultKvStore.from_settings("vault", settings.secrets, config, SystemClock())
     (tmp_path / "secret-id").unlink()
     with pytest.raises(ConfigurationError, match="cannot read"):
-        VaultKvStore.from_settings("vault", settings, config, SystemClock())
+        VaultKvStore.from_settings("vault", settings.secrets, config, SystemClock())
 
 
 # --- mounts and other Vault errors -----------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def _transit(tmp_path: Path, peers: Peers, auth: dict[str, Any], mount: str, key
     backend = settings.backends["embedded"]
     assert isinstance(backend, EmbeddedBackendSettings)
     assert isinstance(backend.wrapper, TransitWrapperSettings)
-    return TransitKeyWrapper.from_settings(settings, backend.wrapper, SystemClock())
+    return TransitKeyWrapper.from_settings(settings.secrets, backend.wrapper, SystemClock())
 
 
 def test_a_missing_transit_mount_or_key_is_a_misconfiguration(

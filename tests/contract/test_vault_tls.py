@@ -54,7 +54,7 @@ def _store(tmp_path: Path, bao: DevBao, ca_file: Path | None) -> VaultKvStore:
     )
     config = settings.backends["vault"]
     assert isinstance(config, VaultBackendSettings)
-    return VaultKvStore.from_settings("vault", settings, config, SystemClock())
+    return VaultKvStore.from_settings("vault", settings.secrets, config, SystemClock())
 
 
 def _round_trip(store: VaultKvStore) -> None:

@@ -9,7 +9,7 @@ reuses the same port, certificates and database, so a test can take the backend 
 process of the server's group is gone when ``stop()`` returns (see ``stop`` for when it has to kill them).
 
     with KmipServer(tmp_path) as kmip:
-        store = KmipKeyStore.from_settings("kmip", settings, kmip.settings())
+        store = KmipKeyStore.from_settings("kmip", settings.secrets, kmip.settings())
         kmip.stop(); ...; kmip.start()
 """
 

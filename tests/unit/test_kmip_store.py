@@ -82,7 +82,7 @@ def make_store(settings: Settings) -> Iterator[Any]:
     made: list[KmipKeyStore] = []
 
     def make(kmip: KmipServer, **changes: Any) -> KmipKeyStore:
-        made.append(KmipKeyStore.from_settings("kmip", settings, kmip.settings(**changes)))
+        made.append(KmipKeyStore.from_settings("kmip", settings.secrets, kmip.settings(**changes)))
         return made[-1]
 
     yield make
@@ -632,7 +632,7 @@ def test_unusable_tls_files_are_a_configuration_error(settings: Settings, server
     ]
     for changes, why in cases:
         with pytest.raises(ConfigurationError, match=why):
-            KmipKeyStore.from_settings("kmip", settings, server.settings(**changes))
+            KmipKeyStore.from_settings("kmip", settings.secrets, server.settings(**changes))
 
 
 def test_relative_paths_are_taken_from_the_data_directory(settings: Settings, server: KmipServer) -> None:
@@ -642,7 +642,7 @@ def test_relative_paths_are_taken_from_the_data_directory(settings: Settings, se
     cfg = server.settings(
         cert_file=Path(server.cert_file.name), key_file=Path(server.key_file.name), ca_file=Path(server.ca_file.name)
     )
-    store = KmipKeyStore.from_settings("kmip", settings, cfg)
+    store = KmipKeyStore.from_settings("kmip", settings.secrets, cfg)
     try:
         store.check()
     finally:

@@ -75,7 +75,7 @@ def _wrapper(settings: Settings, token: Token, **changes: Any) -> Pkcs11KeyWrapp
         "sessions": 4,
     }
     values.update(changes)
-    return Pkcs11KeyWrapper.from_settings(settings, Pkcs11WrapperSettings(**values))
+    return Pkcs11KeyWrapper.from_settings(settings.secrets, Pkcs11WrapperSettings(**values))
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from keybroker.clock import Clock
 from keybroker.errors import InvalidRequest, NotFound, Unauthenticated
 from keybroker.ids import canonical_uuid
 from keybroker.storage.db import Database, UTCDateTime
-from keybroker.storage.tables import ApiTokenRow, DeploymentRow
+from keybroker.storage.deployment import deployment_id
+from keybroker.storage.tables import ApiTokenRow
 
 TOKEN_PREFIX = "kb_"  # noqa: S105 - a public prefix, not a secret
 _TOKEN = re.compile(r"^kb_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -85,14 +86,6 @@ def _info(row: ApiTokenRow) -> TokenInfo:
     return TokenInfo(
         row.id, row.name, tuple(row.roles), tuple(row.context), row.created_at, row.expires_at, row.revoked_at
     )
-
-
-def deployment_id(database: Database) -> str:
-    with database.transaction() as session:
-        row = session.get(DeploymentRow, 1)
-        if row is None:
-            raise RuntimeError("the database has no deployment id; run 'keybroker init'")
-        return row.deployment_id
 
 
 class TokenStore:

@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 
 from keybroker.backends.base import Capability
-from keybroker.config import KmipBackendSettings, Settings
+from keybroker.config import KmipBackendSettings, SecretReader
 from keybroker.errors import (
     BackendUnavailable,
     BackendUnsupported,
@@ -397,13 +397,11 @@ class KmipKeyStore:
 
     @classmethod
     def from_settings(
-        cls, name: str, settings: Settings, cfg: KmipBackendSettings, namespace: Callable[[], str] = lambda: ""
+        cls, name: str, secrets: SecretReader, cfg: KmipBackendSettings, namespace: Callable[[], str] = lambda: ""
     ) -> KmipKeyStore:
         """Checks the TLS files now (``ConfigurationError``); connects only when first used, so that keybroker
         starts while the KMIP server is down (readiness reports it)."""
-        tls = _tls_context(
-            settings.resolve(cfg.cert_file), settings.resolve(cfg.key_file), settings.resolve(cfg.ca_file)
-        )
+        tls = _tls_context(secrets.resolve(cfg.cert_file), secrets.resolve(cfg.key_file), secrets.resolve(cfg.ca_file))
         return cls(
             name,
             host=cfg.host,

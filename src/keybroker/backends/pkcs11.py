@@ -50,7 +50,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.constants import Attribute, ObjectClass
 from pkcs11.mechanisms import GCMParams, KeyType, Mechanism
 
-from keybroker.config import Pkcs11WrapperSettings, Settings
+from keybroker.config import Pkcs11WrapperSettings, SecretReader
 from keybroker.errors import BackendUnavailable, ConfigurationError, KeybrokerError, StoredKeyCorrupt
 
 _VERSION = b"\x01"
@@ -209,9 +209,9 @@ class Pkcs11KeyWrapper:
             self._starting = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, cfg: Pkcs11WrapperSettings) -> Pkcs11KeyWrapper:
-        pin = settings.read_secret(cfg.pin, "PKCS#11 PIN")
-        return cls(settings.resolve(cfg.module), cfg.token_label, cfg.key_label, pin, cfg.sessions)
+    def from_settings(cls, secrets: SecretReader, cfg: Pkcs11WrapperSettings) -> Pkcs11KeyWrapper:
+        pin = secrets.read(cfg.pin, "PKCS#11 PIN")
+        return cls(secrets.resolve(cfg.module), cfg.token_label, cfg.key_label, pin, cfg.sessions)
 
     def __repr__(self) -> str:
         return (

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from keybroker.backends.base import Capability, KeyStore, KeyWrapper, RegisteringKeyStore
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
+from keybroker.ca import PASSPHRASE_FILE
 from keybroker.clock import Clock
 from keybroker.config import (
     EmbeddedBackendSettings,
@@ -23,8 +24,9 @@ from keybroker.config import (
 )
 from keybroker.errors import ConfigurationError
 from keybroker.storage.db import Database
+from keybroker.storage.deployment import deployment_id
 
-SERVICE_KEK_RECORD = "tls-passphrase.wrapped"  # ca.PASSPHRASE_FILE: the first of the service's secrets, with its KEK
+SERVICE_KEK_RECORD = PASSPHRASE_FILE  # the first of the service's own secrets, with the KEK that wrapped it
 
 __all__ = [
     "Backends",
@@ -65,11 +67,11 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
             elif isinstance(backend, VaultBackendSettings):
                 from keybroker.backends.vault import VaultKvStore
 
-                stores[name] = VaultKvStore.from_settings(name, settings, backend, clock)
+                stores[name] = VaultKvStore.from_settings(name, settings.secrets, backend, clock)
             elif isinstance(backend, KmipBackendSettings):
                 from keybroker.backends.kmip import KmipKeyStore
 
-                stores[name] = KmipKeyStore.from_settings(name, settings, backend, _deployment(database))
+                stores[name] = KmipKeyStore.from_settings(name, settings.secrets, backend, _deployment(database))
         extra: tuple[KeyWrapper, ...] = ()
         service = _service_wrapper(settings, wrappers)
         if service is None:
@@ -90,8 +92,6 @@ def _deployment(database: Database) -> Callable[[], str]:
 
     def read() -> str:
         if not cached:
-            from keybroker.auth.tokens import deployment_id
-
             cached.append(deployment_id(database))
         return cached[0]
 
@@ -133,9 +133,9 @@ def build_wrapper(settings: Settings, wrapper: WrapperSettings, clock: Clock) ->
     if isinstance(wrapper, TransitWrapperSettings):
         from keybroker.backends.transit import TransitKeyWrapper
 
-        return TransitKeyWrapper.from_settings(settings, wrapper, clock)
+        return TransitKeyWrapper.from_settings(settings.secrets, wrapper, clock)
     if isinstance(wrapper, Pkcs11WrapperSettings):
         from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
 
-        return Pkcs11KeyWrapper.from_settings(settings, wrapper)
+        return Pkcs11KeyWrapper.from_settings(settings.secrets, wrapper)
     raise ConfigurationError(f"unknown wrapper type {wrapper!r}")  # pragma: no cover - the union is exhaustive

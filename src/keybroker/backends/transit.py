@@ -15,7 +15,7 @@ import hvac.exceptions
 
 from keybroker.backends.vault import VaultSession, nothing_stored
 from keybroker.clock import Clock
-from keybroker.config import Settings, TransitWrapperSettings
+from keybroker.config import SecretReader, TransitWrapperSettings
 from keybroker.errors import BackendUnavailable, StoredKeyCorrupt
 
 
@@ -33,8 +33,8 @@ class TransitKeyWrapper:
         self._kek_id = f"transit:{self._mount}/{key_name}"
 
     @classmethod
-    def from_settings(cls, settings: Settings, config: TransitWrapperSettings, clock: Clock) -> TransitKeyWrapper:
-        return cls(VaultSession(settings, config, clock), config.mount, config.key_name)
+    def from_settings(cls, secrets: SecretReader, config: TransitWrapperSettings, clock: Clock) -> TransitKeyWrapper:
+        return cls(VaultSession(secrets, config, clock), config.mount, config.key_name)
 
     def __repr__(self) -> str:
         return f"TransitKeyWrapper(url={self._session.url!r}, kek_id={self._kek_id!r})"

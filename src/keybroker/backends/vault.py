@@ -36,7 +36,7 @@ import requests
 
 from keybroker.backends.base import Capability
 from keybroker.clock import Clock
-from keybroker.config import Settings, VaultBackendSettings, VaultConnectionSettings
+from keybroker.config import SecretReader, VaultBackendSettings, VaultConnectionSettings
 from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, NotFound, StoredKeyCorrupt
 from keybroker.ids import BackendRef, KeyId
 from keybroker.keys.models import Algorithm, KeyMaterial, KeySpec
@@ -83,13 +83,13 @@ def nothing_stored(exc: hvac.exceptions.InvalidPath) -> bool:
 class VaultSession:
     """An authenticated hvac client, renewed in time, safe from many threads (hvac's requests session is)."""
 
-    def __init__(self, settings: Settings, config: VaultConnectionSettings, clock: Clock) -> None:
+    def __init__(self, secrets: SecretReader, config: VaultConnectionSettings, clock: Clock) -> None:
         self.url = config.url
         self._config = config
-        self._settings = settings
+        self._secrets = secrets
         self._clock = clock
         self._lock = threading.Lock()
-        self._verify: str | bool = str(settings.resolve(config.ca_file)) if config.ca_file else True
+        self._verify: str | bool = str(secrets.resolve(config.ca_file)) if config.ca_file else True
         self._client = self._new_client()
         self._renew_after: datetime | None = None  # when the token is next renewed or replaced; None: never
         self._relogin = False  # AppRole: what is due then is a new login (the token cannot be renewed any more)
@@ -114,9 +114,9 @@ class VaultSession:
         auth = self._config.auth
         if auth.method == "token":
             assert auth.token is not None
-            return self._settings.read_secret(auth.token, "Vault token")
+            return self._secrets.read(auth.token, "Vault token")
         assert auth.secret_id is not None
-        return self._settings.read_secret(auth.secret_id, "Vault AppRole secret id")
+        return self._secrets.read(auth.secret_id, "Vault AppRole secret id")
 
     def _credentials_now(self) -> str:
         """The credential, read at request time: a file that became unreadable is a misconfiguration, not a crash."""
@@ -394,8 +394,10 @@ class VaultKvStore:
         self._prefix = path_prefix.lstrip("/")
 
     @classmethod
-    def from_settings(cls, name: str, settings: Settings, config: VaultBackendSettings, clock: Clock) -> VaultKvStore:
-        return cls(name, VaultSession(settings, config, clock), config.mount, config.kv_version, config.path_prefix)
+    def from_settings(
+        cls, name: str, secrets: SecretReader, config: VaultBackendSettings, clock: Clock
+    ) -> VaultKvStore:
+        return cls(name, VaultSession(secrets, config, clock), config.mount, config.kv_version, config.path_prefix)
 
     def __repr__(self) -> str:
         return f"VaultKvStore(name={self.name!r}, url={self._session.url!r}, mount={self._mount!r}, v{self._version})"
