@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from keybroker.backends.kmip import store as kmip_module
 from keybroker.backends.base import Capability, GeneratingKeyStore, RegisteringKeyStore
-from keybroker.backends.kmip import KmipKeyStore
+from keybroker.backends.kmip.store import KmipKeyStore
 from keybroker.config import Settings
 from keybroker.errors import (
     BackendUnavailable,
@@ -542,7 +542,7 @@ def test_a_connection_broken_mid_call_is_retried_on_a_fresh_one(
         kmip.restart(grace=1.0)  # see test_server_down_then_back
         # Blind the check that notices a closed connection before use: the call then fails on the old
         # connection, and must succeed on a new one.
-        monkeypatch.setattr(kmip_module, "_server_closed", lambda client: False)
+        monkeypatch.setattr(kmip_module, "server_closed", lambda client: False)
         connects: list[int] = []
         real_connect = store._connect
         monkeypatch.setattr(store, "_connect", lambda: connects.append(1) or real_connect())

@@ -69,7 +69,7 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
 
                 stores[name] = VaultKvStore.from_settings(name, settings.secrets, backend, clock)
             elif isinstance(backend, KmipBackendSettings):
-                from keybroker.backends.kmip import KmipKeyStore
+                from keybroker.backends.kmip.store import KmipKeyStore
 
                 stores[name] = KmipKeyStore.from_settings(name, settings.secrets, backend, _deployment(database))
         extra: tuple[KeyWrapper, ...] = ()
