@@ -1,0 +1,1 @@
+"""The Vault / OpenBao backend: the authenticated session (``session``) and the KV store (``store``)."""
