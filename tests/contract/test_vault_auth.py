@@ -28,7 +28,8 @@ import hvac.exceptions
 import pytest
 
 from keybroker.backends.transit import TransitKeyWrapper
-from keybroker.backends.vault.session import RETRY_AFTER, VaultKvStore, VaultSession
+from keybroker.backends.vault.session import RETRY_AFTER, VaultSession
+from keybroker.backends.vault.store import VaultKvStore
 from keybroker.clock import Clock, FixedClock, SystemClock
 from keybroker.config import (
     EmbeddedBackendSettings,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from keybroker.backends.vault.session import VaultKvStore
+from keybroker.backends.vault.store import VaultKvStore
 from keybroker.clock import SystemClock
 from keybroker.config import VaultBackendSettings, load_settings
 from keybroker.errors import BackendUnavailable

@@ -65,7 +65,7 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
                 wrappers[name] = build_wrapper(settings, backend.wrapper, clock)
                 stores[name] = EmbeddedKeyStore(name, database, wrappers[name], clock)
             elif isinstance(backend, VaultBackendSettings):
-                from keybroker.backends.vault.session import VaultKvStore
+                from keybroker.backends.vault.store import VaultKvStore
 
                 stores[name] = VaultKvStore.from_settings(name, settings.secrets, backend, clock)
             elif isinstance(backend, KmipBackendSettings):
