@@ -10,7 +10,7 @@ Usage (from the repository root, with the project's venv):
 A simulated PKI, one platform and its collateral (UpToDate) are created in a temp directory, as ``keybroker sim
 init`` does. Then, single-threaded, for each variant and for both entry points:
 
-* ``build_quote``: ``keybroker_client._quote.build_quote(platform, report_data, sgx=|tdx=, version=, td_report_15=)``;
+* ``build_quote``: ``keybroker_client.sim_quotes.build_quote(platform, report_data, sgx=|tdx=, ...)``;
 * ``evidence``: ``keybroker_client.evidence.SimulatedEvidence(dir, "sgx"|"tdx", ...).quote(report_data)``, what a
   workload calls;
 
@@ -55,9 +55,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keybroker_client._quote import Platform, SgxMeasurements, TdxMeasurements, build_quote
-from keybroker_client._sim import load_platform
 from keybroker_client.evidence import SimulatedEvidence
+from keybroker_client.sim_platform import load_platform
+from keybroker_client.sim_quotes import Platform, SgxMeasurements, TdxMeasurements, build_quote
 
 SGX_TARGET_PER_SECOND = 300.0  # below this, single-threaded SGX generation is profiled
 PROFILE_QUOTES = 500

@@ -87,8 +87,8 @@ from keybroker.attestation.collateral import bundle_to_qvl, bundle_upload
 from keybroker.sim.collateral import CollateralSpec, make_collateral
 from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
 from keybroker_client._client import unwrap
-from keybroker_client._quote import Platform, SgxMeasurements, build_quote
-from keybroker_client._sim import load_platform
+from keybroker_client.sim_platform import load_platform
+from keybroker_client.sim_quotes import Platform, SgxMeasurements, build_quote
 
 MRENCLAVE = bytes.fromhex("5a" * 32)
 MRSIGNER = bytes.fromhex("a5" * 32)

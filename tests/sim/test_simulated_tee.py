@@ -22,8 +22,8 @@ from keybroker.attestation.verifier import QuoteVerifier, TrustAnchors, Verified
 from keybroker.errors import AttestationFailed, CollateralInvalid
 from keybroker.sim.collateral import CollateralSpec, make_collateral
 from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
-from keybroker_client._quote import SgxMeasurements, TdxMeasurements, build_quote
-from keybroker_client._sim import load_platform
+from keybroker_client.sim_platform import load_platform
+from keybroker_client.sim_quotes import SgxMeasurements, TdxMeasurements, build_quote
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from keybroker.backends.kmip import store as kmip_module
 from keybroker.backends.base import Capability, GeneratingKeyStore, RegisteringKeyStore
+from keybroker.backends.kmip import store as kmip_module
 from keybroker.backends.kmip.store import KmipKeyStore
 from keybroker.config import Settings
 from keybroker.errors import (

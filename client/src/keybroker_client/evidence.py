@@ -63,8 +63,8 @@ class SimulatedEvidence:
         td_report_15: bool = False,
         **measurements: object,
     ) -> None:
-        from keybroker_client._quote import SgxMeasurements, TdxMeasurements
-        from keybroker_client._sim import load_platform
+        from keybroker_client.sim_platform import load_platform
+        from keybroker_client.sim_quotes import SgxMeasurements, TdxMeasurements
 
         self.tee_type = tee.upper()
         if self.tee_type not in ("SGX", "TDX"):
@@ -76,7 +76,7 @@ class SimulatedEvidence:
         self._tdx = TdxMeasurements(**measurements) if self.tee_type == "TDX" else None  # type: ignore[arg-type]
 
     def quote(self, report_data: bytes) -> bytes:
-        from keybroker_client._quote import build_quote
+        from keybroker_client.sim_quotes import build_quote
 
         _check(report_data)
         return build_quote(

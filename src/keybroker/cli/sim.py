@@ -88,14 +88,14 @@ def quote(
     """Produce a quote over REPORT_DATA (64 bytes of hex) with the given measurements."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from keybroker_client._quote import (
+    from keybroker_client.sim_platform import load_platform
+    from keybroker_client.sim_quotes import (
         TD_ATTRIBUTES_DEFAULT,
         XFAM_DEFAULT,
         SgxMeasurements,
         TdxMeasurements,
         build_quote,
     )
-    from keybroker_client._sim import load_platform
 
     loaded = load_platform(directory, platform)
     data = _hex(report_data, 64, "--report-data")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from keybroker.errors import InvalidRequest
 from keybroker.policy.model import TcbStatus
 from keybroker.sim.pki import SimPki, platform_info
-from keybroker_client._quote import QE_MRSIGNER, TD_QE_MRSIGNER, raw_signature
+from keybroker_client.sim_quotes import QE_MRSIGNER, TD_QE_MRSIGNER, raw_signature
 
 
 def _time(at: datetime) -> str:

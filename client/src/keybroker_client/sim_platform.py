@@ -1,4 +1,5 @@
-"""Loading a simulated platform (made by ``keybroker sim init``) to produce quotes on the workload side."""
+"""Loading a simulated platform (made by ``keybroker sim init``) to produce quotes on the workload side (public: used
+by ``evidence.SimulatedEvidence``, ``keybroker sim quote`` and the benchmarks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keybroker_client._quote import Platform
+from keybroker_client.sim_quotes import Platform
 
 
 def _key(path: Path) -> ec.EllipticCurvePrivateKey:

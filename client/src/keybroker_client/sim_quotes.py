@@ -1,5 +1,9 @@
 """Byte-exact DCAP quotes for the simulated TEE (dcap-test-pki.md §9): SGX v3, TDX v4, TDX v5 with TD report 1.0
-or 1.5, signed by a simulated platform's attestation key and QE (PCK key). Only ``cryptography`` is needed."""
+or 1.5, signed by a simulated platform's attestation key and QE (PCK key). Only ``cryptography`` is needed.
+
+Public: workloads use it through ``evidence.SimulatedEvidence``; keybroker's simulator (``keybroker sim``) and the
+benchmarks use ``build_quote``, the measurements and the QE constants directly, so that one implementation makes
+every simulated quote."""
 
 from __future__ import annotations
 
