@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.params import Depends as DependsParam
@@ -17,7 +17,6 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from keybroker.api.errors import describe_validation_errors
-from keybroker.audit.log import AuditContext
 from keybroker.auth.permissions import PERMISSIONS
 from keybroker.auth.tokens import Principal
 from keybroker.errors import Forbidden, InvalidRequest, Unauthenticated, UnsupportedMediaType
@@ -57,19 +56,6 @@ class _Public:
 
     def __call__(self) -> None:
         return None
-
-
-def audit_context(request: Request) -> AuditContext:
-    """Who is asking and from where, for the audit entries the request's action writes."""
-    principal: Principal | None = getattr(request.state, "principal", None)
-    return AuditContext(
-        actor=principal.actor if principal else None,
-        request_id=getattr(request.state, "request_id", None),
-        client=request.client.host if request.client else None,
-    )
-
-
-AuditDep = Annotated[AuditContext, Depends(audit_context)]
 
 
 def requires(permission: str) -> DependsParam:

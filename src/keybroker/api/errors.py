@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keybroker import errors
+from keybroker.api.audit_context import audit_context
 from keybroker.audit.log import AuditEvent
 
 log = structlog.get_logger("keybroker.api")
@@ -120,8 +121,6 @@ def _audit_refusal(request: Request, status: int, code: str) -> None:
     """Every authorisation refusal of a known caller is audited, and so is every failed change by one (reads that
     fail are not: they change nothing and would drown the log). Refusals of callers without a valid token are
     audited in aggregate (``keybroker.audit.aggregate``)."""
-    from keybroker.api.deps import audit_context  # the deps module imports this one
-
     denied = status in (401, 403)
     failed_change = getattr(request.state, "principal", None) is not None and request.method not in ("GET", "HEAD")
     if not (denied or failed_change):

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from keybroker.api.deps import AuditDep, get_services, json_body, requires
+from keybroker.api.audit_context import AuditDep
+from keybroker.api.deps import get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query
 from keybroker.auth.tokens import MAX_TTL
 from keybroker.errors import InvalidRequest

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.audit_context import AuditDep
 from keybroker.api.costly import costly_pool
-from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
+from keybroker.api.deps import get_services, json_body, public, requires
 from keybroker.attestation.nonce import parse_nonce
 from keybroker.attestation.service import b64decode
 from keybroker.policy.model import Uuid

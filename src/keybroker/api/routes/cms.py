@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
+from keybroker.api.audit_context import AuditDep
+from keybroker.api.deps import get_services, json_body, public, requires
 from keybroker.audit.log import AuditEvent
 from keybroker.ca import fingerprint
 from keybroker.services import Services

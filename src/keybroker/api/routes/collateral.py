@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.audit_context import AuditDep
 from keybroker.api.costly import costly_pool
-from keybroker.api.deps import AuditDep, get_services, json_body, public, requires
+from keybroker.api.deps import get_services, json_body, public, requires
 from keybroker.attestation.collateral import (
     ROOT_CRL_KEY,
     CollateralItem,

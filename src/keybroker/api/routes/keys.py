@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keybroker.api.audit_context import AuditDep
 from keybroker.api.costly import costly_pool
-from keybroker.api.deps import AuditDep, get_services, json_body, requires
+from keybroker.api.deps import get_services, json_body, requires
 from keybroker.api.routes.common import base_url, reject_unknown_query, set_next_page
 from keybroker.api.schemas import KeyCreateRequest, KeyOut, KeyUpdateRequest
 from keybroker.ids import PolicyId

@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from keybroker.api.deps import AuditDep, get_services, json_body, requires
+from keybroker.api.audit_context import AuditDep
+from keybroker.api.deps import get_services, json_body, requires
 from keybroker.api.routes.common import reject_unknown_query, set_next_page
 from keybroker.api.schemas import policy_out
 from keybroker.policy.model import TransferPolicyDocument

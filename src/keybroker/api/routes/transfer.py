@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from keybroker.api.deps import audit_context, json_object_of, optional_principal, public
+from keybroker.api.audit_context import audit_context
+from keybroker.api.deps import json_object_of, optional_principal, public
 from keybroker.api.errors import problem
 from keybroker.api.limits import retry_after
 from keybroker.crypto.transfer import Wrapped
