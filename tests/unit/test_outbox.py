@@ -84,22 +84,24 @@ def test_a_create_whose_row_was_claimed_never_writes_its_record_even_after_a_fai
 
 
 def test_a_stale_claim_is_taken_over_and_the_old_claimant_changes_nothing(services: Services) -> None:
+    from keybroker.keys.outbox import Outbox
     from keybroker.storage.tables import PendingMaterialRow
 
+    outbox = Outbox(services.database, services.clock)
     key_id = str(uuid.uuid4())
-    services.keys._reserve(KeyId(key_id), "embedded", "unused")  # type: ignore[arg-type]
-    (row,) = services.keys.pending()
-    first = services.keys._claim(row)
+    outbox.reserve(KeyId(key_id), "embedded")
+    (row,) = outbox.pending()
+    first = outbox.claim(row)
     assert first is not None
-    assert services.keys._claim(row) is None  # held
+    assert outbox.claim(row) is None  # held
     services.clock.advance(timedelta(hours=2))  # type: ignore[attr-defined]
-    second = services.keys._claim(row)
+    second = outbox.claim(row)
     assert second is not None  # the first claimant is presumed dead
-    services.keys._unclaim(row, first)
-    services.keys._finish_claim(row, first)  # the old claimant's late writes are fenced off
+    outbox.unclaim(row, first)
+    outbox.finish(row, first)  # the old claimant's late writes are fenced off
     with services.database.transaction() as session:
         held = session.get(PendingMaterialRow, key_id)
         assert held is not None
         assert held.claimed_at == second
-    services.keys._finish_claim(row, second)
-    assert services.keys.pending() == []
+    outbox.finish(row, second)
+    assert outbox.pending() == []

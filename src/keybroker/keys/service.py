@@ -1,28 +1,16 @@
-"""KeyService: creates, imports, lists, re-assigns and deletes keys; routes material to its backend.
-
-Keys span two systems, keybroker's database (the record) and a backend (the material), with no transaction
-across them; an outbox (``pending_material``) makes every failure order converge:
-
-* create: an outbox row for the key id is committed first (it also reserves the id), then the material is written
-  to the backend, then the record is written *and* the outbox row removed in one transaction. If the backend
-  write or the record fails, the material is purged again; if that purge cannot reach the backend, the outbox row
-  stays and ``reconcile`` purges it later. So there is never a record without material, and material without a
-  record only until the backend is reachable again.
-* delete: the record is removed and an outbox row written in one transaction, then the material is deleted and
-  the outbox row removed. An unreachable backend leaves the row for ``reconcile``.
-"""
+"""KeyService: creates, imports, lists, re-assigns and deletes keys; routes material to its backend, through the
+outbox (``keys.outbox``) that makes a key's record and its material converge."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import structlog
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.backends.base import Capability, GeneratingKeyStore, KeyStore, RegisteringKeyStore
@@ -38,6 +26,7 @@ from keybroker.errors import (
 from keybroker.ids import BackendRef, KeyId, PolicyId, canonical_uuid
 from keybroker.keys import material as key_material
 from keybroker.keys.models import CURVE_ALIASES, KEY_LENGTHS, Algorithm, Curve, KeyMaterial, KeyRecord, KeySpec
+from keybroker.keys.outbox import Outbox, ReconcileResult
 from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
@@ -60,16 +49,6 @@ class NewKey:
 
 
 log = structlog.get_logger("keybroker.keys")
-
-# A reconciler holding a row this long is presumed dead and its row may be taken over. Far longer than any backend
-# call may take (timeouts of seconds), so that a slow reconciler is never mistaken for a dead one.
-CLAIM_EXPIRES = timedelta(hours=1)
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileResult:
-    finished: int = 0
-    waiting: int = 0  # backend still unreachable (or not configured): retried on the next run
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +134,7 @@ class KeyService:
         self._default_backend = default_backend
         self._policies = policies
         self._clock = clock
+        self._outbox = Outbox(database, clock)
 
     @property
     def backends(self) -> Mapping[str, KeyStore]:
@@ -195,16 +175,16 @@ class KeyService:
         backend = new.backend or self._default_backend
         store = self._stores[backend]
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
-        self._reserve(key_id, backend, new.transfer_policy_id)
+        self._outbox.reserve(key_id, backend)
         try:
             ref = store.put(key_id, material)
         except Conflict:
             # The backend already holds something under this key id that this attempt did not write (a chosen id
             # that another deployment or the guide's own tooling used): it is not ours to remove.
-            self._release_own(key_id, "create")
+            self._outbox.release_own(key_id, "create")
             raise
         except BaseException:
-            self._abandon(store, key_id)
+            self._outbox.abandon(store, key_id)
             raise
         mode = "import" if new.key_string is not None else "generate"
         return self._record_new(new, key_id, backend, ref, mode, audit)
@@ -227,14 +207,16 @@ class KeyService:
         ):
             return None
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
-        self._reserve(key_id, backend, new.transfer_policy_id)
+        self._outbox.reserve(key_id, backend)
         try:
             ref = store.generate(key_id, new.spec)
         except Conflict:
-            self._release_own(key_id, "create")  # as in store(): what the backend holds under this id is not ours
+            self._outbox.release_own(
+                key_id, "create"
+            )  # as in store(): what the backend holds under this id is not ours
             raise
         except BaseException:
-            self._abandon(store, key_id)
+            self._outbox.abandon(store, key_id)
             raise
         return self._record_new(new, key_id, backend, ref, "generate", audit, generated_by="backend")
 
@@ -247,11 +229,11 @@ class KeyService:
             raise BackendUnsupported(f"backend {backend!r} cannot register existing objects by kmip_key_id")
         key_id = new.key_id or KeyId(str(uuid.uuid4()))
         self._refuse_adopted_twice(backend, new.kmip_key_id)
-        self._reserve(key_id, backend, new.transfer_policy_id)
+        self._outbox.reserve(key_id, backend)
         try:
             ref = store.register_existing(key_id, new.kmip_key_id, new.spec)
         except BaseException:
-            self._release_own(key_id, "create")  # nothing was written to the backend
+            self._outbox.release_own(key_id, "create")  # nothing was written to the backend
             raise
         return self._record_new(new, key_id, backend, ref, "register", audit, kmip_key_id=new.kmip_key_id)
 
@@ -265,51 +247,6 @@ class KeyService:
         with self._db.transaction() as session:
             if session.scalars(query.limit(1)).first() is not None:
                 raise Conflict(f"KMIP object {object_id} already backs a key", code="kmip_object_in_use")
-
-    def _reserve(self, key_id: KeyId, backend: str, policy_id: PolicyId) -> None:
-        """Commit the outbox row that reserves ``key_id`` before anything is written to a backend."""
-        try:
-            with self._db.transaction(write=True) as session:
-                session.add(
-                    PendingMaterialRow(key_id=key_id, backend=backend, operation="create", created_at=self._clock.now())
-                )
-                session.flush()  # the row first: a concurrent create of the same id now waits or fails here
-                if session.get(KeyRow, key_id) is not None:
-                    raise IntegrityError("key exists", None, Exception("key exists"))
-        except IntegrityError:
-            with self._db.transaction() as session:
-                pending = session.get(PendingMaterialRow, key_id)
-                deleting = pending is not None and pending.operation in {"delete", "purge"}
-            if deleting:
-                raise Conflict(
-                    f"material of an earlier key {key_id} is still being removed from its backend; "
-                    "retry once that is done (keybroker backends reconcile)",
-                    code="key_delete_pending",
-                ) from None
-            raise Conflict(f"a key with id {key_id} already exists", code="key_exists") from None
-
-    def _release_own(self, key_id: KeyId, operation: str) -> None:
-        """Remove this caller's outbox row once its backend work is done, unless a reconciler has claimed it (it
-        then holds the key id until its own work is done; freeing the id under it could let a new key with the
-        same id be created and then purged by that reconciler)."""
-        with self._db.transaction(write=True) as session:
-            session.execute(
-                delete(PendingMaterialRow).where(
-                    PendingMaterialRow.key_id == key_id,
-                    PendingMaterialRow.operation == operation,
-                    PendingMaterialRow.claimed_at.is_(None),
-                )
-            )
-
-    def _abandon(self, store: KeyStore, key_id: KeyId) -> None:
-        """Undo a put whose record will not be written; leaves the outbox row if the backend is unreachable."""
-        try:
-            store.purge(key_id)
-        except BackendUnavailable:
-            return  # reconcile() finishes it once the backend is back
-        except Exception:  # the original error is the one to report; the row stays for reconcile
-            return
-        self._release_own(key_id, "create")
 
     def _record_new(
         self,
@@ -386,9 +323,9 @@ class KeyService:
 
     def _undo_new(self, store: KeyStore, key_id: KeyId, kmip_key_id: str | None) -> None:
         if kmip_key_id is None:
-            self._abandon(store, key_id)
+            self._outbox.abandon(store, key_id)
         else:
-            self._release_own(key_id, "create")  # a registered object is not ours to destroy
+            self._outbox.release_own(key_id, "create")  # a registered object is not ours to destroy
 
     def get(self, key_id: str) -> KeyRecord:
         if canonical_uuid(key_id) is None:
@@ -469,7 +406,7 @@ class KeyService:
             session.delete(row)
             session.flush()
             if not registered:
-                self._add_pending_delete(session, record)
+                self._outbox.add_pending_delete(session, record)
             self._audit.append(session, audit, AuditEvent("key.delete", "success", key_id, {"backend": record.backend}))
         if registered:
             return  # registered objects belong to the KMIP server's owner; keybroker only forgets them
@@ -485,88 +422,12 @@ class KeyService:
                 code=getattr(exc, "instance_code", None),
             )
             return
-        self._release_own(record.id, "delete")
-
-    def _add_pending_delete(self, session: Session, record: KeyRecord) -> None:
-        session.execute(delete(PendingMaterialRow).where(PendingMaterialRow.key_id == record.id))
-        session.add(
-            PendingMaterialRow(
-                key_id=record.id,
-                backend=record.backend,
-                backend_ref=record.backend_ref,
-                operation="delete",
-                created_at=self._clock.now(),
-            )
-        )
+        self._outbox.release_own(record.id, "delete")
 
     def pending(self) -> Sequence[PendingMaterialRow]:
-        """The outbox (for ``keybroker backends status`` and tests)."""
-        with self._db.transaction() as session:
-            rows = list(session.scalars(select(PendingMaterialRow).order_by(PendingMaterialRow.created_at)))
-            session.expunge_all()
-            return rows
+        """The outbox (for ``keybroker backends reconcile`` and tests)."""
+        return self._outbox.pending()
 
     def reconcile(self, older_than: timedelta = timedelta(minutes=10)) -> ReconcileResult:
-        """Finish outbox rows older than ``older_than`` (younger ones may belong to a create still in flight):
-        purge the material of creates that never got their record, delete the material of deleted keys."""
-        cutoff = self._clock.now() - older_than
-        finished = waiting = 0
-        for row in self.pending():
-            if row.created_at > cutoff:
-                continue
-            store = self._stores.get(row.backend)
-            if store is None:
-                waiting += 1  # the backend is not configured (any more): keep the row for when it is
-                continue
-            claim = self._claim(row)
-            if claim is None:
-                continue  # another reconciler, or the create itself, got there first
-            try:
-                if row.operation == "delete" and row.backend_ref is not None:
-                    store.delete(BackendRef(row.backend_ref))
-                store.purge(KeyId(row.key_id))
-            except Exception as exc:  # unreachable, or refusing: the row waits for the next round either way
-                log.warning("reconcile_deferred", key_id=row.key_id, backend=row.backend, error_type=type(exc).__name__)
-                self._unclaim(row, claim)
-                waiting += 1
-                continue
-            self._finish_claim(row, claim)  # only now is the key id free again
-            finished += 1
-        return ReconcileResult(finished, waiting)
-
-    def _claim(self, row: PendingMaterialRow) -> datetime | None:
-        """Mark the outbox row as being worked on (a conditional update) and return the claim, or None if someone
-        else holds it. The key id stays reserved until the work is done. A create's row becomes a ``purge`` row for
-        good: the create, if it is still in flight, then finds no row of its own and gives up instead of writing a
-        record whose material is being (or was partly) purged. A claim older than ``CLAIM_EXPIRES`` (a reconciler
-        that died) may be taken over; every later write of a claim is conditional on it (a fencing token)."""
-        now = self._clock.now()
-        operation = "purge" if row.operation in {"create", "purge"} else row.operation
-        with self._db.transaction(write=True) as session:
-            taken = session.execute(
-                update(PendingMaterialRow)
-                .where(
-                    PendingMaterialRow.key_id == row.key_id,
-                    PendingMaterialRow.created_at == row.created_at,
-                    PendingMaterialRow.claimed_at.is_(None) | (PendingMaterialRow.claimed_at < now - CLAIM_EXPIRES),
-                )
-                .values(claimed_at=now, operation=operation)
-            )
-            return now if getattr(taken, "rowcount", 0) == 1 else None
-
-    def _finish_claim(self, row: PendingMaterialRow, claim: datetime) -> None:
-        with self._db.transaction(write=True) as session:
-            session.execute(
-                delete(PendingMaterialRow).where(
-                    PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.claimed_at == claim
-                )
-            )
-
-    def _unclaim(self, row: PendingMaterialRow, claim: datetime) -> None:
-        """Give the row back for a later round (the backend was unreachable); a create stays a ``purge``."""
-        with self._db.transaction(write=True) as session:
-            session.execute(
-                update(PendingMaterialRow)
-                .where(PendingMaterialRow.key_id == row.key_id, PendingMaterialRow.claimed_at == claim)
-                .values(claimed_at=None)
-            )
+        """Finish the outbox rows older than ``older_than`` in the configured backends (``Outbox.reconcile``)."""
+        return self._outbox.reconcile(self._stores, older_than)
