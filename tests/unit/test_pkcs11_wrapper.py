@@ -29,7 +29,7 @@ from pkcs11.mechanisms import KeyType, Mechanism
 from sqlalchemy import select
 
 from keybroker.backends.embedded import EmbeddedKeyStore
-from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
+from keybroker.backends.pkcs11.wrapper import Pkcs11KeyWrapper
 from keybroker.backends.registry import build_wrapper
 from keybroker.clock import SystemClock
 from keybroker.config import EmbeddedBackendSettings, Pkcs11WrapperSettings, SecretSource, Settings, load_settings

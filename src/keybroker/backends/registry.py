@@ -135,7 +135,7 @@ def build_wrapper(settings: Settings, wrapper: WrapperSettings, clock: Clock) ->
 
         return TransitKeyWrapper.from_settings(settings.secrets, wrapper, clock)
     if isinstance(wrapper, Pkcs11WrapperSettings):
-        from keybroker.backends.pkcs11 import Pkcs11KeyWrapper
+        from keybroker.backends.pkcs11.wrapper import Pkcs11KeyWrapper
 
         return Pkcs11KeyWrapper.from_settings(settings.secrets, wrapper)
     raise ConfigurationError(f"unknown wrapper type {wrapper!r}")  # pragma: no cover - the union is exhaustive
