@@ -45,126 +45,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pkcs11
 from pkcs11 import exceptions as p11
 from pkcs11.constants import Attribute, ObjectClass
-from pkcs11.mechanisms import GCMParams, KeyType, Mechanism
+from pkcs11.mechanisms import KeyType, Mechanism
 
+from keybroker.backends.pkcs11.library import (
+    AUTH_FAILED,
+    AUTH_FAILED_OR_BROKEN,
+    KEK_TEMPLATE,
+    PIN_REFUSED,
+    PIN_SALT,
+    TAG_BYTES,
+    Login,
+    StaleSession,
+    gcm,
+    is_lost,
+    load_module,
+)
 from keybroker.config import Pkcs11WrapperSettings, SecretReader
 from keybroker.errors import BackendUnavailable, ConfigurationError, KeybrokerError, StoredKeyCorrupt
 
 _VERSION = b"\x01"
 _IV_BYTES = 12
-_TAG_BYTES = 16
 _KEK_BYTES = 32
 _CHECKOUT_TIMEOUT_SECONDS = 30.0
 
 _T = TypeVar("_T")
-
-# Errors meaning that the session, the login, the token or the library is gone: drop the pool, re-initialise the
-# library and try once more. NoSuchToken is here because a token that came back (or was created after the library
-# was loaded) is only seen after C_Initialize again. CKR_CRYPTOKI_NOT_INITIALIZED has no class of its own in
-# python-pkcs11 0.10 (a bare PKCS11Error, like unmapped codes): see ``_is_lost``.
-_LOST: tuple[type[Exception], ...] = (
-    p11.SessionHandleInvalid,
-    p11.SessionClosed,
-    p11.DeviceRemoved,
-    p11.DeviceError,
-    p11.DeviceMemory,
-    p11.TokenNotPresent,
-    p11.TokenNotRecognised,
-    p11.SlotIDInvalid,
-    p11.GeneralError,
-    p11.UserNotLoggedIn,
-    p11.ObjectHandleInvalid,
-    p11.KeyHandleInvalid,
-    p11.NoSuchToken,
-)
-
-# A GCM tag mismatch. The specification's answer is CKR_ENCRYPTED_DATA_INVALID (or _LEN_RANGE); SoftHSM 2.6.1 answers
-# CKR_GENERAL_ERROR, which is also what a broken token says, so those two are told apart by a probe (``_probe``).
-_AUTH_FAILED: tuple[type[Exception], ...] = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
-_AUTH_FAILED_OR_BROKEN: tuple[type[Exception], ...] = (p11.GeneralError, p11.FunctionFailed)
-
-_PIN_REFUSED: tuple[type[Exception], ...] = (
-    p11.PinIncorrect,
-    p11.PinInvalid,
-    p11.PinLenRange,
-    p11.PinExpired,
-    p11.PinLocked,
-    p11.UserPinNotInitialized,
-)
-
-_KEK_TEMPLATE: dict[Any, Any] = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.ENCRYPT: True,
-    Attribute.DECRYPT: True,
-    Attribute.WRAP: False,
-    Attribute.UNWRAP: False,
-    Attribute.SIGN: False,
-    Attribute.VERIFY: False,
-    Attribute.DERIVE: False,
-}
-
-# Logins are compared by salted digest, so that the shared registry does not hold yet another copy of a PIN.
-_PIN_SALT = os.urandom(16)
-
-
-class _StaleSession(Exception):
-    """A pooled session from before the library was re-initialised."""
-
-
-def _is_lost(exc: BaseException) -> bool:
-    return isinstance(exc, (_StaleSession, *_LOST)) or type(exc) is p11.PKCS11Error
-
-
-def _gcm(iv: bytes, aad: bytes) -> Any:
-    return GCMParams(iv, aad, _TAG_BYTES * 8)  # an object, not a tuple, in python-pkcs11 0.10
-
-
-@dataclass(eq=False)
-class _Login:
-    """This process's login on one token (PKCS#11 logs an application in, not a session)."""
-
-    session: Any  # the session C_Login ran on (closing it logs the token out); None if someone else logged in
-    epoch: int
-    pin_digest: bytes
-    users: int = 1
-
-
-class _Module:
-    """One loaded PKCS#11 library, shared by every wrapper of the process naming the same file."""
-
-    def __init__(self, path: str, lib: Any) -> None:
-        self.path = path
-        self.lib = lib
-        self.lock = threading.RLock()  # held around every call into the library (module docstring)
-        self.epoch = 0  # +1 at each re-initialisation: older sessions, keys and logins are dead
-        self.logins: dict[str, _Login] = {}  # by token label
-
-
-_modules: dict[str, _Module] = {}
-_modules_lock = threading.Lock()
-
-
-def _load_module(path: Path) -> _Module:
-    if not path.is_file():
-        raise ConfigurationError(f"PKCS#11 module {path} does not exist")
-    # python-pkcs11 caches libraries by path string; the same file under two names (SoftHSM installs a symlink)
-    # would be loaded twice and C_Initialize'd twice.
-    real = os.path.realpath(path)
-    with _modules_lock:
-        module = _modules.get(real)
-        if module is None:
-            try:
-                lib = pkcs11.lib(real)
-            except p11.PKCS11Error as exc:
-                raise ConfigurationError(f"cannot load the PKCS#11 module {path}: {exc}") from None
-            module = _modules[real] = _Module(real, lib)
-        return module
 
 
 @dataclass(eq=False)
@@ -193,11 +99,11 @@ class Pkcs11KeyWrapper:
         # Guarded by the module lock:
         self._token: Any = None
         self._token_epoch = -1
-        self._login: _Login | None = None
+        self._login: Login | None = None
         self._closed = False
         self._pin_refused = False
         self._starting = True
-        self._module = _load_module(module)
+        self._module = load_module(module)
         try:
             # Find the token, log in, open a session and check the KEK if there is one: configuration mistakes
             # surface at start, not at the first request.
@@ -230,7 +136,7 @@ class Pkcs11KeyWrapper:
             key = self._kek(conn)
             iv = os.urandom(_IV_BYTES)  # per attempt: a retry must not depend on whether the first one ran
             sealed = self._call(
-                conn, lambda: key.encrypt(data_key, mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(iv, context))
+                conn, lambda: key.encrypt(data_key, mechanism=Mechanism.AES_GCM, mechanism_param=gcm(iv, context))
             )
             return _VERSION + iv + bytes(sealed)
 
@@ -239,7 +145,7 @@ class Pkcs11KeyWrapper:
     def unwrap(self, wrapped: bytes, context: bytes, kek_id: str) -> bytes:
         if kek_id != self._kek_id:
             raise StoredKeyCorrupt(f"the data key was wrapped by KEK {kek_id}, not by the configured {self._kek_id}")
-        if len(wrapped) < 1 + _IV_BYTES + _TAG_BYTES or wrapped[:1] != _VERSION:
+        if len(wrapped) < 1 + _IV_BYTES + TAG_BYTES or wrapped[:1] != _VERSION:
             raise StoredKeyCorrupt("a wrapped data key is malformed")
         iv, sealed = wrapped[1 : 1 + _IV_BYTES], wrapped[1 + _IV_BYTES :]
 
@@ -247,11 +153,11 @@ class Pkcs11KeyWrapper:
             key = self._kek(conn)
             try:
                 plain = self._call(
-                    conn, lambda: key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(iv, context))
+                    conn, lambda: key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=gcm(iv, context))
                 )
-            except _AUTH_FAILED:
+            except AUTH_FAILED:
                 raise StoredKeyCorrupt("a wrapped data key failed authentication") from None
-            except _AUTH_FAILED_OR_BROKEN:
+            except AUTH_FAILED_OR_BROKEN:
                 self._probe(conn, key)  # raises if the token is at fault, not the blob
                 raise StoredKeyCorrupt("a wrapped data key failed authentication") from None
             return bytes(plain)
@@ -270,7 +176,7 @@ class Pkcs11KeyWrapper:
                 conn.key = self._find_kek(conn.session)
                 if conn.key is None:
                     conn.session.generate_key(
-                        KeyType.AES, _KEK_BYTES * 8, label=self._key_label, store=True, template=_KEK_TEMPLATE
+                        KeyType.AES, _KEK_BYTES * 8, label=self._key_label, store=True, template=KEK_TEMPLATE
                     )
                     conn.key = self._find_kek(conn.session)  # and check what the token made of the template
 
@@ -321,9 +227,9 @@ class Pkcs11KeyWrapper:
                     seen = self._module.epoch
                     conn = self._checkout()
                 result = op(conn)
-            except (p11.PKCS11Error, _StaleSession) as exc:
+            except (p11.PKCS11Error, StaleSession) as exc:
                 self._discard(conn)  # a session that failed is not trusted again
-                if not _is_lost(exc) or attempt == 1:
+                if not is_lost(exc) or attempt == 1:
                     raise self._unavailable(what, exc) from exc
                 failure = exc
             except BaseException:
@@ -340,14 +246,14 @@ class Pkcs11KeyWrapper:
         """One call (or a few that belong together) into the library, serialised with every other one."""
         with self._module.lock:
             if conn.epoch != self._module.epoch:
-                raise _StaleSession
+                raise StaleSession
             return fn()
 
     def _probe(self, conn: _Conn, key: Any) -> None:
         """Encrypt a block: raises the token's error if this session or the KEK cannot be used."""
         self._call(
             conn,
-            lambda: key.encrypt(bytes(16), mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(os.urandom(12), b"")),
+            lambda: key.encrypt(bytes(16), mechanism=Mechanism.AES_GCM, mechanism_param=gcm(os.urandom(12), b"")),
         )
 
     def _kek(self, conn: _Conn) -> Any:
@@ -428,9 +334,9 @@ class Pkcs11KeyWrapper:
         self._login = self._log_in(token)
         self._token, self._token_epoch = token, self._module.epoch
 
-    def _log_in(self, token: Any) -> _Login:
+    def _log_in(self, token: Any) -> Login:
         module = self._module
-        digest = hashlib.sha256(_PIN_SALT + self._pin.encode()).digest()
+        digest = hashlib.sha256(PIN_SALT + self._pin.encode()).digest()
         current = module.logins.get(self._token_label)
         if current is not None and current.epoch == module.epoch:
             if not hmac.compare_digest(current.pin_digest, digest):
@@ -442,10 +348,10 @@ class Pkcs11KeyWrapper:
         except p11.UserAlreadyLoggedIn:
             # Logged in by code of this process that does not go through this registry; nothing of ours to log out.
             session = None
-        except _PIN_REFUSED as exc:
+        except PIN_REFUSED as exc:
             self._pin_refused = True
             raise self._pin_error(type(exc).__name__) from None
-        login = module.logins[self._token_label] = _Login(session, module.epoch, digest)
+        login = module.logins[self._token_label] = Login(session, module.epoch, digest)
         return login
 
     def _pin_error(self, reason: str) -> KeybrokerError:
