@@ -1,0 +1,151 @@
+"""The ``[backends.<name>]`` sections: where key material lives and which KEK protects it, and where their
+credentials come from (``SecretSource``: never the TOML file itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, SecretStr, Tag, field_validator, model_validator
+
+from keybroker.config.sections import Section, check_url
+
+
+class SecretSource(Section):
+    """Where a credential comes from: an environment variable (by name) or a file (mode 0600). Never the TOML file
+    itself, so that configuration can be shared and committed without secrets."""
+
+    env: str | None = Field(default=None, description="name of the environment variable holding it")
+    file: Path | None = Field(default=None, description="file holding it (trailing newline ignored)")
+
+    @model_validator(mode="after")
+    def _one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+
+class LocalWrapperSettings(Section):
+    """KEK held locally: a 32-byte master key from a file (mode 0600) or from the environment."""
+
+    type: Literal["local"] = "local"
+    master_key_file: Path = Path("master.key")
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="base64 32-byte KEK; set it via KEYBROKER_BACKENDS__<NAME>__WRAPPER__MASTER_KEY",
+    )
+
+
+class VaultAuthSettings(Section):
+    """Vault/OpenBao authentication: a token, or an AppRole login (renewed, and repeated when renewal fails)."""
+
+    method: Literal["token", "approle"] = "token"
+    token: SecretSource | None = Field(default=None, description="method=token: where the token is")
+    role_id: str | None = Field(default=None, description="method=approle: the role id (not secret)")
+    secret_id: SecretSource | None = Field(default=None, description="method=approle: where the secret id is")
+    approle_mount: str = "approle"
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuthSettings:
+        if self.method == "token" and self.token is None:
+            raise ValueError("method token needs token = {env = ...} or {file = ...}")
+        if self.method == "approle" and (self.role_id is None or self.secret_id is None):
+            raise ValueError("method approle needs role_id and secret_id")
+        return self
+
+
+class VaultConnectionSettings(Section):
+    url: str = Field(description="https://vault.example:8200 (http:// only on loopback)")
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle to verify Vault's certificate (default: certifi's bundle, or REQUESTS_CA_BUNDLE)",
+    )
+    namespace: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    auth: VaultAuthSettings
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        check_url(value)
+        return value.rstrip("/")
+
+
+class TransitWrapperSettings(VaultConnectionSettings):
+    """KEK held in Vault/OpenBao Transit: data keys are encrypted and decrypted there; no master key on this host."""
+
+    type: Literal["vault-transit"]
+    mount: str = "transit"
+    key_name: str = "keybroker-kek"
+
+
+class Pkcs11WrapperSettings(Section):
+    """KEK held in a PKCS#11 token (an HSM; SoftHSM2 in tests) as a non-extractable AES-256 key."""
+
+    type: Literal["pkcs11"]
+    module: Path = Field(description="the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
+    token_label: str
+    key_label: str = "keybroker-kek"
+    pin: SecretSource = Field(description="the user PIN: {env = ...} or {file = ...}")
+    sessions: int = Field(default=4, ge=1, le=64, description="session pool size")
+
+
+def _type_or(default: str) -> Callable[[Any], str]:
+    """A discriminator reading ``type``, ``default`` when it is left out: the local KEK and the embedded backend
+    need no ``type``, so that one environment variable such as KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY
+    is a complete backend definition."""
+
+    def discriminate(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("type", default))
+        return str(getattr(value, "type", ""))
+
+    return discriminate
+
+
+WrapperSettings = Annotated[
+    Annotated[LocalWrapperSettings, Tag("local")]
+    | Annotated[TransitWrapperSettings, Tag("vault-transit")]
+    | Annotated[Pkcs11WrapperSettings, Tag("pkcs11")],
+    Discriminator(_type_or("local")),
+]
+
+
+class EmbeddedBackendSettings(Section):
+    type: Literal["embedded"] = "embedded"
+    wrapper: WrapperSettings = LocalWrapperSettings()
+
+
+class VaultBackendSettings(VaultConnectionSettings):
+    """Key material in a Vault/OpenBao KV engine, one secret per key at ``<mount>/<path_prefix><key id>``."""
+
+    type: Literal["vault"]
+    mount: str = "keybroker"
+    kv_version: Literal[1, 2] = 1
+    path_prefix: str = ""
+
+
+class KmipBackendSettings(Section):
+    """Key material in a KMIP server, over mutual TLS."""
+
+    type: Literal["kmip"]
+    host: str
+    port: int = Field(default=5696, ge=1, le=65535)
+    cert_file: Path = Field(description="client certificate (clientAuth); its CN is the KMIP owner")
+    key_file: Path
+    ca_file: Path = Field(description="CA that signed the KMIP server's certificate")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    connections: int = Field(default=4, ge=1, le=64, description="connection pool size")
+
+
+BackendSettings = Annotated[
+    Annotated[EmbeddedBackendSettings, Tag("embedded")]
+    | Annotated[VaultBackendSettings, Tag("vault")]
+    | Annotated[KmipBackendSettings, Tag("kmip")],
+    Discriminator(_type_or("embedded")),
+]
+
+
+def default_backends() -> dict[str, BackendSettings]:
+    return {"embedded": EmbeddedBackendSettings()}

@@ -1,0 +1,171 @@
+"""The sections of the settings other than the backends: each a frozen model that refuses unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DEFAULT_LISTEN = "127.0.0.1:9443"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(Section):
+    listen: str = DEFAULT_LISTEN
+    public_url: str | None = Field(
+        default=None, description="Base URL clients use (for transfer_link); default: from the request"
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    keygen_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="threads for costly requests (RSA generation, key import checks, collateral import): at most "
+        "this many run at once, so that they cannot take the cores transfers need",
+    )
+    costly_queue: int = Field(
+        default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="server processes (use the cores; SQLite or PostgreSQL)")
+    role: Literal["all", "kbs", "attestation"] = "all"
+    max_header_bytes: int = Field(
+        default=65_536, ge=1024, le=1_048_576, description="request line and headers larger than this get 431"
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=300,
+        description="a connection whose TLS handshake or request headers take longer is closed (slow clients)",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class DatabaseSettings(Section):
+    url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in the data directory")
+
+
+def check_url(value: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    if parts.scheme == "http" and parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
+        raise ValueError("plain http is only allowed to a loopback address; use https")
+
+
+class KeySettings(Section):
+    default_backend: str = "embedded"
+    reconcile_after_seconds: int = Field(
+        default=600, ge=0, description="finish key writes interrupted at least this long ago (crash, KMS down)"
+    )
+    reconcile_interval_seconds: int = Field(default=60, ge=1)
+
+
+class TlsSettings(Section):
+    """HTTPS by default, with a certificate from the service CA. Plain HTTP only with ``enabled = false``."""
+
+    enabled: bool = True
+    san: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    server_cert_days: int = Field(default=365, ge=1, le=825)
+    cert_file: Path | None = Field(default=None, description="your own certificate chain (PEM) instead")
+    key_file: Path | None = None
+    key_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _own_pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class AuthSettings(Section):
+    default_token_ttl_days: int = Field(default=30, ge=1, le=366)
+    admin_token_ttl_days: int = Field(default=365, ge=1, le=366)
+
+
+class AttestationSettings(Section):
+    """The attestation service: trust anchors, nonce and token lifetimes, the collateral source."""
+
+    simulated_root: Path | None = Field(
+        default=None, description="trust quotes of the simulated TEE signed under this root (development only)"
+    )
+    nonce_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    token_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    upstream_url: str | None = Field(default=None, description="Intel PCS or a PCCS, for collateral not cached")
+    upstream_api_key: SecretStr | None = None
+    upstream_ca_file: Path | None = Field(default=None, description="CA to verify the upstream (default: system)")
+    upstream_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    refresh_before_seconds: int = Field(default=86400, ge=60, description="refresh items this long before expiry")
+    refresh_interval_seconds: int = Field(default=3600, ge=10)
+    url: str | None = Field(
+        default=None, description="a separate keybroker attestation service that verifies for this KBS"
+    )
+    url_ca_file: Path | None = Field(default=None, description="CA of that attestation service (its DATA_DIR/ca.pem)")
+
+
+class LimitsSettings(Section):
+    """Abuse limits, per client address and per server process (see the README's "Limits")."""
+
+    unauthenticated_rps: float = Field(
+        default=50, gt=0, le=1_000_000, description="requests/s per address without a valid token (token bucket)"
+    )
+    unauthenticated_burst: int = Field(default=100, ge=1, le=10_000_000)
+    transfer_rps: float = Field(
+        default=5000,
+        gt=0,
+        le=1_000_000,
+        description="requests/s per address to the attested endpoints (transfer, appraisal nonce/attest): a "
+        "cluster scaling up behind one NAT address must not be starved",
+    )
+    transfer_burst: int = Field(default=10_000, ge=1, le=10_000_000)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="addresses or networks (CIDR) whose X-Forwarded-For is believed; nobody's by default",
+    )
+    audit_window_seconds: int = Field(
+        default=60, ge=1, le=86_400, description="anonymous refusals are audited as one entry per address and window"
+    )
+    max_connections_per_address: int = Field(default=256, ge=1, le=1_000_000)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or network") from None
+        return values
+
+
+class LoggingSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
