@@ -12,9 +12,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +196,157 @@ def own_server(
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+# --- measurement helpers (as bench/keys.py) ---------------------------------------------------------------------
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# --- single-threaded reference loops ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loop:
+    name: str
+    calls: int
+    seconds: float
+
+    @property
+    def us_per_call(self) -> float:
+        return self.seconds * 1e6 / self.calls
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "calls": self.calls,
+            "seconds": round(self.seconds, 3),
+            "us_per_call": round(self.us_per_call, 1),
+            "per_second": round(self.calls / self.seconds, 1),
+        }
+
+
+def timed_loop(name: str, call: Callable[[], object], duration: float, max_calls: int) -> Loop:
+    """Call ``call`` until ``duration`` seconds passed or ``max_calls`` calls were made (checked every 10 calls)."""
+    call()  # warm up
+    calls, started = 0, time.perf_counter()
+    deadline = started + duration
+    while calls < max_calls and time.perf_counter() < deadline:
+        for _ in range(min(10, max_calls - calls)):
+            call()
+        calls += min(10, max_calls - calls)
+    return Loop(name, calls, time.perf_counter() - started)
+
+
+@dataclass
+class Phase:
+    name: str
+    unit: str  # what one counted operation is
+    seconds: float = 0.0
+    server_cpu_s: float | None = None
+    server_sys_s: float | None = None  # the kernel's share of server_cpu_s
+    client_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0  # every CPU of the machine, whoever used it
+    latencies_ms: list[float] = field(default_factory=list)
+    steps_ms: dict[str, list[float]] = field(default_factory=dict)  # per-step client latencies
+    errors: list[str] = field(default_factory=list)
+    checked: int = 0  # released keys unwrapped and compared
+    note: str = ""
+
+    def summary(self, bare_us: float) -> dict[str, Any]:
+        ok = len(self.latencies_ms)
+        ordered = sorted(self.latencies_ms)
+        cpu = self.server_cpu_s
+        cpu_ms = None if cpu is None or ok == 0 else cpu * 1000 / ok
+        return {
+            "phase": self.name,
+            "unit": self.unit,
+            "count": ok + len(self.errors),
+            "errors": len(self.errors),
+            "seconds": round(self.seconds, 3),
+            "per_second": round(ok / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "p50_ms": percentile(ordered, 50),
+            "p99_ms": percentile(ordered, 99),
+            "max_ms": round(ordered[-1], 2) if ordered else None,
+            "steps_p50_ms": {name: percentile(sorted(v), 50) for name, v in self.steps_ms.items()},
+            "server_cpu_s": None if cpu is None else round(cpu, 2),
+            "server_sys_s": None if self.server_sys_s is None else round(self.server_sys_s, 2),
+            "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
+            "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
+            "client_cpu_s": round(self.client_cpu_s, 2),
+            "machine_busy_s": round(self.machine_busy_s, 2),
+            "other_processes_cpu_s": (
+                None if cpu is None else round(max(0.0, self.machine_busy_s - cpu - self.client_cpu_s), 2)
+            ),
+            "client_cpu_ms_per_op": round(self.client_cpu_s * 1000 / ok, 3) if ok else None,
+            "released_keys_checked": self.checked,
+            "note": self.note,
+            "error_samples": [f"{n}x {text}" for text, n in Counter(self.errors).most_common(5)],
+        }
+
+
+class Load:
+    """Threads, one keep-alive ``httpx.Client`` each, sharing a bounded supply of work."""
+
+    def __init__(self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | None) -> None:
+        self.clients, self.stop, self.server_pid = clients, stop, server_pid
+
+    def run(
+        self,
+        phase: Phase,
+        work: Callable[[int, int, Phase, dict[str, list[float]]], float | None],
+        limit: int,
+        duration: float,
+    ) -> Phase:
+        """``work(worker, sequence, phase, steps)`` returns the latency in ms, or None after recording an error.
+        Runs until ``limit`` operations were claimed or ``duration`` seconds passed."""
+        lock = threading.Lock()
+        issued = 0
+        deadline = time.perf_counter() + duration
+
+        def claim() -> int | None:
+            nonlocal issued
+            with lock:
+                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
+                    return None
+                issued += 1
+                return issued - 1
+
+        def worker(index: int) -> None:
+            latencies: list[float] = []
+            steps: dict[str, list[float]] = {}
+            local = Phase(phase.name, phase.unit)
+            while (sequence := claim()) is not None:
+                try:
+                    elapsed = work(index, sequence, local, steps)
+                except (httpx.HTTPError, OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
+                    local.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                if elapsed is not None:
+                    latencies.append(elapsed)
+            with lock:
+                phase.latencies_ms += latencies
+                phase.errors += local.errors
+                phase.checked += local.checked
+                for name, values in steps.items():
+                    phase.steps_ms.setdefault(name, []).extend(values)
+
+        user, system = cpu_times(self.server_pid) if self.server_pid else (0.0, 0.0)
+        client_cpu, busy, started = time.process_time(), machine_busy_seconds(), time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
+        phase.machine_busy_s = machine_busy_seconds() - busy
+        if self.server_pid:
+            user_after, system_after = cpu_times(self.server_pid)
+            phase.server_cpu_s = user_after - user + system_after - system
+            phase.server_sys_s = system_after - system
+        return phase

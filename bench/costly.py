@@ -37,9 +37,10 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from _common import LeanClient, SetupError, own_server, percentile
+from _common import LeanClient, Load, Phase, SetupError, own_server, percentile
 from _common import table as render_table
-from transfer import Bench, Load, Phase, create_key, import_collateral, make_simulator, workload_keys
+from _setup import create_key, import_collateral, make_simulator, workload_keys
+from transfer import Bench
 
 TARGET_P99_RATIO, TARGET_IMPORT_S = 2.0, 3.0
 

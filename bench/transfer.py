@@ -53,8 +53,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
-import http.client
 import importlib.metadata
 import json
 import math
@@ -62,38 +60,33 @@ import os
 import shutil
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dcap_qvl
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from _common import LeanClient, SetupError, cpu_times, is_loopback, own_server, percentile
+from _common import LeanClient, Load, Loop, Phase, SetupError, is_loopback, own_server, timed_loop
 from _common import table as render_table
-from keybroker.attestation.collateral import bundle_to_qvl, bundle_upload
-from keybroker.sim.collateral import CollateralSpec, make_collateral
-from keybroker.sim.pki import PlatformSpec, SimPki, add_platform, init_pki
+from _profile import Profiler, service_profile, top_functions
+from _setup import (
+    MEASUREMENTS,
+    Simulator,
+    WorkloadKey,
+    bare_verify_loop,
+    create_key,
+    import_collateral,
+    make_simulator,
+    report_data,
+    workload_keys,
+)
 from keybroker_client._client import unwrap
-from keybroker_client.sim_platform import load_platform
-from keybroker_client.sim_quotes import Platform, SgxMeasurements, build_quote
+from keybroker_client.sim_quotes import build_quote
 
-MRENCLAVE = bytes.fromhex("5a" * 32)
-MRSIGNER = bytes.fromhex("a5" * 32)
-ISVPRODID, ISVSVN = 1, 2
-MEASUREMENTS = SgxMeasurements(mrenclave=MRENCLAVE, mrsigner=MRSIGNER, isvprodid=ISVPRODID, isvsvn=ISVSVN)
 SAFETY_MAX_REQUESTS = 1_000_000  # the count bound when --requests is not given
 MAX_PREBUILT = 60_000  # at most this many nonces fetched and quotes prebuilt for the transfer-step-only phase
 NONCE_TTL_S = 300.0
@@ -102,359 +95,7 @@ JSON_HEADERS = {"Attestation-Type": "SGX", "Content-Type": "application/json"}
 TARGET_RATE, TARGET_P99_MS, TARGET_CONCURRENCY, TARGET_CPU_RATIO = 300.0, 100.0, 32, 2.0
 
 
-# --- measurement helpers (as bench/keys.py) ---------------------------------------------------------------------
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal of /proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-# --- setup ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Simulator:
-    directory: Path  # made by init_pki / add_platform (or `keybroker sim init`)
-    collateral: Path  # OUT with OUT/sgx and OUT/tdx bundles
-    platform: Platform
-    root_der: bytes
-
-
-def make_simulator(tmp: Path, existing: Path | None) -> Simulator:
-    """A simulated TEE (``existing``, or a new one in ``tmp``) and fresh UpToDate collateral for it in ``tmp``."""
-    now = datetime.now(UTC)
-    start = now - timedelta(days=1)  # a margin for clocks and certificate second granularity
-    if existing is not None:
-        if not (existing / "root-ca.pem").is_file():
-            raise SetupError(f"{existing} is not a simulator directory (no root-ca.pem); run 'keybroker sim init'")
-        directory, pki = existing, SimPki(existing)
-    else:
-        directory = tmp / "sim"
-        pki = init_pki(directory, start)
-        add_platform(pki, PlatformSpec(name="default"), start)
-    out = tmp / "coll"
-    make_collateral(pki, out, CollateralSpec(platform="default", valid_from=start), now)
-    root_pem = (directory / "root-ca.pem").read_bytes()
-    root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
-    return Simulator(directory, out, load_platform(directory, "default"), root_der)
-
-
-def expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
-    if response.status_code != status:
-        raise SetupError(f"{what}: HTTP {response.status_code} {response.text[:400]}")
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def import_collateral(admin: httpx.Client, out: Path) -> None:
-    """POST each bundle's items to /collateral/v1/items, as ``keybroker collateral import`` does."""
-    for bundle in (out / "sgx", out / "tdx"):
-        items = bundle_upload(bundle)
-        response = admin.post("/collateral/v1/items", json={"items": items, "source": f"bench {bundle.name}"})
-        expect(response, 200, f"collateral import of {bundle}")
-
-
-def create_key(admin: httpx.Client, secret: bytes) -> str:
-    """A transfer policy for the simulated enclave and an AES-256 key with ``secret`` as material; the key id."""
-    document = {
-        "attestation_type": ["SGX"],
-        "sgx": {
-            "attributes": {
-                "mrenclave": [MRENCLAVE.hex()],
-                "mrsigner": [MRSIGNER.hex()],
-                "isvprodid": [ISVPRODID],
-                "isvsvn": ISVSVN,
-            }
-        },
-        "allow_simulated": True,
-    }
-    policy = expect(admin.post("/kbs/v1/key-transfer-policies", json=document), 201, "transfer policy create")
-    info = {"algorithm": "AES", "key_length": 256, "key_string": base64.b64encode(secret).decode()}
-    body = {"key_information": info, "transfer_policy_id": policy["id"], "label": "bench-transfer"}
-    return str(expect(admin.post("/kbs/v1/keys", json=body), 201, "key import")["id"])
-
-
-@dataclass(frozen=True)
-class WorkloadKey:
-    private: rsa.RSAPrivateKey
-    spki: bytes  # DER SubjectPublicKeyInfo: the transfer's user_data
-    spki_b64: str
-
-
-def workload_keys(count: int) -> list[WorkloadKey]:
-    keys = []
-    for _ in range(count):
-        private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-        spki = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        keys.append(WorkloadKey(private, spki, base64.b64encode(spki).decode()))
-    return keys
-
-
-def report_data(nonce: dict[str, str], spki: bytes) -> bytes:
-    return hashlib.sha512(base64.b64decode(nonce["val"]) + base64.b64decode(nonce["iat"]) + spki).digest()
-
-
-# --- single-threaded reference loops ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Loop:
-    name: str
-    calls: int
-    seconds: float
-
-    @property
-    def us_per_call(self) -> float:
-        return self.seconds * 1e6 / self.calls
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "calls": self.calls,
-            "seconds": round(self.seconds, 3),
-            "us_per_call": round(self.us_per_call, 1),
-            "per_second": round(self.calls / self.seconds, 1),
-        }
-
-
-def timed_loop(name: str, call: Callable[[], object], duration: float, max_calls: int) -> Loop:
-    """Call ``call`` until ``duration`` seconds passed or ``max_calls`` calls were made (checked every 10 calls)."""
-    call()  # warm up
-    calls, started = 0, time.perf_counter()
-    deadline = started + duration
-    while calls < max_calls and time.perf_counter() < deadline:
-        for _ in range(min(10, max_calls - calls)):
-            call()
-        calls += min(10, max_calls - calls)
-    return Loop(name, calls, time.perf_counter() - started)
-
-
-def bare_verify_loop(sim: Simulator, duration: float, max_calls: int) -> Loop:
-    """``dcap_qvl.verify_with_root_ca`` of one simulated quote with the bundle's collateral (parsed once)."""
-    collateral = bundle_to_qvl(sim.collateral / "sgx")
-    quote = build_quote(sim.platform, os.urandom(64), sgx=MEASUREMENTS)
-    now = int(time.time())
-    status = str(dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, now).status)
-    if status != "UpToDate":
-        raise SetupError(f"the simulated quote verifies as {status}, not UpToDate")
-    return timed_loop(
-        "bare dcap_qvl verify",
-        lambda: dcap_qvl.verify_with_root_ca(quote, collateral, sim.root_der, now),
-        duration,
-        max_calls,
-    )
-
-
-# --- load phases --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    name: str
-    unit: str  # what one counted operation is
-    seconds: float = 0.0
-    server_cpu_s: float | None = None
-    server_sys_s: float | None = None  # the kernel's share of server_cpu_s
-    client_cpu_s: float = 0.0
-    machine_busy_s: float = 0.0  # every CPU of the machine, whoever used it
-    latencies_ms: list[float] = field(default_factory=list)
-    steps_ms: dict[str, list[float]] = field(default_factory=dict)  # per-step client latencies
-    errors: list[str] = field(default_factory=list)
-    checked: int = 0  # released keys unwrapped and compared
-    note: str = ""
-
-    def summary(self, bare_us: float) -> dict[str, Any]:
-        ok = len(self.latencies_ms)
-        ordered = sorted(self.latencies_ms)
-        cpu = self.server_cpu_s
-        cpu_ms = None if cpu is None or ok == 0 else cpu * 1000 / ok
-        return {
-            "phase": self.name,
-            "unit": self.unit,
-            "count": ok + len(self.errors),
-            "errors": len(self.errors),
-            "seconds": round(self.seconds, 3),
-            "per_second": round(ok / self.seconds, 1) if self.seconds > 0 else 0.0,
-            "p50_ms": percentile(ordered, 50),
-            "p99_ms": percentile(ordered, 99),
-            "max_ms": round(ordered[-1], 2) if ordered else None,
-            "steps_p50_ms": {name: percentile(sorted(v), 50) for name, v in self.steps_ms.items()},
-            "server_cpu_s": None if cpu is None else round(cpu, 2),
-            "server_sys_s": None if self.server_sys_s is None else round(self.server_sys_s, 2),
-            "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
-            "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
-            "client_cpu_s": round(self.client_cpu_s, 2),
-            "machine_busy_s": round(self.machine_busy_s, 2),
-            "other_processes_cpu_s": (
-                None if cpu is None else round(max(0.0, self.machine_busy_s - cpu - self.client_cpu_s), 2)
-            ),
-            "client_cpu_ms_per_op": round(self.client_cpu_s * 1000 / ok, 3) if ok else None,
-            "released_keys_checked": self.checked,
-            "note": self.note,
-            "error_samples": [f"{n}x {text}" for text, n in Counter(self.errors).most_common(5)],
-        }
-
-
-class Profiler:
-    """``py-spy record`` on the server during one phase (collapsed stacks); stopped with SIGINT."""
-
-    def __init__(self, py_spy: str | None, out_dir: Path | None, pid: int | None, gil: bool) -> None:
-        self.py_spy, self.out_dir, self.pid, self.gil = py_spy, out_dir, pid, gil
-        self.files: dict[str, Path] = {}
-
-    @contextlib.contextmanager
-    def record(self, phase: str, duration: float) -> Iterator[None]:
-        if self.py_spy is None or self.out_dir is None or self.pid is None:
-            yield
-            return
-        out = self.out_dir / f"{phase.replace(' ', '-')}.txt"
-        command = [self.py_spy, "record", "--pid", str(self.pid), "--format", "raw", "--nolineno", "--rate", "100"]
-        command += ["--duration", str(math.ceil(duration) + 60), "--output", str(out)]
-        command += ["--gil"] if self.gil else []
-        spy = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)  # let it attach
-        try:
-            yield
-        finally:
-            spy.send_signal(signal.SIGINT)
-            try:
-                _, err = spy.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                _, err = spy.communicate()
-            if out.is_file():
-                self.files[phase] = out
-            else:
-                print(f"py-spy wrote no profile for {phase}: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
-
-
-# Leaf frames where a sampled thread is waiting, not working (py-spy counts them as active): idle AnyIO workers, and
-# workers queued on keybroker's SQLite write lock (Database.transaction's own samples are its lock.acquire).
-WAITING_LEAVES = frozenset(
-    {
-        "threading.py:Condition.wait",
-        "queue.py:Queue.get",
-        "threading.py:Event.wait",
-        "keybroker/storage/db.py:Database.transaction",
-    }
-)
-
-
-def top_functions(collapsed: Path, limit: int) -> dict[str, Any]:
-    """From py-spy's collapsed stacks: the share of samples waiting (by leaf), and among the other samples the top
-    functions by own (leaf) samples and the top keybroker functions by inclusive samples."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    waiting: Counter[str] = Counter()
-    total = working = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [shorten(frame) for frame in stack.split(";")[1:]]  # the first frame names the thread
-        if not frames:
-            continue
-        total += count
-        if frames[-1] in WAITING_LEAVES:
-            waiting[frames[-1]] += count
-            continue
-        working += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            if frame.startswith("keybroker/") and not frame.startswith(("keybroker/cli/", "keybroker/__main__")):
-                inclusive[frame] += count
-
-    def ranked(counter: Counter[str], base: int) -> list[dict[str, Any]]:
-        return [
-            {"function": name, "samples": n, "percent": round(100 * n / base, 1) if base else 0.0}
-            for name, n in counter.most_common(limit)
-        ]
-
-    return {
-        "samples": total,
-        "waiting": ranked(waiting, total),
-        "own": ranked(own, working),
-        "inclusive": ranked(inclusive, working),
-    }
-
-
-def shorten(frame: str) -> str:
-    """``func (/long/path/site-packages/pkg/mod.py)`` -> ``pkg/mod.py:func``."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    for marker in ("site-packages/", "/src/", "/lib/python3"):
-        if marker in where:
-            where = where.rsplit(marker, 1)[1]
-            break
-    return f"{where}:{name}" if where else name
-
-
-class Load:
-    """Threads, one keep-alive ``httpx.Client`` each, sharing a bounded supply of work."""
-
-    def __init__(self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | None) -> None:
-        self.clients, self.stop, self.server_pid = clients, stop, server_pid
-
-    def run(
-        self,
-        phase: Phase,
-        work: Callable[[int, int, Phase, dict[str, list[float]]], float | None],
-        limit: int,
-        duration: float,
-    ) -> Phase:
-        """``work(worker, sequence, phase, steps)`` returns the latency in ms, or None after recording an error.
-        Runs until ``limit`` operations were claimed or ``duration`` seconds passed."""
-        lock = threading.Lock()
-        issued = 0
-        deadline = time.perf_counter() + duration
-
-        def claim() -> int | None:
-            nonlocal issued
-            with lock:
-                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
-                    return None
-                issued += 1
-                return issued - 1
-
-        def worker(index: int) -> None:
-            latencies: list[float] = []
-            steps: dict[str, list[float]] = {}
-            local = Phase(phase.name, phase.unit)
-            while (sequence := claim()) is not None:
-                try:
-                    elapsed = work(index, sequence, local, steps)
-                except (httpx.HTTPError, OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
-                    local.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                if elapsed is not None:
-                    latencies.append(elapsed)
-            with lock:
-                phase.latencies_ms += latencies
-                phase.errors += local.errors
-                phase.checked += local.checked
-                for name, values in steps.items():
-                    phase.steps_ms.setdefault(name, []).extend(values)
-
-        user, system = cpu_times(self.server_pid) if self.server_pid else (0.0, 0.0)
-        client_cpu, busy, started = time.process_time(), machine_busy_seconds(), time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        phase.seconds, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - client_cpu
-        phase.machine_busy_s = machine_busy_seconds() - busy
-        if self.server_pid:
-            user_after, system_after = cpu_times(self.server_pid)
-            phase.server_cpu_s = user_after - user + system_after - system
-            phase.server_sys_s = system_after - system
-        return phase
+# --- benchmark --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -587,107 +228,6 @@ class Bench:
             step.note += f"; ran out of prebuilt transfers after {step.seconds:.1f} s"
         phases.append(step)
         return phases, extra
-
-
-# --- in-process service profile ------------------------------------------------------------------------------
-
-
-def service_profile(
-    data_dir: Path, sim: Simulator, key_id: str, secret: bytes, keys: list[WorkloadKey], count: int, top: int
-) -> dict[str, Any]:
-    """Where the service layer's CPU goes, in this process, one thread, no HTTP, on the benchmark server's data
-    directory (the server is idle by now; SQLite WAL allows a second process).
-
-    ``count`` calls each of ``TransferService.nonce`` and ``TransferService.transfer``, then of the parts a transfer
-    consists of, each timed alone with CPU time (so no profiler overhead is in these numbers); then ``count``
-    transfers under cProfile for a ranking of functions by own time (shares of the profiled time: the profiler
-    inflates Python-heavy code against C calls such as dcap-qvl)."""
-    import cProfile
-    import pstats
-
-    from keybroker.attestation.nonce import parse_nonce
-    from keybroker.audit.log import AuditContext, AuditEvent
-    from keybroker.config import load_settings
-    from keybroker.crypto.transfer import workload_public_key, wrap_for_workload
-    from keybroker.services import build_services
-
-    settings = load_settings(
-        data_dir=data_dir, overrides={"attestation": {"simulated_root": str(sim.directory / "root-ca.pem")}}
-    )
-    services = build_services(settings)
-    audit = AuditContext(request_id="bench-transfer", client="127.0.0.1")
-    transfer, attestation = services.transfer, services.attestation
-
-    def bodies(n: int) -> list[tuple[dict[str, Any], WorkloadKey]]:
-        out = []
-        for i in range(n):
-            key = keys[i % len(keys)]
-            nonce = transfer.nonce(key_id)[0].as_json()
-            quote = build_quote(sim.platform, report_data(nonce, key.spki), sgx=MEASUREMENTS)
-            out.append(({"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": key.spki_b64}, key))
-        return out
-
-    def cpu_us(calls: list[Callable[[], object]]) -> float:
-        started = time.process_time()
-        for call in calls:
-            call()
-        return round((time.process_time() - started) * 1e6 / len(calls), 1)
-
-    try:
-        for body, _ in bodies(10):  # warm-up: caches, connection pool, first collateral load
-            transfer.transfer(key_id, "SGX", body, None, audit)
-        nonce_us = cpu_us([lambda: transfer.nonce(key_id)] * count)
-        work = bodies(count)
-        transfer_us = cpu_us([partial(transfer.transfer, key_id, "SGX", b, None, audit) for b, _ in work])
-        body, key = bodies(1)[0]
-        last = transfer.transfer(key_id, "SGX", body, None, audit).as_json()
-        released = unwrap(base64.b64decode(last["wrapped_key"]), base64.b64decode(last["wrapped_swk"]), key.private)
-
-        record = services.keys.get(key_id)
-        material = services.keys.load_material(record)
-        work = bodies(count)
-        quotes = [base64.b64decode(b["quote"]) for b, _ in work]
-        nonces = [parse_nonce(b["nonce"]) for b, _ in work]
-        event = AuditEvent("key.transfer", "allowed", key_id, {"bench": True})
-        now = attestation.clock.now()
-        parts: list[tuple[str, list[Callable[[], object]]]] = [
-            ("QuoteVerifier.verify", [partial(attestation.verifier.verify, q, now) for q in quotes]),
-            ("NonceService.consume (DB write)", [partial(attestation.nonces.consume, n, "transfer") for n in nonces]),
-            ("AuditLog.record (DB write)", [lambda: services.audit.record(audit, event)] * count),
-            ("KeyService.get (DB read)", [lambda: services.keys.get(key_id)] * count),
-            ("PolicyStore.get (DB read)", [lambda: services.policies.get(record.transfer_policy_id)] * count),
-            ("KeyService.load_material (DB read, unseal)", [lambda: services.keys.load_material(record)] * count),
-            (
-                "workload_public_key + wrap_for_workload",
-                [lambda: wrap_for_workload(material.secret, workload_public_key(keys[0].spki))] * count,
-            ),
-        ]
-        timed = [{"part": name, "us": cpu_us(calls)} for name, calls in parts]
-
-        work = bodies(count)
-        profile = cProfile.Profile()
-        profile.enable()
-        for body, _ in work:
-            transfer.transfer(key_id, "SGX", body, None, audit)
-        profile.disable()
-    finally:
-        services.close()
-    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    profiled = sum(v[2] for v in stats.values())
-    db = sum(v[2] for k, v in stats.items() if "sqlalchemy" in k[0] or "sqlite3" in k[2])
-    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
-    return {
-        "transfers": count,
-        "released_key_matches": released == secret,
-        "nonce_us": nonce_us,
-        "transfer_us": transfer_us,
-        "parts": timed,
-        "profiled_db_percent": round(100 * db / profiled, 1),
-        "top": [
-            {"function": f"{shorten(f'{name} ({path})')}:{line}", "percent": round(100 * v[2] / profiled, 1)}
-            for (path, line, name), v in ranked
-        ],
-    }
 
 
 # --- reporting ----------------------------------------------------------------------------------------------------
