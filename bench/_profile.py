@@ -198,7 +198,7 @@ def service_profile(
         profile.disable()
     finally:
         services.close()
-    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # undocumented
     profiled = sum(v[2] for v in stats.values())
     db = sum(v[2] for k, v in stats.items() if "sqlalchemy" in k[0] or "sqlite3" in k[2])
     ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 clients.append(lean)
             stop = threading.Event()
             stack.callback(stop.set)
+            # LeanClient quacks like the httpx.Client that Load is typed with.
             bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid))  # type: ignore[arg-type]
             bench.load.run(Phase("warm-up", "transfer"), bench.complete, 2 * args.concurrency, 60.0)
             print("single RSA-7680 imports, one at a time ...", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,51 @@ from tests.peers.softhsm import SoftHsm
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = json.loads((REPO / "examples" / "transfer-policy.json").read_text())
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+
+# The backends of the contract suite that need a real peer (OpenBao, the PyKMIP server, a SoftHSM2 token made with
+# softhsm2-util); "embedded" runs in-process.
+PEER_BACKENDS = frozenset({"vault-kv1", "vault-kv2", "embedded-transit", "embedded-pkcs11", "kmip"})
+# Modules whose every test starts a peer or a process.
+PROCESS_MODULES = frozenset(
+    {
+        "test_kmip_store.py",
+        "test_pkcs11_wrapper.py",
+        "test_vault_auth.py",
+        "test_vault_tls.py",
+        "test_kmip_generation.py",
+    }
+)
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    if "integration" in item.path.parts or item.path.name in PROCESS_MODULES:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "backend_name" in params:  # the contract suite starts its peers lazily, for the backends that need them
+        return params["backend_name"] in PEER_BACKENDS
+    return "softhsm" in getattr(item, "fixturenames", ()) or "peers" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``integration``: every test that starts a process (a server, a peer, a command). ``pytest -m "not
+    integration"`` is then the fast run, and ``_no_processes`` proves it starts none."""
+    for item in items:
+        if item.get_closest_marker("integration") is None and _starts_processes(item):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the integration marker may not start a process (keybroker's own helper processes, made by
+    multiprocessing, are not started through subprocess and stay allowed)."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args[:1]}) but is not marked integration")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,15 @@ status exactly once, in ``keybroker.api.errors``.
     │   └── CollateralUnavailable 503 Intel collateral needed for a quote is neither cached nor fetchable
     ├── StoredKeyCorrupt         500  stored material failed authentication (tampering, wrong KEK)
     └── ConfigurationError       --   invalid settings; raised at start, never at request time
+
+Raising one from another exception (the rule every module follows):
+
+* ``raise ... from None`` is the default at every translation of a library's or a vendor's exception (a parser, a
+  KMS client, a TLS error, a JSON decoder): their messages and tracebacks may quote the input, a path with a
+  token in it, a response body or key bytes, and nothing of that may travel further.
+* ``raise ... from exc`` only where the cause is known to carry none of that and an operator needs it: the
+  database (SQLAlchemy's errors never carry bound parameters, ``hide_parameters``), the audit write built on it,
+  and PKCS#11 return codes. Even then only the cause's type reaches a log line (``keybroker.logs``).
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def test_an_aggregate_is_written_within_one_window(
     head = services.audit.head()[0]
     client.get("/kbs/v1/keys")
     client.get("/kbs/v1/tokens")
-    refusals: AnonymousRefusals = client.app.state.refusals  # type: ignore[attr-defined]
+    refusals: AnonymousRefusals = client.app.state.refusals
     assert refusals.flush_due() == 0  # the window is still open
     clock.advance(timedelta(seconds=60))
     assert refusals.flush_due() == 1
@@ -233,11 +233,11 @@ def test_aggregates_are_kept_through_an_audit_outage(services: Services, clock: 
     def broken(*_: Any) -> int:
         raise RuntimeError("disk full")
 
-    services.audit.record = broken  # type: ignore[method-assign]
+    services.audit.record = broken
     with pytest.raises(RuntimeError):
         refusals.flush_due()
     refusals.add("192.0.2.1", "GET /kbs/v1/keys", "invalid_token")
-    services.audit.record = original  # type: ignore[method-assign]
+    services.audit.record = original
     head = services.audit.head()[0]
     assert refusals.flush_due() == 1
     (entry,) = services.audit.entries(after_seq=head)

@@ -228,8 +228,8 @@ def test_the_server_renews_vault_tokens_in_the_background(services: Services) ->
     assert services.backends is not None
     stores = services.backends.stores
     assert isinstance(stores, dict)
-    stores["vault-a"] = Holder("a", fail=True)  # type: ignore[assignment]
-    stores["vault-b"] = Holder("b", fail=False)  # type: ignore[assignment]
+    stores["vault-a"] = Holder("a", fail=True)
+    stores["vault-b"] = Holder("b", fail=False)
 
     async def run() -> None:
         task = asyncio.create_task(_renew_vault_tokens(services))

@@ -66,7 +66,7 @@ def _call(world: World, route: APIRoute, method: str, token: str | None) -> tupl
     kwargs: dict[str, object] = {"headers": headers}
     if method in ("POST", "PUT"):
         kwargs["json"] = {}
-    response = world.client.request(method, _path(route), **kwargs)  # type: ignore[arg-type]
+    response = world.client.request(method, _path(route), **kwargs)
     is_json = response.headers.get("content-type", "").endswith("json")
     body = response.json() if is_json and response.content else {}
     return response.status_code, body if isinstance(body, dict) else {}
@@ -93,7 +93,7 @@ def test_role_against_route(world: World, route: APIRoute, method: str, role: st
 
 
 def _path_of(entry: dict[str, object]) -> object:
-    return entry["details"]["path"]  # type: ignore[index]
+    return entry["details"]["path"]
 
 
 REFUSED = [
@@ -110,7 +110,7 @@ REFUSED = [
 def test_unauthenticated_against_route(
     world: World, route: APIRoute, method: str, token: str | None, code: str
 ) -> None:
-    refusals = world.client.app.state.refusals  # type: ignore[attr-defined]
+    refusals = world.client.app.state.refusals
     head, pending = world.services.audit.head()[0], refusals.pending()
     status, body = _call(world, route, method, world.tokens[token] if token else None)
     if route_permission(route) == "":

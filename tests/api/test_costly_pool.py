@@ -76,7 +76,7 @@ def test_a_full_pool_answers_503_server_busy(
         thread.start()
     assert entered.acquire(timeout=10)
     deadline = time.monotonic() + 10
-    while client.app.state.costly.admitted < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while client.app.state.costly.admitted < 2 and time.monotonic() < deadline:
         time.sleep(0.01)  # one runs, one waits
     before = snapshot(services)
     refused = client.post("/kbs/v1/keys", json=body)

@@ -26,7 +26,7 @@ from keybroker.ids import BackendRef, KeyId
 from keybroker.keys.models import Algorithm, KeySpec
 from keybroker.storage.tables import AuditEventRow, KeyRow, PendingMaterialRow
 from tests.contract.conftest import OUTAGE_BACKENDS, Peers, outage
-from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401
+from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401 - sim_dir is a fixture, used by name
 
 UNDER_TEST = "under-test"
 AES = KeySpec(Algorithm.AES, 256)
@@ -38,7 +38,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811
+def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811 - this module's world
     backends = {"embedded": {}, UNDER_TEST: backend_config}
     with open_world(tmp_path, sim_dir, backends=backends, keys={"default_backend": UNDER_TEST}) as opened:
         yield opened

@@ -20,14 +20,14 @@ from keybroker.ids import KeyId
 from keybroker.keys.models import KeySpec
 from keybroker.storage.tables import KeyRow
 from tests.contract.conftest import Peers
-from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401
+from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401 - sim_dir is a fixture, used by name
 
 UNDER_TEST = "under-test"
 pytestmark = pytest.mark.parametrize("backend_name", ["kmip"], indirect=True)
 
 
 @pytest.fixture
-def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811
+def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811 - this module's world
     with open_world(tmp_path, sim_dir, backends={"embedded": {}, UNDER_TEST: backend_config}) as opened:
         yield opened
 

@@ -19,13 +19,13 @@ from keybroker.ids import BackendRef, KeyId
 from keybroker.services import build_services, initialise
 from tests.conftest import NOW
 from tests.contract.conftest import KV1_MOUNT, KV2_MOUNT, Peers
-from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401
+from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401 - sim_dir is a fixture, used by name
 
 UNDER_TEST = "under-test"
 
 
 @pytest.fixture
-def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811
+def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811 - this module's world
     backends = {"embedded": {}, UNDER_TEST: backend_config}
     with open_world(tmp_path, sim_dir, backends=backends, keys={"default_backend": UNDER_TEST}) as opened:
         yield opened
@@ -133,7 +133,7 @@ def test_a_reconciler_racing_a_create_never_leaves_a_record_without_material(
 
 def test_two_embedded_backends_with_their_own_keks_survive_restarts_and_a_new_default(
     tmp_path: Path,
-    sim_dir: Path,  # noqa: F811
+    sim_dir: Path,  # noqa: F811 - the imported fixture, by name
     peers: Peers,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,13 +12,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401
+from tests.transfer.conftest import World, open_world, released_bytes, request_transfer, sim_dir  # noqa: F401 - sim_dir is a fixture, used by name
 
 UNDER_TEST = "under-test"
 
 
 @pytest.fixture
-def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811
+def world(tmp_path: Path, sim_dir: Path, backend_config: dict[str, Any]) -> Iterator[World]:  # noqa: F811 - this module's world
     # The backend is not the default: the create request picks it by name ("backend"), as PROTOCOL.md §1 allows.
     with open_world(tmp_path, sim_dir, backends={"embedded": {}, UNDER_TEST: backend_config}) as opened:
         yield opened

@@ -41,8 +41,8 @@ from tests.peers import nginx
 from tests.peers.softhsm import SO_PIN, SoftHsm, Token, module_path
 
 pkcs11 = pytest.importorskip("pkcs11")
-from pkcs11 import Attribute, GCMParams, Mechanism, ObjectClass  # noqa: E402
-from pkcs11.exceptions import AttributeSensitive  # noqa: E402
+from pkcs11 import Attribute, GCMParams, Mechanism, ObjectClass  # noqa: E402 - after the importorskip that guards it
+from pkcs11.exceptions import AttributeSensitive  # noqa: E402 - after the importorskip that guards it
 
 runner = CliRunner()
 OTHER_MRENCLAVE = "5a" * 32

@@ -153,7 +153,7 @@ def _evidence(setup: Setup, tee: str) -> SimulatedEvidence:
 def test_keybroker_client_receives_the_imported_bytes(setup: Setup, tee: str, mode: str, kind: str) -> None:
     key_id, expected = setup.keys[kind]
     with Client(setup.server.url, ca=setup.server.ca_file) as client:
-        released = client.fetch_key(key_id, _evidence(setup, tee), mode=mode)  # type: ignore[arg-type]
+        released = client.fetch_key(key_id, _evidence(setup, tee), mode=mode)
     assert released.key == expected
     assert expected.hex() not in repr(released)
 

@@ -540,7 +540,7 @@ def test_every_transfer_request_is_exactly_one_audit_entry(world: World) -> None
 @pytest.mark.parametrize("key_id", ["0b8ea4b5-5a0e-4a5e-9a43-6c7f0a3e2a11", "not-a-key-id"])
 def test_transfers_of_unknown_keys_are_aggregated(world: World, key_id: str) -> None:
     """Not a decision about a key: counted in the anonymous aggregate, so that guessing ids cannot fill the log."""
-    refusals = world.api.app.state.refusals  # type: ignore[attr-defined]
+    refusals = world.api.app.state.refusals
     head, pending = world.services.audit.head()[0], refusals.pending()
     response = world.api.post(f"/kbs/v1/keys/{key_id}/transfer", json={"quote": "x"}, headers={"Authorization": ""})
     assert_problem(response, 404, "key_not_found")

@@ -93,8 +93,8 @@ def _rejections() -> list[tuple[str, KeySpec, str, str]]:
         .decode()
     )
     ed = ed25519.Ed25519PrivateKey.generate()
-    ed_pem = _pem(ed, serialization.PrivateFormat.PKCS8)  # type: ignore[arg-type]
-    dsa_pem = _pem(dsa.generate_private_key(2048), serialization.PrivateFormat.PKCS8)  # type: ignore[arg-type]
+    ed_pem = _pem(ed, serialization.PrivateFormat.PKCS8)
+    dsa_pem = _pem(dsa.generate_private_key(2048), serialization.PrivateFormat.PKCS8)
     aes256 = KeySpec(Algorithm.AES, 256)
     rsa2048 = KeySpec(Algorithm.RSA, 2048)
     return [
@@ -186,7 +186,7 @@ def test_inconsistent_rsa_imports_are_refused_with_their_reason(change: object, 
     numbers = rsa.generate_private_key(65537, 2048).private_numbers()
     values = {"p": numbers.p, "q": numbers.q, "d": numbers.d, "dmp1": numbers.dmp1, "dmq1": numbers.dmq1}
     values["iqmp"] = numbers.iqmp
-    values.update(change(numbers))  # type: ignore[operator]
+    values.update(change(numbers))
     pem = _numbers_pem(rsa.RSAPrivateNumbers(public_numbers=numbers.public_numbers, **values))
     with pytest.raises(InvalidKeyMaterial, match=reason):
         parse_import(KeySpec(Algorithm.RSA, 2048), pem)

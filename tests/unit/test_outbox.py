@@ -94,7 +94,7 @@ def test_a_stale_claim_is_taken_over_and_the_old_claimant_changes_nothing(servic
     first = outbox.claim(row)
     assert first is not None
     assert outbox.claim(row) is None  # held
-    services.clock.advance(timedelta(hours=2))  # type: ignore[attr-defined]
+    services.clock.advance(timedelta(hours=2))
     second = outbox.claim(row)
     assert second is not None  # the first claimant is presumed dead
     outbox.unclaim(row, first)

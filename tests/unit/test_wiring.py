@@ -28,7 +28,7 @@ def _all_subclasses(cls: type) -> set[type]:
 
 def test_every_error_class_has_a_status_row() -> None:
     import keybroker.api.deps
-    import keybroker.services  # noqa: F401
+    import keybroker.services  # noqa: F401 - imported for its side effect: every error class is defined
 
     server_side = {errors.ConfigurationError, errors.StoredKeyCorrupt}  # deliberately 500: never the caller's fault
     for cls in _all_subclasses(errors.KeybrokerError):
@@ -60,6 +60,7 @@ def test_a_route_without_a_permission_refuses_to_start() -> None:
         check_routes_declare_permissions([r for r in router.routes if isinstance(r, APIRoute)])
 
 
+@pytest.mark.integration  # a fresh interpreter: this one has the server's packages loaded already
 def test_keybroker_client_does_not_load_server_packages() -> None:
     code = (
         "import sys, keybroker_client;"

@@ -32,7 +32,7 @@ def fetch_pinned_ca(base_url: str, fingerprint: str, timeout: float = 10.0) -> s
     pin = normalise_fingerprint(fingerprint)
     try:
         # Unverified on purpose: what is fetched is checked against the pin before anything trusts it.
-        response = httpx.get(f"{base_url.rstrip('/')}/cms/v1/ca-certificates", verify=False, timeout=timeout)  # noqa: S501
+        response = httpx.get(f"{base_url.rstrip('/')}/cms/v1/ca-certificates", verify=False, timeout=timeout)  # noqa: S501 - pinned below
     except httpx.HTTPError as exc:
         raise TransportError(f"cannot fetch the CA certificate from {base_url}: {exc}") from None
     match = _PEM_CERT.search(response.text) if response.status_code == 200 else None

@@ -72,8 +72,9 @@ class SimulatedEvidence:
         self._platform = load_platform(directory, platform)
         self._version = version
         self._td_report_15 = td_report_15
+        # measurements are the keyword arguments of one of the two (checked by the dataclass itself, TypeError).
         self._sgx = SgxMeasurements(**measurements) if self.tee_type == "SGX" else None  # type: ignore[arg-type]
-        self._tdx = TdxMeasurements(**measurements) if self.tee_type == "TDX" else None  # type: ignore[arg-type]
+        self._tdx = TdxMeasurements(**measurements) if self.tee_type == "TDX" else None  # type: ignore[arg-type]  # as above
 
     def quote(self, report_data: bytes) -> bytes:
         from keybroker_client.sim_quotes import build_quote

@@ -139,7 +139,7 @@ def check_crl(
     except ValueError:
         raise CollateralInvalid(f"{what}: not a DER CRL") from None
     _check_chain(issuer_chain, roots, now, what)
-    if not crl.is_signature_valid(issuer_chain[0].public_key()):  # type: ignore[arg-type]
+    if not crl.is_signature_valid(issuer_chain[0].public_key()):  # type: ignore[arg-type]  # Intel CAs: EC keys
         raise CollateralInvalid(f"{what}: the CRL signature does not verify", code="collateral_signature_invalid")
     return crl
 
@@ -204,6 +204,7 @@ def _crl_time(der: bytes) -> datetime:
 
 def _crl_signed_by(der: bytes, cert: x509.Certificate) -> bool:
     try:
+        # Intel CAs have EC keys; cryptography types public_key() as every key type, is_signature_valid fewer.
         return x509.load_der_x509_crl(der).is_signature_valid(cert.public_key())  # type: ignore[arg-type]
     except ValueError:
         return False

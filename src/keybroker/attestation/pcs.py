@@ -55,6 +55,7 @@ class PcsClient:
         self._store = store
         self._attempts = attempts
         headers = {"Ocp-Apim-Subscription-Key": api_key} if api_key else {}
+        # verify is True or an SSLContext (typed object by the caller that builds it).
         self._http = httpx.Client(timeout=timeout, headers=headers, verify=verify)  # type: ignore[arg-type]
         self._locks = [threading.Lock() for _ in range(32)]  # striped: bounded, whatever keys are asked for
 

@@ -26,6 +26,13 @@ class Capability(enum.StrEnum):
 
 
 class KeyStore(Protocol):
+    """Where key material lives.
+
+    Thread-safety: every method may be called from many threads at once (the server shares one store).
+    Fail closed: a store that cannot tell what it holds raises; it never returns material it did not verify as the
+    key's (``StoredKeyCorrupt`` for material that fails its binding or authentication, ``NotFound`` only when the
+    backend says the object is gone, ``BackendUnavailable`` for everything it cannot establish now)."""
+
     name: str
     capabilities: frozenset[Capability]
 
@@ -92,6 +99,13 @@ class GeneratingKeyStore(KeyStore, Protocol):
 
 
 class KeyWrapper(Protocol):
+    """Who holds a KEK: wraps and unwraps data keys, never hands out the KEK itself.
+
+    Thread-safety: every method may be called from many threads at once. Fail closed: ``unwrap`` returns bytes only
+    if the blob authenticates under this KEK and context; a blob of another KEK, a tampered blob or another context
+    is ``StoredKeyCorrupt``, an unreachable KEK holder ``BackendUnavailable`` (never a guess, never a retry under
+    another key)."""
+
     name: str
 
     @property

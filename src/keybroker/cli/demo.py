@@ -38,7 +38,7 @@ def _say(step: str) -> None:
 
 
 def _keybroker(*args: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run([sys.executable, "-m", "keybroker", *args], check=True, capture_output=True, env=env)  # noqa: S603
+    subprocess.run([sys.executable, "-m", "keybroker", *args], check=True, capture_output=True, env=env)  # noqa: S603 - fixed argv
 
 
 @dataclass

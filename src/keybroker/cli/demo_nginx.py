@@ -57,7 +57,7 @@ def _module() -> str:
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603 - no shell
 
 
 def _show(result: subprocess.CompletedProcess[str]) -> None:

@@ -56,7 +56,7 @@ CONFIG_FILE_NAME = "keybroker.toml"
 
 # The TOML values of the load_settings() call in progress; a context variable rather than a module global so that
 # concurrent loads (tests) cannot see each other's file.
-_file_values: ContextVar[dict[str, Any]] = ContextVar("keybroker_config_file_values", default={})  # noqa: B039
+_file_values: ContextVar[dict[str, Any]] = ContextVar("keybroker_config_file_values", default={})  # noqa: B039 - never mutated
 
 
 class _TomlValues(PydanticBaseSettingsSource):
