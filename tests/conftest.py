@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from keybroker.api.app import create_app
+from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import FixedClock
 from keybroker.config import Settings, load_settings
 from keybroker.services import Services, build_services, initialise
 from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, RoleRow, TransferPolicyRow
+from tests.peers.postgres import Postgres
 from tests.peers.softhsm import SoftHsm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,9 +47,12 @@ def _starts_processes(item: pytest.Item) -> bool:
     if "integration" in item.path.parts or item.path.name in PROCESS_MODULES:
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("database_kind") == "postgresql":
+        return True
     if "backend_name" in params:  # the contract suite starts its peers lazily, for the backends that need them
         return params["backend_name"] in PEER_BACKENDS
-    return "softhsm" in getattr(item, "fixturenames", ()) or "peers" in getattr(item, "fixturenames", ())
+    names = getattr(item, "fixturenames", ())
+    return "softhsm" in names or "peers" in names or "postgres" in names
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -94,6 +99,44 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     """One SoftHSM2 token directory for the whole run: SoftHSM reads SOFTHSM2_CONF once per C_Initialize and
     python-pkcs11 keeps one library per path, so every in-process user shares it (tests make tokens by label)."""
     return SoftHsm(tmp_path_factory.mktemp("softhsm"))
+
+
+PG_PASSWORD_ENV = "KB_TEST_PG_PASSWORD"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the run; each test that uses it gets a database of its own."""
+    server = Postgres(tmp_path_factory.mktemp("postgres")).init()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_settings(
+    database_kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path], dict[str, Any]]:
+    """For a data directory: the settings overrides of the database under test (none for SQLite). On PostgreSQL a
+    fresh database, its password from the environment, and a master key file given to the data directory (as a
+    replica of a PostgreSQL deployment must be given the deployment's KEK)."""
+
+    def prepare(data_dir: Path) -> dict[str, Any]:
+        if database_kind == "sqlite":
+            return {}
+        server: Postgres = request.getfixturevalue("postgres")
+        monkeypatch.setenv(PG_PASSWORD_ENV, server.password)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not (data_dir / "master.key").exists():
+            LocalKeyWrapper.create_file(data_dir / "master.key")
+        url = server.url_for(server.create_database())
+        return {"database": {"url": url, "password": {"env": PG_PASSWORD_ENV}}}
+
+    return prepare
 
 
 @pytest.fixture

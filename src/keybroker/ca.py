@@ -1,19 +1,24 @@
-"""The service CA (the guide's CMS role): created at init, issues the service's own TLS certificate and signs
-CSRs for other services. Clients trust it by file (``ca.pem``) or by its SHA-384 fingerprint.
+"""The service CA (the guide's CMS role) and the workload CA: created at init, kept in the database, shared by every
+replica. The service CA issues each replica's own TLS certificate and signs CSRs for other services; clients trust
+it by file (``DATA_DIR/ca.pem``, written by ``init`` and ``serve``) or by its SHA-384 fingerprint.
 
-Private keys on disk are PKCS#8, encrypted with a random passphrase that is itself wrapped by the KEK
-(``KeyWrapper``), so they are as safe at rest as the keys keybroker stores.
+The CA private keys are kept in the database as PKCS#8, wrapped by the KEK (``KeyWrapper``) with the CA's name as
+context, so they are as safe at rest as the keys keybroker stores and any replica with the KEK can use them. A
+replica's TLS key is made at every ``serve`` and written encrypted with a passphrase that exists only in memory.
+
+Data directories from before the CAs moved into the database (their keys in ``ca-key.pem`` files, encrypted with
+a passphrase in ``tls-passphrase.wrapped``) are imported on first use.
 """
 
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,22 +28,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy.exc import IntegrityError
 
 from keybroker.backends.base import KeyWrapper
-from keybroker.errors import ConfigurationError, InvalidRequest
+from keybroker.errors import BackendUnavailable, ConfigurationError, InvalidRequest, StoredKeyCorrupt
+from keybroker.storage.db import Database
+from keybroker.storage.tables import CertificateAuthorityRow
 
 CA_CERT = "ca.pem"
-CA_KEY = "ca-key.pem"
+CA_KEY = "ca-key.pem"  # (before 0008: the encrypted CA key in the data directory)
 # A second CA, for certificates of keys keybroker releases to workloads (the Nginx flow). Never the service CA:
 # clients trust the service CA to authenticate keybroker itself, and a certificate for a key that a key manager
 # imported must not be able to impersonate keybroker.
 WORKLOAD_CA_CERT = "workload-ca.pem"
 WORKLOAD_CA_KEY = "workload-ca-key.pem"
-PASSPHRASE_FILE = "tls-passphrase.wrapped"  # noqa: S105 - a file name
+PASSPHRASE_FILE = "tls-passphrase.wrapped"  # noqa: S105 - a file name (before 0008)
 SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server-key.pem"
-_CONTEXT = b"keybroker/tls-passphrase/v1"
+_LEGACY_CONTEXT = b"keybroker/tls-passphrase/v1"
 MAX_DAYS = 825
+SERVICE, WORKLOAD = "service", "workload"
+_FILES = {SERVICE: (CA_CERT, CA_KEY), WORKLOAD: (WORKLOAD_CA_CERT, WORKLOAD_CA_KEY)}
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -66,6 +76,24 @@ def _san_entries(names: Sequence[str]) -> list[x509.GeneralName]:
     return entries
 
 
+def _context(name: str) -> bytes:
+    return b"keybroker/ca-key/v1\0" + name.encode()
+
+
+def recorded_kek_id(database: Database, data_dir: Path) -> str | None:
+    """The KEK that protects keybroker's own secrets, as the service CA records it (``None`` before init)."""
+    with database.transaction() as session:
+        row = session.get(CertificateAuthorityRow, SERVICE)
+        if row is not None:
+            return row.kek_id
+    try:
+        record = json.loads((data_dir / PASSPHRASE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    kek_id = record.get("kek_id") if isinstance(record, dict) else None
+    return kek_id if isinstance(kek_id, str) else None
+
+
 @dataclass(frozen=True)
 class ServerCertificate:
     cert_file: Path
@@ -74,60 +102,70 @@ class ServerCertificate:
 
 
 class ServiceCA:
-    def __init__(self, data_dir: Path, wrapper: KeyWrapper, cert_file: str = CA_CERT, key_file: str = CA_KEY) -> None:
-        self._dir = data_dir
+    """One CA of the deployment (``SERVICE`` or ``WORKLOAD``). Thread-safe; safe across processes and replicas
+    (the database orders concurrent creations: the first row wins, the others read it)."""
+
+    def __init__(self, database: Database, wrapper: KeyWrapper, data_dir: Path, name: str = SERVICE) -> None:
+        self._db = database
         self._wrapper = wrapper
-        self._cert_file = cert_file
-        self._key_file = key_file
+        self._dir = data_dir
+        self._name = name
+        self._cert_file, self._legacy_key_file = _FILES[name]
+        self._lock = threading.Lock()
+        self._loaded: tuple[bytes, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     @classmethod
-    def workload(cls, data_dir: Path, wrapper: KeyWrapper) -> ServiceCA:
+    def workload(cls, database: Database, wrapper: KeyWrapper, data_dir: Path) -> ServiceCA:
         """The CA of key certificates (``WORKLOAD_CA_CERT``), separate from the service CA."""
-        return cls(data_dir, wrapper, WORKLOAD_CA_CERT, WORKLOAD_CA_KEY)
+        return cls(database, wrapper, data_dir, WORKLOAD)
 
     @property
     def cert_path(self) -> Path:
+        """This replica's copy of the CA certificate, for clients (``publish``)."""
         return self._dir / self._cert_file
 
+    def _row(self) -> CertificateAuthorityRow | None:
+        with self._db.transaction() as session:
+            row = session.get(CertificateAuthorityRow, self._name)
+            if row is not None:
+                session.expunge(row)
+            return row
+
     def exists(self) -> bool:
-        return self.cert_path.is_file() and (self._dir / self._key_file).is_file()
-
-    # --- the passphrase that encrypts private keys on disk ------------------------------------------------
-
-    def _passphrase(self) -> bytes:
-        path = self._dir / PASSPHRASE_FILE
-        if not path.exists():
-            secret = secrets.token_urlsafe(32).encode()
-            record = {"kek_id": self._wrapper.kek_id, "wrapped": base64.b64encode(self._wrapper.wrap(secret, _CONTEXT))}
-            _write(path, json.dumps({k: v.decode() if isinstance(v, bytes) else v for k, v in record.items()}).encode())
-            return secret
-        record = json.loads(path.read_text())
-        return self._wrapper.unwrap(base64.b64decode(record["wrapped"]), _CONTEXT, record["kek_id"])
-
-    def _encrypted(self, key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(self._passphrase()),
-        )
+        return self._row() is not None
 
     # --- the CA ------------------------------------------------------------------------------------------
 
     def create(self, now: datetime, common_name: str) -> None:
-        """Create the CA (EC P-384, 10 years) unless it exists. Safe against a concurrent ``create`` in another
-        process (server workers): an ``flock`` orders them, and the loser finds the CA made."""
-        if self.exists():
-            return
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._dir / f".{self._cert_file}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if not self.exists():
-                self._create(now, common_name)
-        finally:
-            os.close(fd)  # releases the lock
+        """Create the CA (EC P-384, 10 years) unless the deployment has one, import it from a data directory of
+        an earlier version if there is one there, and publish its certificate in the data directory."""
+        if self._row() is None:
+            cert_pem, key = self._legacy() or self._new(now, common_name)
+            der = key.private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            row = CertificateAuthorityRow(
+                name=self._name,
+                cert_pem=cert_pem.decode("ascii"),
+                key_wrapped=self._wrapper.wrap(der, _context(self._name)),
+                kek_id=self._wrapper.kek_id,
+                created_at=now,
+            )
+            try:
+                with self._db.transaction(write=True) as session:
+                    session.add(row)
+            except IntegrityError:
+                pass  # another process or replica created it first: theirs is the deployment's
+        self.publish()
 
-    def _create(self, now: datetime, common_name: str) -> None:
+    def publish(self) -> Path:
+        """Write the CA certificate to the data directory (what clients and ``--cacert`` use)."""
+        pem = self.certificate_pem()
+        if not self.cert_path.is_file() or self.cert_path.read_bytes() != pem:
+            _write(self.cert_path, pem)
+        return self.cert_path
+
+    def _new(self, now: datetime, common_name: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name(
             [
@@ -148,21 +186,53 @@ class ServiceCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384())
         )
-        _write(self._dir / self._key_file, self._encrypted(key))
-        _write(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return cert.public_bytes(serialization.Encoding.PEM), key
+
+    def _legacy(self) -> tuple[bytes, ec.EllipticCurvePrivateKey] | None:
+        """The CA of a data directory from before 0008 (certificate and encrypted key files), if there is one."""
+        cert_path, key_path, record_path = (
+            self.cert_path,
+            self._dir / self._legacy_key_file,
+            self._dir / PASSPHRASE_FILE,
+        )
+        if not (cert_path.is_file() and key_path.is_file() and record_path.is_file()):
+            return None
+        record = json.loads(record_path.read_text())
+        passphrase = self._wrapper.unwrap(base64.b64decode(record["wrapped"]), _LEGACY_CONTEXT, record["kek_id"])
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"{key_path} does not hold an EC key")
+        return cert_path.read_bytes(), key
+
+    def check_kek(self) -> None:
+        """Raise ``ConfigurationError`` unless this CA's key unwraps under the configured KEK (a joining replica
+        configured with another KEK than the deployment's)."""
+        try:
+            self._load()
+        except (StoredKeyCorrupt, BackendUnavailable) as exc:
+            raise ConfigurationError(
+                f"this replica's KEK cannot open the deployment's keys ({exc.instance_code}): every replica must be "
+                "configured with the deployment's KEK"
+            ) from None
 
     def certificate_pem(self) -> bytes:
-        try:
-            return self.cert_path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigurationError(f"no service CA in {self._dir}; run 'keybroker init'") from None
+        row = self._row()
+        if row is None:
+            raise ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
+        return row.cert_pem.encode("ascii")
 
     def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        cert = x509.load_pem_x509_certificate(self.certificate_pem())
-        key = serialization.load_pem_private_key((self._dir / self._key_file).read_bytes(), password=self._passphrase())
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigurationError("the CA key is not an EC key")
-        return cert, key
+        row = self._row()
+        if row is None:
+            raise ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != row.key_wrapped:
+                der = self._wrapper.unwrap(row.key_wrapped, _context(self._name), row.kek_id)
+                key = serialization.load_der_private_key(der, password=None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    raise ConfigurationError(f"the {self._name} CA key is not an EC key")
+                self._loaded = (row.key_wrapped, x509.load_pem_x509_certificate(row.cert_pem.encode()), key)
+            return self._loaded[1], self._loaded[2]
 
     def _issue(
         self,
@@ -196,23 +266,19 @@ class ServiceCA:
     # --- the service's own TLS certificate ------------------------------------------------------------------
 
     def server_certificate(self, sans: Sequence[str], now: datetime, days: int) -> ServerCertificate:
-        """The TLS certificate to serve with; (re)issued when missing, expiring within 30 days, or when the
-        configured names changed."""
-        cert_path, key_path = self._dir / SERVER_CERT, self._dir / SERVER_KEY
-        password = self._passphrase().decode()
-        if cert_path.exists() and key_path.exists():
-            current = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            try:
-                names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                same_names = {str(n.value) for n in names} == {str(n.value) for n in _san_entries(sans)}
-            except x509.ExtensionNotFound:
-                same_names = False
-            if same_names and current.not_valid_after_utc - now > timedelta(days=30):
-                return ServerCertificate(cert_path, key_path, password)
+        """A new TLS certificate for this replica (the names in ``sans``), and its key written encrypted under a
+        passphrase that only the returned object (the serving process) holds."""
         key = ec.generate_private_key(ec.SECP384R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0] if sans else "keybroker")])
         cert = self._issue(subject, key.public_key(), _san_entries(sans), now, days)
-        _write(key_path, self._encrypted(key))
+        password = secrets.token_urlsafe(32)
+        cert_path, key_path = self._dir / SERVER_CERT, self._dir / SERVER_KEY
+        encrypted = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password.encode()),
+        )
+        _write(key_path, encrypted)
         # The chain (leaf, then CA) so that clients pinning the CA can verify the leaf.
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem())
         return ServerCertificate(cert_path, key_path, password)

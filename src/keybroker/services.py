@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import secrets
+import socket
 import ssl
 import uuid
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Sett
 from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
+from keybroker.storage.cluster import Leases, Replicas
 from keybroker.storage.db import Database
 from keybroker.storage.deployment import deployment_id
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
@@ -60,6 +64,29 @@ class Services:
     upstream: PcsClient | None = None
     backends: Backends | None = None
     workload_ca: ServiceCA | None = None  # signs key certificates (never the service CA: see ca.WORKLOAD_CA_CERT)
+
+    @property
+    def replica_id(self) -> str:
+        """This replica: its host and data directory (stable across restarts, the same for its worker processes)."""
+        digest = hashlib.sha256(str(self.settings.data_dir).encode()).hexdigest()[:8]
+        return f"{socket.gethostname()}:{digest}"
+
+    @property
+    def address(self) -> str:
+        server = self.settings.server
+        if server.public_url:
+            return server.public_url
+        scheme = "https" if self.settings.tls.enabled else "http"
+        return f"{scheme}://{server.listen}"
+
+    @functools.cached_property  # (a frozen dataclass still has the instance __dict__ it writes to)
+    def leases(self) -> Leases:
+        """Cluster-wide job leases, held by this process (``storage.cluster``)."""
+        return Leases(self.database, self.clock, f"{self.replica_id}/{os.getpid()}")
+
+    @functools.cached_property
+    def replicas(self) -> Replicas:
+        return Replicas(self.database, self.clock)
 
     def close(self) -> None:
         if self.upstream is not None:
@@ -114,7 +141,7 @@ def _assemble(
                     f"configured KEK is {store.wrapper.kek_id}; refusing to start with the wrong KEK"
                 )
     wrapper = backends.service_wrapper
-    ca = ServiceCA(settings.data_dir, wrapper)
+    ca = ServiceCA(database, wrapper, settings.data_dir)
     collateral = CollateralStore(database, clock)
     anchors = trust_anchors(settings)
     upstream = _upstream(settings, anchors, collateral)
@@ -164,7 +191,7 @@ def _assemble(
         transfer,
         upstream,
         backends,
-        ServiceCA.workload(settings.data_dir, wrapper),
+        ServiceCA.workload(database, wrapper, settings.data_dir),
     )
 
 
@@ -209,7 +236,11 @@ def _open_initialised(settings: Settings) -> Database:
     )
     if not settings.data_dir.is_dir():
         raise not_initialised
-    database = Database.from_url(settings.database_url)
+    database = Database.from_url(
+        settings.database_url,
+        settings.database.connect_timeout_seconds,
+        settings.database.statement_timeout_seconds,
+    )
     try:
         migrated = database.is_migrated()
     except SQLAlchemyError as exc:
@@ -229,42 +260,35 @@ class InitResult:
 
 
 def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: bool = False) -> InitResult:
-    """Create the data directory, schema, master key, deployment id, roles, service CA and the first admin
-    token. Idempotent; ``new_admin_token`` issues another admin token (recovery when all have expired)."""
+    """Create the deployment: data directory, schema, master key (SQLite only), deployment id, roles, the service
+    and workload CAs and the first admin token; or, on a database that has a deployment already, join it: check
+    that the configured KEK is the deployment's (else refuse, changing nothing), publish the CA certificates in
+    the data directory, and write no admin token. Idempotent; ``new_admin_token`` issues another admin token
+    (recovery when all have expired)."""
     clock = clock or SystemClock()
     data_dir = settings.data_dir
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    database = Database.from_url(settings.database_url)
+    if not settings.database.url:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the SQLite database lives there
+    database = Database.from_url(
+        settings.database_url,
+        settings.database.connect_timeout_seconds,
+        settings.database.statement_timeout_seconds,
+    )
     try:
-        already = database.is_migrated()
-        local_wrappers = [
-            backend.wrapper
-            for backend in settings.backends.values()
-            if isinstance(backend, EmbeddedBackendSettings) and isinstance(backend.wrapper, LocalWrapperSettings)
-        ]
-        if not any(isinstance(backend, EmbeddedBackendSettings) for backend in settings.backends.values()):
-            local_wrappers.append(LocalWrapperSettings())  # protects the service's own keys (Backends docstring)
-        for local in local_wrappers:
-            if local.master_key is None:
-                path = settings.resolve(local.master_key_file)
-                if path.exists():
-                    continue
-                if already:
-                    # A new KEK for an existing store would split it between two master keys: never do that.
-                    raise ConfigurationError(
-                        f"the master key file {path} is missing but {data_dir} is already initialised; restore it "
-                        "from your backup (or set the master key through the environment)"
-                    )
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                LocalKeyWrapper.create_file(path)
+        joining = _has_deployment(database)
+        _local_master_keys(settings, database, joining)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         database.migrate()
         backends = build_backends(settings, database, clock)
         try:
+            service_wrapper = backends.service_wrapper
+            service_ca = ServiceCA(database, service_wrapper, data_dir)
+            if joining:
+                service_ca.check_kek()  # another KEK than the deployment's: refused before anything is written
             for held in backends.wrappers:
                 held.prepare()
-            service_wrapper = backends.service_wrapper
-            ServiceCA(data_dir, service_wrapper).create(clock.now(), "keybroker service CA")
-            ServiceCA.workload(data_dir, service_wrapper).create(clock.now(), "keybroker workload CA")
+            service_ca.create(clock.now(), "keybroker service CA")
+            ServiceCA.workload(database, service_wrapper, data_dir).create(clock.now(), "keybroker workload CA")
         finally:
             backends.close()
         audit = AuditLog(database, clock)
@@ -283,6 +307,45 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
     finally:
         database.close()
     return InitResult(data_dir, admin_token, created)
+
+
+def _has_deployment(database: Database) -> bool:
+    if not database.is_migrated():
+        return False
+    with database.transaction() as session:
+        return session.get(DeploymentRow, 1) is not None
+
+
+def _local_master_keys(settings: Settings, database: Database, joining: bool) -> None:
+    """Create the master key file of each local KEK that has neither a file nor a key in the environment: on
+    SQLite for a new deployment only (a second key for an existing store would split it between two KEKs), and
+    never on PostgreSQL, where every replica must hold the same KEK (a file made here would be this host's alone)."""
+    local_wrappers = [
+        backend.wrapper
+        for backend in settings.backends.values()
+        if isinstance(backend, EmbeddedBackendSettings) and isinstance(backend.wrapper, LocalWrapperSettings)
+    ]
+    if not any(isinstance(backend, EmbeddedBackendSettings) for backend in settings.backends.values()):
+        local_wrappers.append(LocalWrapperSettings())  # protects the service's own keys (Backends docstring)
+    for local in local_wrappers:
+        if local.master_key is not None:
+            continue
+        path = settings.resolve(local.master_key_file)
+        if path.exists():
+            continue
+        if not database.is_sqlite:
+            raise ConfigurationError(
+                "with a PostgreSQL database every replica must hold the same KEK: set "
+                "KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY (32 random bytes, base64: openssl rand -base64 32) "
+                f"on each, use a vault-transit or pkcs11 wrapper, or give every replica the same {path.name}"
+            )
+        if joining:
+            raise ConfigurationError(
+                f"the master key file {path} is missing but the deployment exists already; restore it from your "
+                "backup (or set the master key through the environment)"
+            )
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        LocalKeyWrapper.create_file(path)
 
 
 def _write_secret(path: Path, text: str) -> None:

@@ -211,7 +211,7 @@ def test_the_server_renews_vault_tokens_in_the_background(services: Services) ->
     """The lifespan task calls renew_if_due on every backend that has one, and keeps going when one fails."""
     import asyncio
 
-    from keybroker.api.app import _renew_vault_tokens
+    from keybroker.api.background import _renew_vault_tokens
 
     calls: list[str] = []
 

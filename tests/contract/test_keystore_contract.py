@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -73,11 +73,12 @@ def new_id() -> KeyId:
 
 
 @pytest.fixture
-def services(tmp_path: Path, backend_config: dict[str, Any]) -> Iterator[Services]:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        overrides={"backends": {"embedded": {}, UNDER_TEST: backend_config}, "keys": {"default_backend": UNDER_TEST}},
-    )
+def services(
+    tmp_path: Path, backend_config: dict[str, Any], database_settings: Callable[[Path], dict[str, Any]]
+) -> Iterator[Services]:
+    """The store under test inside a whole deployment, on SQLite and on PostgreSQL (``database_kind``)."""
+    backends = {"backends": {"embedded": {}, UNDER_TEST: backend_config}, "keys": {"default_backend": UNDER_TEST}}
+    settings = load_settings(data_dir=tmp_path / "data", overrides={**backends, **database_settings(tmp_path / "data")})
     clock = FixedClock(NOW)
     initialise(settings, clock)
     built = build_services(settings, clock)

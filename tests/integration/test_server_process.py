@@ -43,8 +43,11 @@ def test_keys_and_policies_over_http(server: Server) -> None:
 
 def test_data_directory_permissions(server: Server) -> None:
     assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
-    for name in ("master.key", "admin-token", "keybroker.db", "ca-key.pem", "tls/server-key.pem"):
+    for name in ("master.key", "admin-token", "keybroker.db", "ca.pem", "tls/server-key.pem"):
         assert stat.S_IMODE((server.data_dir / name).stat().st_mode) == 0o600, name
+    # The CA keys live in the database, wrapped by the KEK; nothing else of them is on disk.
+    assert not list(server.data_dir.glob("*ca-key.pem"))
+    assert not (server.data_dir / "tls-passphrase.wrapped").exists()
 
 
 def test_rsa_7680_generation_does_not_block_other_requests(server: Server) -> None:

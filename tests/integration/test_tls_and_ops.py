@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import ssl
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def test_server_certificate_is_issued_by_the_service_ca(server: Server) -> None:
     leaf.verify_directly_issued_by(ca)
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(v) for v in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    # localhost plus this host's own name, so replicas behind a balancer verify by name too
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", socket.gethostname()}
     with httpx.Client(verify=ssl.create_default_context(cafile=str(server.ca_file))) as client:
         assert client.get(f"{server.url}/healthz").status_code == 200
         assert client.get(server.url.replace("127.0.0.1", "localhost") + "/healthz").status_code == 200

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -93,8 +93,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, sim_dir: Path) -> Iterator[World]:
-    with open_world(tmp_path, sim_dir) as opened:
+def world(tmp_path: Path, sim_dir: Path, database_settings: Callable[[Path], dict[str, Any]]) -> Iterator[World]:
+    """The transfer tests' deployment, on SQLite and on PostgreSQL (``database_kind``)."""
+    with open_world(tmp_path, sim_dir, **database_settings(tmp_path / "data")) as opened:
         yield opened
 
 

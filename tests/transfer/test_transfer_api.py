@@ -121,6 +121,7 @@ def test_policy_denials(
     world: World, tee: str, policy_change: dict[str, Any], evidence_change: dict[str, Any], reason: str
 ) -> None:
     key_id = world.key(world.policy(**policy_change))
+    evidence_change = dict(evidence_change)  # (the parameter is shared by every run of the test)
     platform = evidence_change.pop("platform", "default")
     response = request_transfer(world, key_id, world.evidence(tee, platform=platform, **evidence_change))
     problem = _refused(world, response, 403, "policy_denied", reason)
@@ -465,10 +466,12 @@ def test_a_changed_policy_applies_at_once_also_from_another_replica(world: World
     key_id = world.key(policy)
     assert request_transfer(world, key_id, world.evidence("sgx")).status_code == 200  # now cached
     # Another replica (its own services on the same database) tightens the policy.
+    settings = world.services.settings
+    database = {"database": settings.database.model_dump(exclude_none=True)} if settings.database.url else {}
     replica = build_services(
         load_settings(
-            data_dir=world.services.settings.data_dir,
-            overrides={"attestation": {"simulated_root": str(world.sim / "root-ca.pem")}},
+            data_dir=settings.data_dir,
+            overrides={"attestation": {"simulated_root": str(world.sim / "root-ca.pem")}, **database},
         ),
         world.clock,
     )

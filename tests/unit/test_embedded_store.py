@@ -129,7 +129,7 @@ def test_store_uses_the_injected_clock(services: Services) -> None:
 
 def test_init_never_replaces_a_lost_master_key(settings: Settings, services: Services) -> None:
     (settings.data_dir / "master.key").unlink()
-    with pytest.raises(ConfigurationError, match=r"master key file .* is missing but .* is already initialised"):
+    with pytest.raises(ConfigurationError, match=r"master key file .* is missing but the deployment exists already"):
         initialise(settings)
     assert not (settings.data_dir / "master.key").exists()
 

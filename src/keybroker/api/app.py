@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from keybroker import __version__
+from keybroker.api import background
 from keybroker.api.costly import CostlyPool
 from keybroker.api.deps import check_routes_declare_permissions
 from keybroker.api.errors import (
@@ -29,7 +29,6 @@ from keybroker.api.limits import ClientAddresses, RateClasses
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
-from keybroker.attestation.pcs import refresh_due
 from keybroker.audit.aggregate import AnonymousRefusals
 from keybroker.errors import KeybrokerError, Unauthenticated
 from keybroker.services import Services
@@ -55,85 +54,9 @@ ROLES: dict[str, tuple[APIRouter, ...]] = {
 ROUTERS = ROLES["all"]
 
 
-async def _purge_nonces(services: Services) -> None:
-    """Forget used nonces once they have expired anyway (their single use no longer needs remembering)."""
-    while True:
-        await asyncio.sleep(600)
-        try:
-            await run_in_threadpool(services.attestation.nonces.purge)
-        except Exception as exc:
-            log.warning("nonce_purge_failed", error_type=type(exc).__name__)
-
-
-async def _reconcile_backends(services: Services) -> None:
-    """Finish key writes that a crash or an unreachable backend interrupted (KeyService's outbox)."""
-    config = services.settings.keys
-    while True:
-        try:
-            result = await run_in_threadpool(services.keys.reconcile, timedelta(seconds=config.reconcile_after_seconds))
-            if result.finished or result.waiting:
-                log.info("backends_reconciled", finished=result.finished, waiting=result.waiting)
-        except Exception as exc:  # a failed round must not end the loop
-            log.warning("backends_reconcile_failed", error_type=type(exc).__name__)
-        await asyncio.sleep(config.reconcile_interval_seconds)
-
-
-async def _renew_vault_tokens(services: Services) -> None:
-    """Renew Vault/OpenBao tokens in time even when no request comes (a quiet instance would miss the window)."""
-    if services.backends is None:
-        return
-    holders = (*services.backends.stores.values(), *services.backends.wrappers)
-    renewers = [holder.renew_if_due for holder in holders if hasattr(holder, "renew_if_due")]
-    while renewers:
-        delays: list[float] = []
-        for renew in renewers:
-            try:
-                due = await run_in_threadpool(renew)
-                if due is not None:
-                    delays.append(float(due))
-            except Exception as exc:  # refused credentials or TLS: report, keep going
-                log.warning(
-                    "vault_token_renewal_failed",
-                    error_type=type(exc).__name__,
-                    code=getattr(exc, "instance_code", None),
-                )
-                delays.append(60.0)
-        await asyncio.sleep(min(max(min(delays, default=60.0), 1.0), 60.0))
-
-
-async def _refresh_collateral(services: Services) -> None:
-    """Fetch collateral from the upstream before it expires, every ``refresh_interval_seconds``."""
-    config = services.settings.attestation
-    assert services.upstream is not None
-    while True:
-        try:
-            fetched = await run_in_threadpool(
-                refresh_due,
-                services.upstream,
-                services.collateral,
-                services.clock.now(),
-                timedelta(seconds=config.refresh_before_seconds),
-            )
-            if fetched:
-                log.info("collateral_refreshed", items=fetched)
-        except Exception as exc:  # a failed round must not end the loop
-            log.warning("collateral_refresh_failed", error_type=type(exc).__name__)
-        await asyncio.sleep(config.refresh_interval_seconds)
-
-
 def api_routes() -> list[APIRoute]:
     """Every route the service has (paths include their router prefix)."""
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
-
-
-async def _flush_refusals(refusals: AnonymousRefusals) -> None:
-    """Write the anonymous refusals' aggregate entries once their window has closed (checked every second)."""
-    while True:
-        await asyncio.sleep(1.0)
-        try:
-            await run_in_threadpool(refusals.flush_due)
-        except Exception as exc:  # an audit outage: the counts are kept for the next round
-            log.warning("audit_aggregate_failed", error_type=type(exc).__name__)
 
 
 def _template_finder(app: FastAPI) -> Callable[[Scope], str]:
@@ -174,25 +97,11 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         costly = CostlyPool(settings.server.keygen_workers, settings.server.costly_queue)
         app.state.costly = costly
-        flusher = asyncio.create_task(_flush_refusals(refusals))
-        refresher = asyncio.create_task(_refresh_collateral(services)) if services.upstream is not None else None
-        purger = asyncio.create_task(_purge_nonces(services))
-        reconciler = asyncio.create_task(_reconcile_backends(services)) if role != "attestation" else None
-        renewer = asyncio.create_task(_renew_vault_tokens(services))
+        jobs = background.start(services, refusals, role)
         try:
             yield
         finally:
-            flusher.cancel()
-            try:
-                await run_in_threadpool(refusals.flush_all)
-            except Exception as exc:
-                log.warning("audit_aggregate_failed", error_type=type(exc).__name__, lost=refusals.pending())
-            purger.cancel()
-            if reconciler is not None:
-                reconciler.cancel()
-            renewer.cancel()
-            if refresher is not None:
-                refresher.cancel()
+            await background.stop(jobs, refusals)
             costly.shutdown()
             if owns_services:
                 services.close()

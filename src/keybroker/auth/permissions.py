@@ -30,6 +30,7 @@ PERMISSIONS: frozenset[str] = frozenset(
         "appraisal_policies:delete",
         "collateral:manage",
         "audit:read",
+        "cluster:read",
         "tokens:manage",
         "certificates:issue",
     }
@@ -48,7 +49,14 @@ BUILTIN_ROLES: MappingProxyType[str, frozenset[str]] = MappingProxyType(
         "key-manager": (_all("keys") - {"keys:transfer"}) | _READ_POLICIES,
         "policy-manager": _all("key_transfer_policies") | _all("appraisal_policies"),
         "auditor": frozenset(
-            {"audit:read", "keys:search", "keys:retrieve", "appraisal_policies:search", "appraisal_policies:retrieve"}
+            {
+                "audit:read",
+                "cluster:read",
+                "keys:search",
+                "keys:retrieve",
+                "appraisal_policies:search",
+                "appraisal_policies:retrieve",
+            }
         )
         | _READ_POLICIES,
         "workload": frozenset({"keys:transfer"}),

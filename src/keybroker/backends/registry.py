@@ -3,14 +3,13 @@ libraries (hvac, PyKMIP, python-pkcs11) are imported only when a backend that ne
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from keybroker.backends.base import Capability, KeyStore, KeyWrapper, RegisteringKeyStore
 from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.local_kek import LocalKeyWrapper
-from keybroker.ca import PASSPHRASE_FILE
+from keybroker.ca import recorded_kek_id
 from keybroker.clock import Clock
 from keybroker.config import (
     EmbeddedBackendSettings,
@@ -25,8 +24,6 @@ from keybroker.config import (
 from keybroker.errors import ConfigurationError
 from keybroker.storage.db import Database
 from keybroker.storage.deployment import deployment_id
-
-SERVICE_KEK_RECORD = PASSPHRASE_FILE  # the first of the service's own secrets, with the KEK that wrapped it
 
 __all__ = [
     "Backends",
@@ -73,7 +70,7 @@ def build_backends(settings: Settings, database: Database, clock: Clock) -> Back
 
                 stores[name] = KmipKeyStore.from_settings(name, settings.secrets, backend, _deployment(database))
         extra: tuple[KeyWrapper, ...] = ()
-        service = _service_wrapper(settings, wrappers)
+        service = _service_wrapper(settings, database, wrappers)
         if service is None:
             service = build_wrapper(settings, LocalWrapperSettings(), clock)
             extra = (service,)
@@ -98,11 +95,11 @@ def _deployment(database: Database) -> Callable[[], str]:
     return read
 
 
-def _service_wrapper(settings: Settings, wrappers: Mapping[str, KeyWrapper]) -> KeyWrapper | None:
+def _service_wrapper(settings: Settings, database: Database, wrappers: Mapping[str, KeyWrapper]) -> KeyWrapper | None:
     """The wrapper of keybroker's own secrets: the one whose KEK protected them at ``init`` (recorded beside the
     CA), so that changing ``keys.default_backend`` later does not lock the service out of its own keys; before
     ``init``, the default backend's, else the first embedded backend's."""
-    recorded = _recorded_service_kek(settings)
+    recorded = recorded_kek_id(database, settings.data_dir)
     if recorded is not None:
         for wrapper in wrappers.values():
             if wrapper.kek_id == recorded:
@@ -110,19 +107,11 @@ def _service_wrapper(settings: Settings, wrappers: Mapping[str, KeyWrapper]) -> 
         if recorded.startswith("local:") and settings.resolve(LocalWrapperSettings().master_key_file).exists():
             return None  # the data directory's master key file (the fallback wrapper) may hold it
         raise ConfigurationError(
-            f"keybroker's own keys (CA, TLS, nonce and token keys) are protected by KEK {recorded}, which no "
-            "configured embedded backend holds; configure the backend whose wrapper has that KEK"
+            f"keybroker's own keys (CA, nonce and token keys) are protected by KEK {recorded}, which no configured "
+            "embedded backend holds: this is another KEK than the deployment's. Configure the backend whose "
+            "wrapper has that KEK (every replica needs the same one)"
         )
     return wrappers.get(settings.keys.default_backend) or next(iter(wrappers.values()), None)
-
-
-def _recorded_service_kek(settings: Settings) -> str | None:
-    try:
-        record = json.loads((settings.data_dir / SERVICE_KEK_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    kek_id = record.get("kek_id") if isinstance(record, dict) else None
-    return kek_id if isinstance(kek_id, str) else None
 
 
 def build_wrapper(settings: Settings, wrapper: WrapperSettings, clock: Clock) -> KeyWrapper:

@@ -10,6 +10,7 @@ import typer
 from keybroker import __version__
 from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
+from keybroker.cli.cluster import cluster_app
 from keybroker.cli.common import PlainWhenPiped
 from keybroker.cli.demo import demo
 from keybroker.cli.demo_nginx import demo_nginx
@@ -38,6 +39,7 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(attestation_app, name="attestation")
 app.add_typer(collateral_app, name="collateral")
 app.add_typer(sim_app, name="sim")
+app.add_typer(cluster_app, name="cluster")
 demo_app = typer.Typer(
     help="See keybroker work end to end on this machine (simulated TEE).", invoke_without_command=True
 )

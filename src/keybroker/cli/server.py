@@ -117,6 +117,7 @@ def _tls_files(settings: Settings, services: Any) -> dict[str, Any]:
             "ssl_keyfile": str(settings.resolve(settings.tls.key_file)),
             "ssl_keyfile_password": password,
         }
+    services.ca.publish()  # this replica's copy of the CA certificate, for its clients
     issued = services.ca.server_certificate(settings.tls.san, services.clock.now(), settings.tls.server_cert_days)
     return {
         "ssl_certfile": str(issued.cert_file),

@@ -28,7 +28,6 @@ from keybroker.config.backends import (
     KmipBackendSettings,
     LocalWrapperSettings,
     Pkcs11WrapperSettings,
-    SecretSource,
     TransitWrapperSettings,
     VaultAuthSettings,
     VaultBackendSettings,
@@ -45,6 +44,7 @@ from keybroker.config.sections import (
     KeySettings,
     LimitsSettings,
     LoggingSettings,
+    SecretSource,
     ServerSettings,
     TlsSettings,
     parse_listen,
@@ -117,7 +117,14 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.data_dir / 'keybroker.db'}"
+        """The URL to connect with: the configured one (its password from ``database.password``, never logged),
+        or SQLite in the data directory."""
+        if not self.database.url:
+            return f"sqlite:///{self.data_dir / 'keybroker.db'}"
+        if self.database.password is None:
+            return self.database.url
+        password = self.read_secret(self.database.password, "database password")
+        return make_url(self.database.url).set(password=password).render_as_string(hide_password=False)
 
     @property
     def secrets(self) -> SecretReader:

@@ -9,21 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, SecretStr, Tag, field_validator, model_validator
 
-from keybroker.config.sections import Section, check_url
-
-
-class SecretSource(Section):
-    """Where a credential comes from: an environment variable (by name) or a file (mode 0600). Never the TOML file
-    itself, so that configuration can be shared and committed without secrets."""
-
-    env: str | None = Field(default=None, description="name of the environment variable holding it")
-    file: Path | None = Field(default=None, description="file holding it (trailing newline ignored)")
-
-    @model_validator(mode="after")
-    def _one(self) -> SecretSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env or file")
-        return self
+from keybroker.config.sections import SecretSource, Section, check_url
 
 
 class LocalWrapperSettings(Section):

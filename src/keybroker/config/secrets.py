@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from keybroker.config.backends import SecretSource
+from keybroker.config.sections import SecretSource
 from keybroker.errors import ConfigurationError
 
 

@@ -57,8 +57,47 @@ class ServerSettings(Section):
         return parse_listen(self.listen)[1]
 
 
+class SecretSource(Section):
+    """Where a credential comes from: an environment variable (by name) or a file (mode 0600). Never the TOML file
+    itself, so that configuration can be shared and committed without secrets."""
+
+    env: str | None = Field(default=None, description="name of the environment variable holding it")
+    file: Path | None = Field(default=None, description="file holding it (trailing newline ignored)")
+
+    @model_validator(mode="after")
+    def _one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+
+DATABASE_SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "postgresql+psycopg": "postgresql+psycopg"}
+
+
 class DatabaseSettings(Section):
-    url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in the data directory")
+    """SQLite in the data directory (one host), or a PostgreSQL database shared by several replicas."""
+
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: SQLite in the data directory)",
+    )
+    password: SecretSource | None = Field(
+        default=None, description="the database password, from {env = ...} or {file = ...} (not in the url)"
+    )
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60, description="connecting to PostgreSQL")
+    statement_timeout_seconds: float = Field(
+        default=8.0, gt=0, le=600, description="one statement on PostgreSQL (lock waits included)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.partition("://")[0].lower()
+        if scheme not in DATABASE_SCHEMES:
+            raise ValueError(f"database.url must be sqlite:/// or postgresql://, not {scheme}://")
+        return DATABASE_SCHEMES[scheme] + value[len(scheme) :]
 
 
 def check_url(value: str) -> None:
@@ -79,11 +118,24 @@ class KeySettings(Section):
     reconcile_interval_seconds: int = Field(default=60, ge=1)
 
 
+def _default_names() -> list[str]:
+    import socket
+
+    names = ["localhost", "127.0.0.1", "::1"]
+    host = socket.gethostname()
+    return [*names, host] if host and host not in names else names
+
+
 class TlsSettings(Section):
     """HTTPS by default, with a certificate from the service CA. Plain HTTP only with ``enabled = false``."""
 
     enabled: bool = True
-    san: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    san: list[str] = Field(
+        default_factory=_default_names,
+        min_length=1,
+        description="names of this replica's certificate from the service CA (default: localhost, 127.0.0.1, ::1, "
+        "the host name)",
+    )
     server_cert_days: int = Field(default=365, ge=1, le=825)
     cert_file: Path | None = Field(default=None, description="your own certificate chain (PEM) instead")
     key_file: Path | None = None

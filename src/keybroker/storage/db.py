@@ -14,12 +14,16 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, inspect
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicCommandError
+from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, inspect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from keybroker.errors import BackendUnavailable
+from keybroker.errors import BackendUnavailable, ConfigurationError
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The largest integer SQLite and PostgreSQL (BIGINT) can bind: integers that reach SQL are bounded by it at the edge.
@@ -46,7 +50,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float = 8.0) -> Engine:
+    """SQLite (one host) or PostgreSQL. On PostgreSQL every wait is bounded, so that an unreachable or stuck
+    database answers 503 ``database_unavailable`` within about 10 s instead of hanging requests: connecting
+    (``connect_timeout``), a statement including its lock waits (``statement_timeout``), a free pooled connection
+    (``pool_timeout``). A connection that broke while idle is noticed before use (``pool_pre_ping``)."""
     if url.startswith("sqlite"):
         # The pool keeps as many connections as the server has worker threads (anyio's default is 40): opening a
         # SQLite connection runs the PRAGMAs below and closing one may checkpoint the WAL, so overflow connections
@@ -61,7 +69,21 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     # hide_parameters: SQL errors never carry the bound values (ciphertexts, labels, token hashes) into logs.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    statement_ms = int(statement_timeout * 1000)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=20,
+        max_overflow=40,
+        pool_timeout=connect_timeout,
+        pool_recycle=1800,
+        hide_parameters=True,
+        connect_args={
+            "connect_timeout": max(1, int(connect_timeout)),
+            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}",
+            "application_name": "keybroker",
+        },
+    )
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -112,6 +134,30 @@ class _WriterLock:
             self._fd = None
 
 
+MIGRATION_LOCK = 0x6B627200  # the advisory lock key of migrations ("kbr")
+
+
+def schema_head() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def _refuse_newer(connection: Connection, config: Config) -> None:
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current is None:
+        return
+    try:
+        ScriptDirectory.from_config(config).get_revision(current)
+    except AlembicCommandError:
+        raise ConfigurationError(
+            f"the database's schema is revision {current}, newer than this keybroker knows (up to {schema_head()}): "
+            "a later keybroker has upgraded it; run that version (or restore a backup from before the upgrade)"
+        ) from None
+
+
 class Database:
     """Owns the engine and hands out sessions; each ``transaction()`` commits or rolls back as a unit."""
 
@@ -126,8 +172,12 @@ class Database:
             self._write_lock = _WriterLock(database if file_backed else None)
 
     @classmethod
-    def from_url(cls, url: str) -> Database:
-        return cls(make_engine(url))
+    def from_url(cls, url: str, connect_timeout: float = 5.0, statement_timeout: float = 8.0) -> Database:
+        return cls(make_engine(url, connect_timeout, statement_timeout))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
 
     @contextmanager
     def transaction(self, write: bool = False) -> Iterator[Session]:
@@ -138,20 +188,32 @@ class Database:
         try:
             with self._sessions.begin() as session:
                 yield session
-        except OperationalError as exc:
+        except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as exc:
             # Only connectivity/locking problems land here; integrity errors are handled by callers.
-            raise BackendUnavailable("the database is unavailable") from exc
+            raise BackendUnavailable("the database is unavailable", code="database_unavailable") from exc
         finally:
             if lock is not None:
                 lock.release()
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (idempotent)."""
+        """Bring the schema to the newest revision (idempotent). On PostgreSQL the whole upgrade is one transaction
+        under an advisory lock, so replicas starting together migrate once: the others wait, then find it done.
+        A schema newer than this code (written by a later keybroker) is refused, never touched."""
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Waiting for another replica's migration is fine; the usual statement bound is not meant for it.
+                connection.exec_driver_sql("SET LOCAL statement_timeout = '10min'")
+                connection.exec_driver_sql("SET LOCAL lock_timeout = '10min'")
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config = Config()
             config.set_main_option("script_location", str(_MIGRATIONS))
             config.attributes["connection"] = connection
+            _refuse_newer(connection, config)
             command.upgrade(config, "head")
+
+    def schema_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
 
     def is_migrated(self) -> bool:
         return inspect(self.engine).has_table("alembic_version")

@@ -219,3 +219,39 @@ class RevisionRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     counter: Mapped[int] = mapped_column(BigInteger)
+
+
+class CertificateAuthorityRow(Base):
+    """The deployment's CAs (``service``, ``workload``): certificate, and private key wrapped by the KEK."""
+
+    __tablename__ = "certificate_authorities"
+
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LeaseRow(Base):
+    """Who runs a cluster-wide job now (the reconciler, collateral refresh, nonce purge) and until when; an expired
+    lease is taken over, so a replica that died holds nothing for long."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ReplicaRow(Base):
+    """A serving process group (one ``keybroker serve``): where it listens, what it runs, when it was last alive."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(32))
+    schema_revision: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)

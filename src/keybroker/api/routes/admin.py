@@ -118,3 +118,10 @@ def _utc(value: datetime) -> datetime:
         return value.astimezone(UTC)
     except OverflowError:
         raise InvalidRequest("since is out of range", code="invalid_request") from None
+
+
+@router.get("/kbs/v1/cluster/replicas", dependencies=[requires("cluster:read")])
+def list_replicas(services: ServicesDep) -> list[dict[str, Any]]:
+    """The replicas that serve this deployment: id, address, version, schema revision, last heartbeat."""
+    now = services.clock.now()
+    return [replica.as_dict(now) for replica in services.replicas.all()]
