@@ -4,6 +4,7 @@
 from keybroker_client._client import Client, ReleasedKey, UnwrapError, unwrap
 from keybroker_client._errors import KeybrokerClientError, ProblemError, TransportError
 from keybroker_client._problem import Problem
+from keybroker_client._retry import Retry
 from keybroker_client._tls import PinMismatch, fetch_pinned_ca, normalise_fingerprint, ssl_context
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Problem",
     "ProblemError",
     "ReleasedKey",
+    "Retry",
     "TransportError",
     "UnwrapError",
     "fetch_pinned_ca",

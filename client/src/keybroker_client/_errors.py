@@ -16,9 +16,10 @@ class TransportError(KeybrokerClientError):
 class ProblemError(KeybrokerClientError):
     """The server refused the request; ``problem`` has its stable ``code`` and any ``reasons``."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, retry_after: float | None = None) -> None:
         super().__init__(problem.describe())
         self.problem = problem
+        self.retry_after = retry_after  # seconds, from the server's Retry-After header (429, 503)
 
     @property
     def code(self) -> str:

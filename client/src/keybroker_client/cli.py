@@ -13,6 +13,7 @@ from typing import Literal
 
 from keybroker_client._client import Client, ReleasedKey
 from keybroker_client._errors import KeybrokerClientError, ProblemError
+from keybroker_client._retry import Retry
 from keybroker_client.evidence import from_spec
 
 
@@ -37,7 +38,17 @@ def _write(released: ReleasedKey, out: str, force: bool) -> None:
 
 
 def _connection_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--kbs", required=True, help="keybroker URL, e.g. https://kbs:9443")
+    command.add_argument(
+        "--kbs",
+        required=True,
+        help="keybroker URL, e.g. https://kbs:9443; several replicas comma-separated (tried in turn on failure)",
+    )
+    command.add_argument(
+        "--attempts",
+        type=int,
+        default=4,
+        help="exchanges per key at most, each with a fresh nonce, when a replica fails (default 4; 1: no retry)",
+    )
     command.add_argument("--ca", help="the service CA certificate (PEM)")
     command.add_argument("--ca-fingerprint", help="or: the SHA-384 fingerprint of the service CA")
     command.add_argument(
@@ -92,7 +103,9 @@ def _provision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         return USAGE
     mode: Literal["background", "passport"] = "passport" if args.passport else "background"
     try:
-        client = Client(args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token)
+        client = Client(
+            args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token, retry=Retry(args.attempts)
+        )
     except (KeybrokerClientError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -136,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        with Client(args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token) as client:
+        with Client(
+            args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token, retry=Retry(args.attempts)
+        ) as client:
             released = client.fetch_key(args.key_id, evidence, mode="passport" if args.passport else "background")
         _write(released, args.out, args.force)
     except ProblemError as exc:
