@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh --test
 echo "== ruff" >&2
-.venv/bin/ruff check src client/src tests bench
-.venv/bin/ruff format --check src client/src tests bench
+.venv/bin/ruff check src client/src tests bench scripts
+.venv/bin/ruff format --check src client/src tests bench scripts
 echo "== mypy --strict src client/src" >&2
 .venv/bin/mypy src client/src
 echo "== pytest" >&2

@@ -257,6 +257,8 @@ class InitResult:
     data_dir: Path
     admin_token: str | None  # only on the run that created it
     created: bool
+    joined: bool = False  # a shared database that had the deployment already (another replica's init)
+    deployment: str = ""
 
 
 def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: bool = False) -> InitResult:
@@ -294,9 +296,12 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
         audit = AuditLog(database, clock)
         roles = RoleStore(database, audit, clock)
         with database.transaction(write=True) as session:
-            created = session.get(DeploymentRow, 1) is None
-            if created:
-                session.add(DeploymentRow(id=1, deployment_id=uuid.uuid4().hex, created_at=clock.now()))
+            row = session.get(DeploymentRow, 1)
+            created = row is None
+            if row is None:
+                row = DeploymentRow(id=1, deployment_id=uuid.uuid4().hex, created_at=clock.now())
+                session.add(row)
+            deployment = row.deployment_id
             roles.seed(session)
         tokens = TokenStore(database, roles, audit, clock)
         admin_token = None
@@ -306,7 +311,7 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
             _write_secret(data_dir / ADMIN_TOKEN_FILE, admin_token + "\n")
     finally:
         database.close()
-    return InitResult(data_dir, admin_token, created)
+    return InitResult(data_dir, admin_token, created, joining and not database.is_sqlite, deployment)
 
 
 def _has_deployment(database: Database) -> bool:

@@ -203,7 +203,7 @@ def test_readyz_reports_an_unreachable_backend(
     assert response.status_code == 503
     assert response.json() == {
         "status": "unavailable",
-        "checks": {"database": "ok", "backend:embedded": "backend_unavailable"},
+        "checks": {"database": "ok", "schema": "ok", "backend:embedded": "backend_unavailable"},
     }
 
 

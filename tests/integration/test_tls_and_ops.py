@@ -103,7 +103,10 @@ def test_readyz_metrics_and_request_ids_in_logs(server: Server) -> None:
     with server.client() as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready", "checks": {"database": "ok", "backend:embedded": "ok"}}
+        assert ready.json() == {
+            "status": "ready",
+            "checks": {"database": "ok", "schema": "ok", "backend:embedded": "ok"},
+        }
         policy = client.post("/kbs/v1/key-transfer-policies", json=EXAMPLE_POLICY).json()["id"]
         body = {"key_information": {"algorithm": "AES", "key_length": 256}, "transfer_policy_id": policy}
         key = client.post("/kbs/v1/keys", json=body).json()["id"]

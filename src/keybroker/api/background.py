@@ -23,6 +23,7 @@ from keybroker.attestation.pcs import refresh_due
 from keybroker.audit.aggregate import AnonymousRefusals
 from keybroker.services import Services
 from keybroker.storage.cluster import HEARTBEAT
+from keybroker.storage.db import schema_head
 
 log = structlog.get_logger("keybroker.api")
 
@@ -105,9 +106,14 @@ async def _flush_refusals(refusals: AnonymousRefusals) -> None:
 
 
 async def _heartbeat(services: Services) -> None:
-    revision = await run_in_threadpool(services.database.schema_revision) or "?"
+    """Tell the cluster this replica is alive, with the schema revision it finds (``keybroker cluster status``);
+    a schema another replica has moved away from this code's is logged (and /readyz answers 503 for it)."""
+    head = schema_head()
     while True:
         try:
+            revision = await run_in_threadpool(services.database.schema_revision) or "?"
+            if revision != head:
+                log.warning("schema_mismatch", schema_revision=revision, code_revision=head)
             await run_in_threadpool(
                 services.replicas.heartbeat, services.replica_id, services.address, __version__, revision
             )

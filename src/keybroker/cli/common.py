@@ -76,7 +76,12 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
             output.say("Configuration error:", exc.detail)
             raise typer.Exit(2) from None
         except (KeybrokerError, KeybrokerClientError) as exc:
-            output.say("Error:", str(exc))
+            message = str(exc)
+            if isinstance(exc, KeybrokerError) and exc.instance_code == "database_unavailable":
+                from keybroker.storage.db import database_reason
+
+                message += f": {database_reason(exc.__cause__)}"  # an operator at the console may see why
+            output.say("Error:", message)
             raise typer.Exit(1) from None
         except OSError as exc:  # a file argument that cannot be read or written
             where = f" {exc.filename}" if exc.filename else ""

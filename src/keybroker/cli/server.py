@@ -39,6 +39,13 @@ def init(
     os.umask(0o077)  # the database, its WAL and journal files are for keybroker's user only
     settings = load_settings(data_dir=data_dir, config_file=config)
     result = initialise(settings, new_admin_token=new_admin_token)
+    if result.admin_token is None and result.joined:
+        output.stderr.print(
+            f"{settings.data_dir} joined deployment {result.deployment} (the database had it already): "
+            f"{settings.data_dir / 'ca.pem'} is its CA; no admin token was written, an existing one works here.",
+            highlight=False,
+        )
+        return
     if result.admin_token is None:
         output.stderr.print(f"{settings.data_dir} is already initialised.")
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -137,6 +138,7 @@ class _WriterLock:
 MIGRATION_LOCK = 0x6B627200  # the advisory lock key of migrations ("kbr")
 
 
+@functools.cache  # the migration scripts ship with the code: their head does not change while it runs
 def schema_head() -> str:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
@@ -156,6 +158,32 @@ def _refuse_newer(connection: Connection, config: Config) -> None:
             f"the database's schema is revision {current}, newer than this keybroker knows (up to {schema_head()}): "
             "a later keybroker has upgraded it; run that version (or restore a backup from before the upgrade)"
         ) from None
+
+
+@contextmanager
+def unavailable_as_domain_error() -> Iterator[None]:
+    """The database's connectivity, timeout and locking errors as 503 ``database_unavailable`` (the one place they
+    are translated). Integrity errors pass through: callers handle them. The client-safe detail says nothing of
+    the database's address; ``database_reason`` of the cause tells an operator (the CLI, the logs) what failed."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as exc:
+        raise BackendUnavailable("the database is unavailable", code="database_unavailable") from exc
+
+
+def database_reason(cause: BaseException | None) -> str:
+    """The driver's own one-line reason (e.g. 'password authentication failed for user "keybroker"'), for
+    operators: SQLAlchemy hides bound parameters, and libpq never quotes the password in its messages."""
+    original = getattr(cause, "orig", None) or cause
+    if original is None:
+        return "unknown"
+    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(original).__name__
+    for line in lines:  # psycopg: 'connection failed: connection to server at ... failed: FATAL:  <reason>'
+        if "FATAL:" in line:
+            reason = line.split("FATAL:", 1)[1].strip()
+            break
+    return reason[:300]
 
 
 class Database:
@@ -186,11 +214,8 @@ class Database:
         if lock is not None:
             lock.acquire()
         try:
-            with self._sessions.begin() as session:
+            with unavailable_as_domain_error(), self._sessions.begin() as session:
                 yield session
-        except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as exc:
-            # Only connectivity/locking problems land here; integrity errors are handled by callers.
-            raise BackendUnavailable("the database is unavailable", code="database_unavailable") from exc
         finally:
             if lock is not None:
                 lock.release()
@@ -199,7 +224,7 @@ class Database:
         """Bring the schema to the newest revision (idempotent). On PostgreSQL the whole upgrade is one transaction
         under an advisory lock, so replicas starting together migrate once: the others wait, then find it done.
         A schema newer than this code (written by a later keybroker) is refused, never touched."""
-        with self.engine.begin() as connection:
+        with unavailable_as_domain_error(), self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 # Waiting for another replica's migration is fine; the usual statement bound is not meant for it.
                 connection.exec_driver_sql("SET LOCAL statement_timeout = '10min'")
@@ -212,11 +237,12 @@ class Database:
             command.upgrade(config, "head")
 
     def schema_revision(self) -> str | None:
-        with self.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+        with self.transaction() as session:
+            return MigrationContext.configure(session.connection()).get_current_revision()
 
     def is_migrated(self) -> bool:
-        return inspect(self.engine).has_table("alembic_version")
+        with unavailable_as_domain_error():
+            return inspect(self.engine).has_table("alembic_version")
 
     def ping(self) -> None:
         with self.transaction() as session:

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from keybroker.api.deps import get_services, public
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
+from keybroker.storage.db import schema_head
 
 router = APIRouter(tags=["operations"])
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -40,6 +41,9 @@ def _readiness(services: Services) -> tuple[int, dict[str, object]]:
     try:
         services.database.ping()
         checks["database"] = "ok"
+        # Another replica of a later version may have upgraded the shared schema: this one's code no longer
+        # matches it, and the load balancer should stop sending it requests until it is upgraded too.
+        checks["schema"] = "ok" if services.database.schema_revision() == schema_head() else "schema_mismatch"
     except KeybrokerError as exc:
         checks["database"] = exc.instance_code
     for name, store in services.keys.backends.items():
