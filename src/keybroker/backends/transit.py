@@ -13,7 +13,8 @@ import base64
 import hvac
 import hvac.exceptions
 
-from keybroker.backends.vault.session import VaultSession, nothing_stored
+from keybroker.backends.vault.failures import nothing_stored
+from keybroker.backends.vault.session import VaultSession
 from keybroker.clock import Clock
 from keybroker.config import SecretReader, TransitWrapperSettings
 from keybroker.errors import BackendUnavailable, StoredKeyCorrupt

@@ -41,8 +41,29 @@ class VaultAuthSettings(Section):
         return self
 
 
+_NO_NODES = "addresses must list at least one node (or leave it out and give url)"
+
+
 class VaultConnectionSettings(Section):
-    url: str = Field(description="https://vault.example:8200 (http:// only on loopback)")
+    """Where Vault/OpenBao is: one address (``url``), or the nodes of one cluster (``addresses``), whose active node
+    keybroker finds and follows through a leader change, retrying for at most ``failover_seconds``."""
+
+    url: str = Field(
+        description="https://vault.example:8200 (http:// only on loopback); with addresses: the node tried first "
+        "(default: the first of them)"
+    )
+    addresses: list[str] | None = Field(
+        default=None,
+        description="the nodes of one Vault/OpenBao cluster (each like url): requests go to the active node, found "
+        "through sys/health and sys/leader; a node that is down, sealed or a standby sends keybroker to another",
+    )
+    failover_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="with addresses: how long one operation may spend finding the active node and retrying before "
+        "it reports the backend unavailable (plus at most one timeout_seconds for the request under way)",
+    )
     ca_file: Path | None = Field(
         default=None,
         description="CA bundle to verify Vault's certificate (default: certifi's bundle, or REQUESTS_CA_BUNDLE)",
@@ -51,11 +72,53 @@ class VaultConnectionSettings(Section):
     timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     auth: VaultAuthSettings
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_or_addresses(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("url") is None:
+            addresses = data.get("addresses")
+            if addresses is None:
+                raise ValueError("give url (one Vault/OpenBao address) or addresses (the nodes of one cluster)")
+            if isinstance(addresses, list | tuple) and not addresses:
+                raise ValueError(_NO_NODES)
+            if isinstance(addresses, list | tuple) and isinstance(addresses[0], str):
+                data = {**data, "url": addresses[0]}
+        return data
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         check_url(value)
         return value.rstrip("/")
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(_NO_NODES)
+        nodes: list[str] = []
+        for address in value:
+            check_url(address)
+            node = address.rstrip("/")
+            if node in nodes:
+                raise ValueError(f"addresses lists {node} twice")
+            nodes.append(node)
+        return nodes
+
+    @model_validator(mode="after")
+    def _url_among_addresses(self) -> VaultConnectionSettings:
+        if self.addresses is not None and self.url not in self.addresses:
+            raise ValueError("url must be one of addresses (or leave it out: the first address is tried first)")
+        return self
+
+    @property
+    def nodes(self) -> tuple[str, ...] | None:
+        """The cluster's addresses, ``url`` first; None for a single address (no failover)."""
+        if self.addresses is None:
+            return None
+        return (self.url, *(address for address in self.addresses if address != self.url))
 
 
 class TransitWrapperSettings(VaultConnectionSettings):

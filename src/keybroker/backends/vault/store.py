@@ -4,6 +4,11 @@ Layout: one secret per key at ``<mount>/<path_prefix><key id>`` (the guide mount
 ``{"key_id", "algorithm", "key_length", "curve_type", "material"}`` with the material base64-encoded. ``get``
 checks that the secret names the key id and spec it is read for, so a record pointed at another key's path does
 not yield that key. Writes never overwrite: KV v2 uses check-and-set 0, KV v1 refuses a path that exists.
+
+A write is idempotent by path: a path that already holds exactly the secret being written counts as written, not
+as a conflict. That is what a write sent again after a failover finds when its first try was stored but its answer
+was lost (a leader killed after committing, a connection reset); anything else at the path stays a ``Conflict``.
+The existing secret is read in the same operation, from the active node (``VaultSession``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import hvac
 import hvac.exceptions
 
 from keybroker.backends.base import Capability
-from keybroker.backends.vault.session import VaultSession, nothing_stored
+from keybroker.backends.vault.failures import nothing_stored
+from keybroker.backends.vault.session import VaultSession
 from keybroker.clock import Clock
 from keybroker.config import SecretReader, VaultBackendSettings
 from keybroker.errors import Conflict, NotFound, StoredKeyCorrupt
@@ -64,41 +70,47 @@ class VaultKvStore:
             "curve_type": spec.curve.value if spec.curve else None,
             "material": base64.b64encode(material.secret).decode("ascii"),
         }
+        occupied = Conflict(f"{self._mount}/{path} already holds a secret", code="key_exists")
         if self._version == 2:
 
             def write_v2(client: hvac.Client) -> None:
                 try:
                     client.secrets.kv.v2.create_or_update_secret(path, secret, cas=0, mount_point=self._mount)
                 except hvac.exceptions.InvalidRequest as exc:
-                    if "check-and-set" in str(exc):
-                        raise Conflict(f"{self._mount}/{path} already holds a secret", code="key_exists") from None
-                    raise
+                    if "check-and-set" not in str(exc):
+                        raise
+                    # Something is there (a deleted version too: it reads as nothing, and is not this secret).
+                    if self._stored(client, path) != secret:
+                        raise occupied from None
 
             self._session.call(self._where("create", path), write_v2)
         else:
-            if self._read(path) is not None:
-                raise Conflict(f"{self._mount}/{path} already holds a secret", code="key_exists")
+            existing = self._read(path)
+            if existing == secret:
+                return BackendRef(path)
+            if existing is not None:
+                raise occupied
             self._session.call(
                 self._where("create", path),
                 lambda client: client.secrets.kv.v1.create_or_update_secret(path, secret, mount_point=self._mount),
             )
         return BackendRef(path)
 
-    def _read(self, path: str) -> dict[str, Any] | None:
-        def read(client: hvac.Client) -> dict[str, Any] | None:
-            try:
-                if self._version == 2:
-                    result = client.secrets.kv.v2.read_secret_version(
-                        path, mount_point=self._mount, raise_on_deleted_version=True
-                    )
-                    return dict(result["data"]["data"])
-                return dict(client.secrets.kv.v1.read_secret(path, mount_point=self._mount)["data"])
-            except hvac.exceptions.InvalidPath as exc:
-                if nothing_stored(exc):
-                    return None
-                raise
+    def _stored(self, client: hvac.Client, path: str) -> dict[str, Any] | None:
+        try:
+            if self._version == 2:
+                result = client.secrets.kv.v2.read_secret_version(
+                    path, mount_point=self._mount, raise_on_deleted_version=True
+                )
+                return dict(result["data"]["data"])
+            return dict(client.secrets.kv.v1.read_secret(path, mount_point=self._mount)["data"])
+        except hvac.exceptions.InvalidPath as exc:
+            if nothing_stored(exc):
+                return None
+            raise
 
-        return self._session.call(self._where("read", path), read)
+    def _read(self, path: str) -> dict[str, Any] | None:
+        return self._session.call(self._where("read", path), lambda client: self._stored(client, path))
 
     def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
         data = self._read(ref)
