@@ -12,6 +12,7 @@ from keybroker.cli.admin import audit_app, ca_app, role_app, token_app
 from keybroker.cli.attestation import attestation_app, collateral_app
 from keybroker.cli.cluster import cluster_app
 from keybroker.cli.common import PlainWhenPiped
+from keybroker.cli.db import db_app
 from keybroker.cli.demo import demo
 from keybroker.cli.demo_nginx import demo_nginx
 from keybroker.cli.keys import key_app
@@ -40,6 +41,7 @@ app.add_typer(attestation_app, name="attestation")
 app.add_typer(collateral_app, name="collateral")
 app.add_typer(sim_app, name="sim")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(db_app, name="db")
 demo_app = typer.Typer(
     help="See keybroker work end to end on this machine (simulated TEE).", invoke_without_command=True
 )
