@@ -240,16 +240,33 @@ def bao_leader(state: dict[str, Any]) -> str | None:
 
 def write_config(state: dict[str, Any]) -> Path:
     base = Path(state["dir"])
-    addresses = json.dumps([bao_url(state, n) for n in (1, 2, 3)])
-    auth = f'{{ method = "token", token = {{ file = "{base / "vault-token"}" }} }}'
     config = base / "keybroker.toml"
-    config.write_text(f"""# keybroker replicas of the local HA cluster (scripts/cluster.sh): one PostgreSQL database,
-# keys in OpenBao KV on a 3-node raft cluster, the KEK in OpenBao Transit, nginx in front (its address is trusted
-# for X-Forwarded-For). Every replica uses this same file; only --data-dir and --listen differ.
-[database]
+    database = f"""[database]
 url = "postgresql://keybroker@127.0.0.1:{state["ports"]["pg"]}/keybroker"
 password = {{ file = "{base / "pg-password"}" }}
 
+[limits]
+trusted_proxies = ["127.0.0.1"]
+
+[attestation]
+simulated_root = "{base / "sim" / "root-ca.pem"}"  # the simulated TEE: for trying transfers, never in production
+"""
+    if state["kms"] == "embedded":
+        config.write_text(f"""# keybroker replicas of the local HA cluster (scripts/cluster.sh --kms embedded): one
+# PostgreSQL database holding the keys too, under one KEK file that every replica is given (on real hosts: by
+# your configuration management, mode 0600), nginx in front. Only --data-dir and --listen differ.
+{database}
+[backends.embedded]
+type = "embedded"
+wrapper = {{ type = "local", master_key_file = "{base / "kek"}" }}
+""")
+        return config
+    addresses = json.dumps([bao_url(state, n) for n in (1, 2, 3)])
+    auth = f'{{ method = "token", token = {{ file = "{base / "vault-token"}" }} }}'
+    config.write_text(f"""# keybroker replicas of the local HA cluster (scripts/cluster.sh): one PostgreSQL database,
+# keys in OpenBao KV on a 3-node raft cluster, the KEK in OpenBao Transit, nginx in front (its address is trusted
+# for X-Forwarded-For). Every replica uses this same file; only --data-dir and --listen differ.
+{database}
 [keys]
 default_backend = "vault"
 
@@ -263,12 +280,6 @@ auth = {auth}
 [backends.embedded]
 type = "embedded"
 wrapper = {{ type = "vault-transit", addresses = {addresses}, key_name = "keybroker-kek", auth = {auth} }}
-
-[limits]
-trusted_proxies = ["127.0.0.1"]
-
-[attestation]
-simulated_root = "{base / "sim" / "root-ca.pem"}"  # the simulated TEE: for trying transfers, never in production
 """)
     return config
 
@@ -405,7 +416,7 @@ def save(state: dict[str, Any]) -> None:
     (Path(state["dir"]) / "cluster.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
-def up(directory: Path, replicas: int) -> dict[str, Any]:
+def up(directory: Path, replicas: int, kms: str) -> dict[str, Any]:
     if (directory / "cluster.json").exists():
         raise SystemExit(f"cluster: {directory} has a cluster already (scripts/cluster.sh down first)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -416,14 +427,20 @@ def up(directory: Path, replicas: int) -> dict[str, Any]:
             shutil.rmtree(directory, ignore_errors=True)
             raise SystemExit(f"cluster: the postgres user cannot reach {directory}; use --dir under /tmp")
     names = [f"kb-{n}" for n in range(1, replicas + 1)]
-    ports = {name: free_port() for name in ["pg", "lb", *names] + [f"bao-{n}" for n in (1, 2, 3)]}
-    ports.update({f"bao-{n}-cluster": free_port() for n in (1, 2, 3)})
-    state: dict[str, Any] = {"dir": str(directory), "ports": ports, "pids": {}, "replicas": names,
+    baos = [f"bao-{n}" for n in (1, 2, 3)] if kms == "openbao" else []
+    ports = {name: free_port() for name in ["pg", "lb", *names, *baos]}
+    ports.update({f"{name}-cluster": free_port() for name in baos})
+    state: dict[str, Any] = {"dir": str(directory), "ports": ports, "pids": {}, "replicas": names, "kms": kms,
                              "lb_url": f"https://127.0.0.1:{ports['lb']}"}  # fmt: skip
     save(state)
     try:
         pg_up(state)
-        bao_up(state)
+        if kms == "openbao":
+            bao_up(state)
+        else:
+            fd = os.open(directory / "kek", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:  # the local KEK's format: 32 random bytes
+                handle.write(os.urandom(32))
         save(state)
         done = keybroker("sim", "init", str(directory / "sim"))
         assert done.returncode == 0, done.stderr
@@ -478,7 +495,7 @@ def status(state: dict[str, Any]) -> int:
     pg = subprocess.run(as_postgres([pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(state["ports"]["pg"])]),
                         capture_output=True, timeout=30, check=False)  # fmt: skip
     rows = [("pg", f"127.0.0.1:{state['ports']['pg']}", "ready" if pg.returncode == 0 else "down")]
-    for n in (1, 2, 3):
+    for n in (1, 2, 3) if state["kms"] == "openbao" else ():
         code = bao_health(bao_url(state, n))
         rows.append((f"bao-{n}", bao_url(state, n), {200: "active", 429: "standby", 503: "sealed"}.get(code, "down")))
     for name in state["replicas"]:
@@ -514,7 +531,7 @@ def down(directory: Path) -> None:
     except SystemExit:
         return
     for name in ["lb", *state["replicas"], "bao-1", "bao-2", "bao-3"]:
-        terminate(state["pids"].get(name))
+        terminate(state["pids"].get(name))  # (no bao-N with --kms embedded: nothing to stop)
     if (directory / "pg" / "data").exists():
         pg_stop(state)
     shutil.rmtree(directory, ignore_errors=True)
@@ -522,10 +539,13 @@ def down(directory: Path) -> None:
 
 def usage(state: dict[str, Any]) -> None:
     base = Path(state["dir"])
+    kms = "embedded (KEK file DIR/kek)"
+    if state["kms"] == "openbao":
+        kms = "OpenBao " + ", ".join(bao_url(state, n) for n in (1, 2, 3))
     print(f"""keybroker HA cluster up in {base}
   load balancer  {state["lb_url"]}   (CA: {base / "ca.pem"}; admin token: {base / "admin-token"})
   replicas       {", ".join(f"{r} https://127.0.0.1:{state['ports'][r]}" for r in state["replicas"])}
-  PostgreSQL     127.0.0.1:{state["ports"]["pg"]}   OpenBao {", ".join(bao_url(state, n) for n in (1, 2, 3))}
+  PostgreSQL     127.0.0.1:{state["ports"]["pg"]}   KMS: {kms}
 Try:
   source <(scripts/cluster.sh env)         # KEYBROKER_ADDR/CACERT/TOKEN for the keybroker CLI
   .venv/bin/keybroker cluster status
@@ -540,6 +560,13 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up_command = commands.add_parser("up")
     up_command.add_argument("--replicas", type=int, default=2, choices=range(1, 10))
+    up_command.add_argument(
+        "--kms",
+        choices=("openbao", "embedded"),
+        default="openbao",
+        help="openbao (default): keys in OpenBao KV, the KEK in Transit, on 3 raft nodes; embedded: keys in "
+        "PostgreSQL under a KEK file shared by the replicas, no OpenBao",
+    )
     for name in ("status", "env", "down"):
         commands.add_parser(name)
     for name in ("kill", "stop", "start"):
@@ -548,7 +575,7 @@ def main() -> int:
     args = parser.parse_args()
     directory = args.dir.resolve()
     if args.command == "up":
-        usage(up(directory, args.replicas))
+        usage(up(directory, args.replicas, args.kms))
         return 0
     if args.command == "down":
         down(directory)
@@ -567,7 +594,7 @@ def main() -> int:
         os.kill(state["pids"]["lb"], signal.SIGHUP)  # nginx reloads its configuration without dropping requests
         time.sleep(0.5)
         return 0
-    known = ["pg", "lb", "bao-1", "bao-2", "bao-3", *state["replicas"]]
+    known = ["pg", "lb", *state["replicas"]] + (["bao-1", "bao-2", "bao-3"] if state["kms"] == "openbao" else [])
     if args.name not in known:
         raise SystemExit(f"cluster: {args.name!r} is not one of {', '.join(known)}")
     if args.command == "start":

@@ -21,7 +21,8 @@ status exactly once, in ``keybroker.api.errors``.
     │   ├── ServerBusy           503  too many costly requests (key generation, imports) are waiting already
     │   └── CollateralUnavailable 503 Intel collateral needed for a quote is neither cached nor fetchable
     ├── StoredKeyCorrupt         500  stored material failed authentication (tampering, wrong KEK)
-    └── ConfigurationError       --   invalid settings; raised at start, never at request time
+    ├── ConfigurationError       --   invalid settings; raised at start, never at request time
+    └── CopyFailed               --   ``keybroker db migrate/backup`` could not finish (nothing written)
 
 Raising one from another exception (the rule every module follows):
 
@@ -163,3 +164,10 @@ class StoredKeyCorrupt(KeybrokerError):
 class ConfigurationError(KeybrokerError):
     code = "configuration_error"
     title = "Invalid configuration"
+
+
+class CopyFailed(KeybrokerError):
+    """A copy or backup that could not be completed (nothing was written to its target). CLI only."""
+
+    code = "copy_failed"
+    title = "Copy failed"

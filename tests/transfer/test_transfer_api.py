@@ -364,7 +364,11 @@ def test_audit_failure_releases_nothing(world: World, monkeypatch: pytest.Monkey
             raise BackendUnavailable("audit down", code="audit_unavailable")
         return original(session, context, event)
 
+    def failing_guarded(context: Any, event: Any, guard: Any) -> int | None:  # PostgreSQL's one-statement path
+        raise BackendUnavailable("audit down", code="audit_unavailable")
+
     monkeypatch.setattr(world.services.audit, "append", failing)
+    monkeypatch.setattr(world.services.audit, "append_guarded", failing_guarded)
     nonce = world.api.post(f"/kbs/v1/keys/{key_id}/transfer", json={}).json()
     response = request_transfer(world, key_id, world.evidence("sgx"), nonce=nonce)
     assert_problem(response, 503, "audit_unavailable")

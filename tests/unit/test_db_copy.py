@@ -30,8 +30,9 @@ from keybroker.api.app import create_app
 from keybroker.cli.db import verify_audit
 from keybroker.cli.main import app
 from keybroker.config import load_settings
+from keybroker.errors import CopyFailed
 from keybroker.services import build_services, initialise
-from keybroker.storage.copy import CopyFailed, copy_database, copy_plan, sqlite_snapshot
+from keybroker.storage.copy import copy_database, copy_plan, sqlite_snapshot
 from keybroker.storage.db import Database, schema_head
 from keybroker.storage.tables import (
     Base,

@@ -30,7 +30,8 @@ def test_every_error_class_has_a_status_row() -> None:
     import keybroker.api.deps
     import keybroker.services  # noqa: F401 - imported for its side effect: every error class is defined
 
-    server_side = {errors.ConfigurationError, errors.StoredKeyCorrupt}  # deliberately 500: never the caller's fault
+    # deliberately 500: never the caller's fault (CopyFailed is the CLI's only)
+    server_side = {errors.ConfigurationError, errors.StoredKeyCorrupt, errors.CopyFailed}
     for cls in _all_subclasses(errors.KeybrokerError):
         assert cls.__module__ == "keybroker.errors", f"{cls} belongs in keybroker.errors"
         assert cls in STATUS_BY_ERROR, cls

@@ -43,6 +43,7 @@ STATUS_BY_ERROR: Mapping[type[errors.KeybrokerError], int] = {
     errors.ServerBusy: 503,
     errors.StoredKeyCorrupt: 500,
     errors.ConfigurationError: 500,
+    errors.CopyFailed: 500,  # the CLI's, never raised by a request
 }
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from keybroker.clock import Clock
 from keybroker.errors import AttestationFailed, Conflict, InvalidRequest
 from keybroker.storage.db import Database
+from keybroker.storage.guard import Guard
 from keybroker.storage.tables import UsedNonceRow
 
 
@@ -114,6 +115,17 @@ class NonceService:
             )
         except IntegrityError:
             raise Conflict("this nonce has already been used", code="nonce_replayed") from None
+
+    def consume_guard(self, nonce: Nonce, *purposes: str) -> Guard:
+        """``consume_in`` as the guard of a single-statement write (PostgreSQL): the rows it inserts; fewer than
+        ``len(purposes)`` means the nonce was used already (by now, or by a concurrent request)."""
+        values = ", ".join(f"(:g_digest, :g_purpose_{n}, :g_expires)" for n in range(len(purposes)))
+        params: dict[str, Any] = {f"g_purpose_{n}": purpose for n, purpose in enumerate(purposes)}
+        params.update(g_digest=nonce.digest, g_expires=self._clock.now() + self._ttl)
+        sql = (
+            f"INSERT INTO used_nonces (digest, purpose, expires_at) VALUES {values} ON CONFLICT DO NOTHING RETURNING 1"  # noqa: S608 - only bind names are formatted in
+        )
+        return Guard(sql, len(purposes), params)
 
     def purge(self) -> int:
         """Forget used nonces that have expired anyway."""

@@ -23,6 +23,21 @@ def canonical(entry: Mapping[str, Any]) -> bytes:
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def canonical_around_seq(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """``(before, after)`` with ``canonical(entry with seq = n) == before + str(n) + after`` for every n: the
+    canonical form built around a sequence number the database assigns (``AuditLog.append_guarded``). Compact
+    key-sorted JSON is the sorted ``"key":value`` pairs joined by commas, and "seq" sorts among the others."""
+
+    def pair(name: str) -> str:
+        value = json.dumps(entry.get(name), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return f"{json.dumps(name)}:{value}"
+
+    names = sorted(name for name in CONTENT_FIELDS if name != "seq")
+    before = "{" + "".join(pair(name) + "," for name in names if name < "seq") + '"seq":'
+    after = "".join("," + pair(name) for name in names if name > "seq") + "}"
+    return before, after
+
+
 def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(entry)).hexdigest()
 

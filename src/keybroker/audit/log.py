@@ -7,20 +7,22 @@ first increments the head row, which takes the database's write lock before anyt
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, bindparam, select, text
+from sqlalchemy import JSON, TextClause, bindparam, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from keybroker.audit.chain import entry_hash
+from keybroker.audit.chain import canonical, canonical_around_seq, entry_hash
 from keybroker.clock import Clock
 from keybroker.errors import BackendUnavailable
 from keybroker.storage.db import Database, UTCDateTime
+from keybroker.storage.guard import Guard
 from keybroker.storage.tables import AuditEventRow, AuditHeadRow
 
 
@@ -52,7 +54,25 @@ _INSERT_EVENT = text(
     "INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)"
     " VALUES (:seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, :prev_hash, :hash)"
 ).bindparams(bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON()))
-_SET_HEAD_HASH = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
+_SET_HEAD_HASH = text("UPDATE audit_head SET hash = :hash, prev_hash = :prev_hash WHERE id = 1")
+# PostgreSQL, one statement: the guard's rows, then (only if it produced them all) the head moved on with the hash
+# computed by the database from the entry's canonical form around its new seq (audit.chain), then the entry.
+_GUARDED = """WITH guard AS ({guard}),
+head AS (
+  UPDATE audit_head SET seq = seq + 1, prev_hash = hash,
+    hash = encode(sha256(convert_to(hash || chr(10) || :before || (seq + 1)::text || :after, 'UTF8')), 'hex')
+  WHERE id = 1 AND (SELECT count(*) FROM guard) = :expected
+  RETURNING seq, prev_hash, hash)
+INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)
+SELECT seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, prev_hash, hash FROM head
+RETURNING seq, hash"""
+
+
+@functools.lru_cache(maxsize=8)  # one statement per guard shape (a nonce of one or two purposes)
+def _guarded(guard_sql: str) -> TextClause:
+    return text(_GUARDED.format(guard=guard_sql)).bindparams(
+        bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON())
+    )
 
 
 def format_time(at: datetime) -> str:
@@ -110,8 +130,31 @@ class AuditLog:
             }
             digest = entry_hash(prev_hash, entry)
             session.execute(_INSERT_EVENT, {**entry, "at": now, "prev_hash": prev_hash, "hash": digest})
-            session.execute(_SET_HEAD_HASH, {"hash": digest})
+            session.execute(_SET_HEAD_HASH, {"hash": digest, "prev_hash": prev_hash})
             return seq
+
+    def append_guarded(self, context: AuditContext, event: AuditEvent, guard: Guard) -> int | None:
+        """PostgreSQL: ``guard`` and the entry in one statement, one round trip, atomic by itself. Returns the
+        entry's seq, or None when the guard came short (nothing audited; what the guard wrote stays: a nonce used
+        up by a request that is refused). The database computes the chain hash from the same canonical form as
+        ``append`` (checked here for every entry before it is sent, and by ``audit verify`` afterwards)."""
+        now = self._clock.now()
+        entry: dict[str, Any] = {
+            "at": format_time(now),
+            "action": event.action,
+            "outcome": event.outcome,
+            "actor": context.actor,
+            "target": event.target,
+            "request_id": context.request_id,
+            "client": context.client,
+            "details": dict(event.details),
+        }
+        before, after = canonical_around_seq(entry)
+        if canonical({**entry, "seq": 0}) != f"{before}0{after}".encode():  # never seen; fail closed if it is
+            raise BackendUnavailable("the audit entry cannot be encoded", code="audit_unavailable")
+        params = {**guard.params, **entry, "at": now, "before": before, "after": after, "expected": guard.expected}
+        rows = self._db.write_one(_guarded(guard.sql), params)
+        return int(rows[0].seq) if rows else None
 
     def record(self, context: AuditContext, event: AuditEvent) -> int:
         """Append in a transaction of its own (refusals, which change nothing else)."""

@@ -62,11 +62,10 @@ class EmbeddedKeyStore:
         return BackendRef(ref)
 
     def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
-        with self._db.transaction() as session:
-            row = session.execute(_MATERIAL, {"ref": ref}).one_or_none()  # on every transfer: no ORM object
-            if row is None:
-                raise NotFound("the key material is not in the embedded store", code="key_material_missing")
-            kek_id, wrapped_dek, ciphertext = str(row.kek_id), bytes(row.wrapped_dek), bytes(row.ciphertext)
+        rows = self._db.query(_MATERIAL, {"ref": ref})  # on every transfer: one round trip, no ORM object
+        if not rows:
+            raise NotFound("the key material is not in the embedded store", code="key_material_missing")
+        kek_id, wrapped_dek, ciphertext = str(rows[0].kek_id), bytes(rows[0].wrapped_dek), bytes(rows[0].ciphertext)
         context = _context(key_id, ref, spec)
         dek = self._wrapper.unwrap(wrapped_dek, context, kek_id)
         try:

@@ -77,7 +77,7 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(2) from None
         except (KeybrokerError, KeybrokerClientError) as exc:
             message = str(exc)
-            if isinstance(exc, KeybrokerError) and exc.instance_code == "database_unavailable":
+            if isinstance(exc, KeybrokerError) and exc.instance_code == "database_unavailable" and exc.__cause__:
                 from keybroker.storage.db import database_reason
 
                 message += f": {database_reason(exc.__cause__)}"  # an operator at the console may see why

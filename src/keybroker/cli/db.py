@@ -34,9 +34,8 @@ from keybroker.config import (
     load_settings,
 )
 from keybroker.config.sections import DATABASE_SCHEMES
-from keybroker.errors import BackendUnavailable, ConfigurationError
+from keybroker.errors import BackendUnavailable, ConfigurationError, CopyFailed
 from keybroker.storage.copy import (
-    CopyFailed,
     CopyResult,
     backup_sqlite,
     check_source,

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Engine, Integer, Table, create_engine, func, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from keybroker.errors import BackendUnavailable, ConfigurationError, KeybrokerError
+from keybroker.errors import BackendUnavailable, ConfigurationError, CopyFailed
 from keybroker.storage import migrations
 from keybroker.storage.db import MIGRATION_LOCK, Database, schema_head
 from keybroker.storage.tables import Base, CertificateAuthorityRow, DeploymentRow
@@ -43,13 +43,6 @@ _ALEMBIC_TABLE = "alembic_version"
 _SHM_DEADMAN_BYTE = 128  # SQLite's unix VFS: every connection holds a shared lock on this byte of DB-shm
 _CAS = ("service", "workload")
 Verify = Callable[[Connection], None]
-
-
-class CopyFailed(KeybrokerError):
-    """A copy or backup that could not be completed (nothing was written to its target)."""
-
-    code = "copy_failed"
-    title = "Copy failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import fcntl
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +18,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicCommandError
-from sqlalchemy import Connection, DateTime, Engine, TypeDecorator, create_engine, event, inspect
+from sqlalchemy import Connection, DateTime, Engine, Executable, Row, TypeDecorator, create_engine, event, inspect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,7 +55,10 @@ def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float
     """SQLite (one host) or PostgreSQL. On PostgreSQL every wait is bounded, so that an unreachable or stuck
     database answers 503 ``database_unavailable`` within about 10 s instead of hanging requests: connecting
     (``connect_timeout``), a statement including its lock waits (``statement_timeout``), a free pooled connection
-    (``pool_timeout``). A connection that broke while idle is noticed before use (``pool_pre_ping``)."""
+    (``pool_timeout``). No pre-ping (it would cost a round trip on every checkout, the hot path's budget is three
+    per transfer): a connection found broken is a disconnect, on which SQLAlchemy discards every pooled connection
+    made before it, so after a database restart one request per process may fail (503) and ``read`` retries its
+    statement once on a fresh connection. TCP keepalives notice a peer that vanished while the pool was idle."""
     if url.startswith("sqlite"):
         # The pool keeps as many connections as the server has worker threads (anyio's default is 40): opening a
         # SQLite connection runs the PRAGMAs below and closing one may checkpoint the WAL, so overflow connections
@@ -73,7 +76,6 @@ def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float
     statement_ms = int(statement_timeout * 1000)
     return create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=20,
         max_overflow=40,
         pool_timeout=connect_timeout,
@@ -83,6 +85,10 @@ def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float
             "connect_timeout": max(1, int(connect_timeout)),
             "options": f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}",
             "application_name": "keybroker",
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
         },
     )
 
@@ -192,6 +198,10 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Single statements on PostgreSQL run in autocommit (the same pool): no BEGIN/COMMIT round trips.
+        self._autocommit = (
+            engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         # SQLite has one writer at a time: writers queue on _WriterLock instead of SQLite's sleeping busy handler.
         self._write_lock: _WriterLock | None = None
         if engine.dialect.name == "sqlite":
@@ -219,6 +229,35 @@ class Database:
         finally:
             if lock is not None:
                 lock.release()
+
+    def query(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
+        """One read-only statement outside any transaction: on PostgreSQL in autocommit, a single round trip with
+        no BEGIN and COMMIT around it (the hot path's lookups). A connection found broken (a database restart)
+        is retried once on a fresh one: a read is safe to repeat."""
+        with unavailable_as_domain_error():
+            for attempt in (1, 2):
+                try:
+                    return self._single(statement, params)
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def write_one(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
+        """One statement that is its own transaction (PostgreSQL, autocommit: one round trip, atomic by itself);
+        never retried, since a broken connection leaves unknown whether it committed."""
+        if self.is_sqlite:
+            raise AssertionError("write_one is for PostgreSQL; SQLite writes go through transaction(write=True)")
+        with unavailable_as_domain_error():
+            return self._single(statement, params)
+
+    def _single(self, statement: Executable, params: Mapping[str, Any] | None) -> Sequence[Row[Any]]:
+        with self._autocommit.connect() as connection:
+            result = connection.execute(statement, dict(params or {}))
+            rows = result.all() if result.returns_rows else []
+            if self.is_sqlite:
+                connection.rollback()
+            return rows
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent). On PostgreSQL the whole upgrade is one transaction

@@ -11,7 +11,10 @@ audit write fails, nothing is released.
 from __future__ import annotations
 
 import base64
+import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +70,14 @@ class _Use:
 class _Lookups:
     lock: threading.Lock = field(default_factory=threading.Lock)
     revision: int = -1
+    checked_at: float = -math.inf  # (monotonic) when the database last confirmed ``revision``
+    local_changes: int = 0  # revision.local_changes() then: a change made here is seen at once
     entries: dict[str, tuple[KeyRecord, TransferPolicyDocument]] = field(default_factory=dict)
+    monotonic: Callable[[], float] = time.monotonic
+
+
+Lookup = tuple[KeyRecord, TransferPolicyDocument]
+NONCE_STEP_STALENESS = 1.0  # seconds: how old the nonce step's knowledge of keys and policies may be
 
 
 @dataclass(frozen=True)
@@ -81,32 +91,44 @@ class TransferService:
     verifier: EvidenceVerifier
     lookups: _Lookups = field(default_factory=_Lookups)
 
-    def _lookup(self, key_id: str) -> tuple[KeyRecord, TransferPolicyDocument]:
-        """The key's record and its policy, from memory while the key/policy revision counter is unchanged (one
-        small query instead of two; any change to any key or policy, in any replica, clears the cache)."""
-        with self.database.transaction() as session:
-            current = revision.current(session)
+    def lookup(self, key_id: str, max_age: float = 0.0) -> Lookup:
+        """The key's record and its policy, from memory while the key/policy revision counter is unchanged: one
+        single-statement round trip instead of two queries; any change to any key or policy, in any replica,
+        bumps the counter and clears the cache. ``max_age`` > 0 also trusts a revision the database confirmed
+        that recently without asking again (the nonce step: a nonce releases nothing, and the transfer that
+        uses it always checks); a key this replica does not know yet is always looked up."""
         cache = self.lookups
+        if max_age > 0:
+            with cache.lock:
+                fresh = cache.monotonic() - cache.checked_at <= max_age
+                if fresh and cache.local_changes == revision.local_changes() and key_id in cache.entries:
+                    return cache.entries[key_id]
+        checked, local = cache.monotonic(), revision.local_changes()
+        current = revision.read(self.database)
         with cache.lock:
-            if cache.revision == current and key_id in cache.entries:
-                return cache.entries[key_id]
+            if current > cache.revision:  # the counter only grows: a slower reader never takes it back
+                cache.entries.clear()
+                cache.revision = current
+            if current == cache.revision:
+                cache.checked_at = max(cache.checked_at, checked)
+                cache.local_changes = max(cache.local_changes, local)
+                if key_id in cache.entries:
+                    return cache.entries[key_id]
         record = self.keys.get(key_id)
         document = self.policies.get(record.transfer_policy_id).document
         with cache.lock:
-            if cache.revision != current:
-                cache.entries.clear()
-                cache.revision = current
-            if len(cache.entries) < 4096:
+            if cache.revision == current and len(cache.entries) < 4096:  # fetched under the cache's revision
                 cache.entries[key_id] = (record, document)
         return record, document
 
-    def attestation_types(self, key_id: str) -> tuple[KeyRecord, list[str]]:
-        record, document = self._lookup(key_id)
+    def attestation_types(self, key_id: str, max_age: float = 0.0) -> tuple[KeyRecord, list[str]]:
+        record, document = self.lookup(key_id, max_age)
         return record, [t.value for t in document.attestation_type]
 
     def nonce(self, key_id: str) -> tuple[Nonce, list[str]]:
-        """Step 1: a fresh nonce, and the TEE types the key's policy accepts (the Attestation-Type header)."""
-        _, types = self.attestation_types(key_id)
+        """Step 1: a fresh nonce, and the TEE types the key's policy accepts (the Attestation-Type header); what it
+        knows of the key may be up to ``NONCE_STEP_STALENESS`` old (no database round trip under load)."""
+        _, types = self.attestation_types(key_id, NONCE_STEP_STALENESS)
         return self.verifier.issue_nonce(), types
 
     def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
@@ -124,9 +146,11 @@ class TransferService:
         body: dict[str, Any],
         principal: Principal | None,
         audit: AuditContext,
+        looked_up: Lookup | None = None,
     ) -> Wrapped:
+        """Step 2. ``looked_up``: this request's ``lookup`` of the key, if the caller made it already."""
         try:
-            record, document = self._lookup(key_id)
+            record, document = looked_up or self.lookup(key_id)
         except KeybrokerError as exc:
             self.refused_before(key_id, exc, audit)
             raise
@@ -153,10 +177,16 @@ class TransferService:
         """One write for the decision: the nonce used up and the audit entry, together. A nonce already used
         (also by a concurrent request that got here first) turns the decision into a 409, audited as such."""
         assert use.nonce is not None
+        event = AuditEvent("key.transfer", outcome, key_id, details)
         try:
-            with self.database.transaction(write=True) as session:
-                self.attestation.nonces.consume_in(session, use.nonce, *use.purposes)
-                self.audit.append(session, audit, AuditEvent("key.transfer", outcome, key_id, details))
+            if self.database.is_sqlite:
+                with self.database.transaction(write=True) as session:
+                    self.attestation.nonces.consume_in(session, use.nonce, *use.purposes)
+                    self.audit.append(session, audit, event)
+            else:  # PostgreSQL: both in one statement, one round trip (storage.guard)
+                guard = self.attestation.nonces.consume_guard(use.nonce, *use.purposes)
+                if self.audit.append_guarded(audit, event, guard) is None:
+                    raise Conflict("this nonce has already been used", code="nonce_replayed")
         except Conflict as exc:
             details.update(status_code=exc.instance_code, reasons=None)
             self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, details))

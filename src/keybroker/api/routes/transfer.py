@@ -47,7 +47,7 @@ async def transfer(key_id: str, request: Request) -> JSONResponse:
 
     def release() -> Wrapped:
         try:
-            services.transfer.attestation_types(key_id)  # the key exists (from the lookup cache)
+            looked_up = services.transfer.lookup(key_id)  # the key exists; once per request
         except NotFound as exc:
             raise _Aggregated(exc, "key_not_found") from None
         try:
@@ -59,7 +59,7 @@ async def transfer(key_id: str, request: Request) -> JSONResponse:
                 raise _Aggregated(exc, "rate_limited", wait) from None
             services.transfer.refused_before(key_id, exc, audit_context(request))
             raise
-        return services.transfer.transfer(key_id, header, body, principal, audit_context(request))
+        return services.transfer.transfer(key_id, header, body, principal, audit_context(request), looked_up)
 
     try:
         wrapped = await run_in_threadpool(release)
