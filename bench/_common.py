@@ -56,17 +56,18 @@ def free_port() -> int:
         return port
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) in seconds of a process (all its threads) and of its live child processes (the server's
-    workers with --workers), from /proc/<pid>/stat."""
+def cpu_times(pid: int | Sequence[int]) -> tuple[float, float]:
+    """(utime, stime) in seconds of processes (all their threads) and of their live child processes (the server's
+    workers with --workers; PostgreSQL's backends; nginx's workers), from /proc/<pid>/stat."""
     tick = os.sysconf("SC_CLK_TCK")
+    roots = {str(pid)} if isinstance(pid, int) else {str(p) for p in pid}
     user = system = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the process itself, or a child (ppid)
+        if stat.parent.name in roots or fields[1] in roots:  # the process itself, or a child (ppid)
             user += int(fields[11]) / tick  # fields 14 and 15 of proc(5)
             system += int(fields[12]) / tick
     return user, system
@@ -293,7 +294,9 @@ class Phase:
 class Load:
     """Threads, one keep-alive ``httpx.Client`` each, sharing a bounded supply of work."""
 
-    def __init__(self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | None) -> None:
+    def __init__(
+        self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | Sequence[int] | None
+    ) -> None:
         self.clients, self.stop, self.server_pid = clients, stop, server_pid
 
     def run(

@@ -32,7 +32,8 @@ class RoundTripCounter:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.port = 0
-        self.record: list[bytes] | None = None  # set to a list to keep the start of each round trip's request
+        # set to a list to keep each round trip's request: (connection number, its first 4 KiB)
+        self.record: list[tuple[int, bytes]] | None = None
 
     def snapshot(self) -> Counts:
         with self._lock:
@@ -54,6 +55,7 @@ class RoundTripCounter:
         server_reader, server_writer = await asyncio.open_connection(*self.target)
         with self._lock:
             self.counts.connections += 1
+            connection = self.counts.connections
         turn = {"client": False}  # whether the client is the one speaking now
 
         async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_client: bool) -> None:
@@ -65,7 +67,7 @@ class RoundTripCounter:
                                 self.counts.round_trips += 1
                                 turn["client"] = True
                                 if self.record is not None:
-                                    self.record.append(chunk[:160])
+                                    self.record.append((connection, chunk[:4096]))
                             self.counts.client_bytes += len(chunk)
                         else:
                             turn["client"] = False

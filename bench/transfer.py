@@ -8,7 +8,7 @@ Usage (from the repository root, with the project's venv):
     .venv/bin/python bench/transfer.py --profile /tmp/kb-prof [--py-spy /path/to/py-spy]   # py-spy the server
     .venv/bin/python bench/transfer.py --profile-service 1000   # then the service layer's CPU, in-process
     .venv/bin/python bench/transfer.py --addr https://127.0.0.1:9443 --token "$KEYBROKER_TOKEN" \\
-        --cacert DATA/ca.pem --sim-dir SIMDIR [--server-pid PID]   # a running server that trusts SIMDIR/root-ca.pem
+        --cacert DATA/ca.pem --sim-dir SIMDIR [--server-pid PID[,PID...]]   # a server trusting SIMDIR/root-ca.pem
 
 Setup (not timed): a simulated TEE (test PKI, platform ``default``, UpToDate collateral) in a temp dir; without
 ``--addr``, ``keybroker init`` and ``keybroker serve`` on a free 127.0.0.1 port (HTTPS, the service CA) with
@@ -334,13 +334,28 @@ def report_text(document: dict[str, Any]) -> str:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pid or a comma-separated list of pids") from None
+    if not pids or any(p <= 0 for p in pids):
+        raise argparse.ArgumentTypeError("pids are positive")
+    return pids
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--addr", help="URL of a running server (loopback only); default: start one")
     parser.add_argument("--token", default=os.environ.get("KEYBROKER_TOKEN"), help="admin bearer token (with --addr)")
     parser.add_argument("--cacert", help="CA certificate to verify an https server (with --addr)")
     parser.add_argument("--sim-dir", type=Path, help="simulator directory the server trusts (needed with --addr)")
-    parser.add_argument("--server-pid", type=int, help="with --addr: the server's pid, for CPU accounting")
+    parser.add_argument(
+        "--server-pid",
+        type=_pids,
+        help="with --addr: the server's pid for CPU accounting; several comma-separated (replicas, PostgreSQL's "
+        "postmaster, the load balancer): their CPU and their children's is summed",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="workloads, one connection each (default 32)")
     parser.add_argument("--workers", type=int, default=1, help="server processes of a server this starts (default 1)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase (default 10)")
@@ -444,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SetupError(f"nonce request: HTTP {opened.status_code}")
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
-            profiler = Profiler(args.py_spy, args.profile, pid, args.profile_gil)
+            first = pid[0] if isinstance(pid, list) else pid  # py-spy follows the first process
+            profiler = Profiler(args.py_spy, args.profile, first, args.profile_gil)
             bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid))
             phases, extra = bench.run(profiler)
             if args.profile_service and not stop.is_set():
