@@ -21,6 +21,7 @@ if [ "${1:-}" = --test ]; then
   command -v pkcs11-tool >/dev/null 2>&1 || apt_needed+=(opensc)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_needed+=(nginx)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_needed+=(postgresql)  # the tests start their own cluster
+  command -v systemd-analyze >/dev/null 2>&1 || apt_needed+=(systemd)  # verifies deploy/systemd/keybroker.service
   [ -e /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so ] || [ -e "/usr/lib/$(uname -m)-linux-gnu/engines-3/pkcs11.so" ] \
     || apt_needed+=(libengine-pkcs11-openssl)
 fi
