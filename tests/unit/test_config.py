@@ -6,8 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from keybroker.config import load_settings
+from keybroker.config import (
+    EmbeddedBackendSettings,
+    LocalWrapperSettings,
+    Pkcs11WrapperSettings,
+    Settings,
+    load_settings,
+)
+from keybroker.config import reference as configuration_reference
+from keybroker.config.catalog import is_setting_path, is_setting_variable, settings_of
 from keybroker.errors import ConfigurationError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _embedded(settings: Settings) -> EmbeddedBackendSettings:
+    backend = settings.backends["embedded"]
+    assert isinstance(backend, EmbeddedBackendSettings)
+    return backend
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -46,7 +62,8 @@ def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_master_key_from_environment_is_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY", "c2VjcmV0" * 5)
     settings = load_settings(data_dir=tmp_path)
-    wrapper = settings.backends["embedded"].wrapper
+    wrapper = _embedded(settings).wrapper
+    assert isinstance(wrapper, LocalWrapperSettings)
     assert wrapper.master_key is not None
     assert "c2VjcmV0" not in repr(settings)
     assert "c2VjcmV0" not in str(settings.redacted())
@@ -100,21 +117,142 @@ def test_database_password_is_not_displayed(tmp_path: Path, monkeypatch: pytest.
     assert shown["database"]["url"] == "postgresql+psycopg://kbs:***@db/kbs"
 
 
-def test_every_toml_block_of_the_readme_is_a_valid_configuration(tmp_path: Path) -> None:
-    """The backend sections' configurations work as written (paths and credentials are only read when used)."""
-    import re
+PKCS11 = (
+    '[backends.embedded]\ntype = "embedded"\nwrapper = {{ type = "pkcs11", module = "/usr/lib/softhsm/libsofthsm2.so", '
+    'token_label = "keybroker", pin = {{ env = "{variable}" }} }}\n'
+)
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 6
-    kinds: set[str] = set()
-    for number, block in enumerate(blocks):
-        path = tmp_path / f"block{number}.toml"
-        path.write_text(block)
-        settings = load_settings(data_dir=tmp_path / "data", config_file=path)
-        for backend in settings.backends.values():
-            kinds.add(backend.type)
-            wrapper = getattr(backend, "wrapper", None)
-            if wrapper is not None:
-                kinds.add(wrapper.type)
-    assert {"embedded", "vault", "kmip", "local", "vault-transit", "pkcs11"} <= kinds
+
+def _pkcs11(tmp_path: Path, variable: str) -> Path:
+    config = tmp_path / "keybroker.toml"
+    config.write_text(PKCS11.format(variable=variable))
+    return config
+
+
+def test_a_variable_a_secret_source_names_is_that_secret_not_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's PKCS#11 example: pin = { env = "KEYBROKER_HSM_PIN" } with KEYBROKER_HSM_PIN set (it was refused
+    as an unknown setting)."""
+    monkeypatch.setenv("KEYBROKER_HSM_PIN", "1234")
+    settings = load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, "KEYBROKER_HSM_PIN"))
+    wrapper = _embedded(settings).wrapper
+    assert isinstance(wrapper, Pkcs11WrapperSettings)
+    assert settings.read_secret(wrapper.pin, "PIN") == "1234"
+    assert "1234" not in repr(settings)
+    assert "1234" not in str(settings.redacted())
+
+
+def test_a_misspelt_setting_beside_a_secret_variable_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYBROKER_HSM_PIN", "1234")
+    monkeypatch.setenv("KEYBROKER_SERVR__LISTEN", "127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match=r"unknown setting.*: KEYBROKER_SERVR__LISTEN \(") as caught:
+        load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, "KEYBROKER_HSM_PIN"))
+    assert "KEYBROKER_HSM_PIN" not in caught.value.detail.split("(")[0]  # only the misspelt one is named
+
+
+def test_a_secret_variable_nothing_names_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYBROKER_HSM_PIN", "1234")
+    with pytest.raises(ConfigurationError, match=r"unknown setting.*KEYBROKER_HSM_PIN"):
+        load_settings(data_dir=tmp_path)  # no configuration names it
+    with pytest.raises(ConfigurationError, match=r"unknown setting.*KEYBROKER_HSM_PIN"):
+        load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, "KEYBROKER_HSM_PIN2"))  # another name
+
+
+def test_secret_sources_in_the_environment_and_the_overrides_name_variables_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYBROKER_DATABASE__URL", "postgresql://kb@db.example/kb")
+    monkeypatch.setenv("KEYBROKER_DATABASE__PASSWORD__ENV", "KEYBROKER_DB_PASSWORD")
+    monkeypatch.setenv("KEYBROKER_DB_PASSWORD", "S3cret")
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.database_url == "postgresql+psycopg://kb:S3cret@db.example/kb"
+    assert "S3cret" not in str(settings.redacted())
+    monkeypatch.delenv("KEYBROKER_DATABASE__PASSWORD__ENV")
+    with pytest.raises(ConfigurationError, match="KEYBROKER_DB_PASSWORD"):
+        load_settings(data_dir=tmp_path)
+    overrides = {"database": {"password": {"env": "KEYBROKER_DB_PASSWORD"}}}
+    assert "S3cret" in load_settings(data_dir=tmp_path, overrides=overrides).database_url
+
+
+def test_a_secret_variable_in_the_settings_names_is_not_parsed_as_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KEYBROKER_BACKENDS__EMBEDDED__PIN would be read as a setting of backend "embedded" (and refused as an extra
+    key, or its value decoded as JSON): named as a secret, pydantic-settings never sees it."""
+    value = '{"type": "kmip", "S3cretPIN": 1}'
+    monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__PIN", value)
+    settings = load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, "KEYBROKER_BACKENDS__EMBEDDED__PIN"))
+    wrapper = _embedded(settings).wrapper
+    assert isinstance(wrapper, Pkcs11WrapperSettings)
+    assert settings.read_secret(wrapper.pin, "PIN") == value
+    monkeypatch.setenv("KEYBROKER_LOGGING__LEVEL", "loud")  # another problem: its message never shows the secret
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, "KEYBROKER_BACKENDS__EMBEDDED__PIN"))
+    assert "logging.level" in caught.value.detail
+    assert "S3cretPIN" not in caught.value.detail
+    assert "backends.embedded.pin" not in caught.value.detail
+
+
+def test_a_setting_variable_cannot_be_a_secret_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which would KEYBROKER_SERVER__LISTEN be, the PIN or the address? Refused, naming both."""
+    monkeypatch.setenv("KEYBROKER_SERVER__LISTEN", "127.0.0.1:1234")
+    for variable in ("KEYBROKER_SERVER__LISTEN", "KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY"):
+        with pytest.raises(ConfigurationError) as caught:
+            load_settings(data_dir=tmp_path, config_file=_pkcs11(tmp_path, variable))
+        assert caught.value.detail.startswith(
+            f"backends.embedded.wrapper.pin: {variable} is the environment variable of a setting"
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("KEYBROKER_SERVER", "not json", "KEYBROKER_SERVER (or one of its KEYBROKER_SERVER__* variables) is not valid"),
+        ("KEYBROKER_TLS__SAN", "kb.example", "KEYBROKER_TLS (or one of its KEYBROKER_TLS__* variables) is not valid"),
+    ],
+)
+def test_a_variable_that_is_not_json_where_json_is_needed_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match="JSON") as caught:  # (was pydantic-settings' SettingsError)
+        load_settings(data_dir=tmp_path)
+    assert message in caught.value.detail
+    assert value not in caught.value.detail
+
+
+def test_the_catalog_knows_every_variable_and_path() -> None:
+    assert is_setting_variable(Settings, "KEYBROKER_BACKENDS__KMS__WRAPPER__PIN__ENV")
+    assert is_setting_variable(Settings, "KEYBROKER_BACKENDS__<NAME>__AUTH__SECRET_ID__FILE")
+    assert not is_setting_variable(Settings, "KEYBROKER_BACKENDS__KMS__WRAPPER__PIN")  # a table: __ENV or __FILE
+    assert not is_setting_variable(Settings, "KEYBROKER_SERVER")
+    assert is_setting_variable(Settings, "KEYBROKER_SERVER", sections=True)
+    assert not is_setting_variable(Settings, "KEYBROKER_HSM_PIN")
+    assert is_setting_path(Settings, ("backends", "v", "auth", "token", "env"), {"backends.v": "vault"})
+    assert not is_setting_path(Settings, ("backends", "v", "auth", "token", "env"), {"backends.v": "kmip"})
+    assert not is_setting_path(Settings, ("backends", "e", "wrapper", "pin"), {"backends.e.wrapper": "local"})
+    assert len(list(settings_of(Settings))) >= 90
+
+
+def test_the_configuration_reference_is_the_models() -> None:
+    """docs/configuration.md is generated from the settings models; a field added, renamed or described anew
+    without regenerating it fails here."""
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert configuration_reference.render() == committed, (
+        f"docs/configuration.md is out of date with src/keybroker/config/: run `.venv/bin/"
+        f"{configuration_reference.COMMAND}` and commit the result"
+    )
+    for setting in settings_of(Settings):
+        for variable in setting.variables:
+            assert f"`{variable}`" in committed, variable
+
+
+def test_every_setting_has_a_description(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference refuses a field without one (its meaning would be a blank cell)."""
+    field = Settings.model_fields["data_dir"]
+    monkeypatch.setattr(field, "description", None)
+    with pytest.raises(ValueError, match="data_dir has no description"):
+        configuration_reference.render()

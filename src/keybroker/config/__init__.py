@@ -2,12 +2,13 @@
 
 Precedence (highest first): explicit overrides (CLI flags) > environment > TOML file > defaults. Nested keys use a
 double underscore in the environment: ``[server] listen`` is ``KEYBROKER_SERVER__LISTEN``. Relative paths are
-resolved against the data directory. Nothing in keybroker reads configuration anywhere but here.
+resolved against the data directory. A variable that a ``{ env = "VAR" }`` secret source names is that secret's,
+never a setting (``environment.py``). Nothing in keybroker reads configuration anywhere but here. Every setting is
+listed in docs/configuration.md, generated from these models (``python -m keybroker.config.reference``).
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 from sqlalchemy.engine import make_url
 
 from keybroker.config.backends import (
@@ -34,6 +36,13 @@ from keybroker.config.backends import (
     VaultConnectionSettings,
     WrapperSettings,
     default_backends,
+)
+from keybroker.config.environment import (
+    CLIENT_VARIABLES,
+    EnvironmentSource,
+    check_environment_names,
+    secret_variables,
+    unparsable,
 )
 from keybroker.config.secrets import SecretReader
 from keybroker.config.sections import (
@@ -57,6 +66,8 @@ CONFIG_FILE_NAME = "keybroker.toml"
 # The TOML values of the load_settings() call in progress; a context variable rather than a module global so that
 # concurrent loads (tests) cannot see each other's file.
 _file_values: ContextVar[dict[str, Any]] = ContextVar("keybroker_config_file_values", default={})  # noqa: B039 - never mutated
+# The variables that secret sources name in that load: the environment source skips them.
+_secret_names: ContextVar[frozenset[str]] = ContextVar("keybroker_config_secret_names", default=frozenset())
 
 
 class _TomlValues(PydanticBaseSettingsSource):
@@ -70,6 +81,8 @@ class _TomlValues(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
+    """The settings outside any table."""
+
     model_config = SettingsConfigDict(
         env_prefix="KEYBROKER_",
         env_nested_delimiter="__",
@@ -77,11 +90,19 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    data_dir: Path = Path(".data")
+    data_dir: Path = Field(
+        default=Path(".data"),
+        description="keybroker's own files: the SQLite database, master.key, ca.pem, the TLS certificate (mode 0700); "
+        "relative paths in the settings are taken from it; --data-dir on the command line",
+    )
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     keys: KeySettings = KeySettings()
-    backends: dict[str, BackendSettings] = Field(default_factory=default_backends)
+    backends: dict[str, BackendSettings] = Field(
+        default_factory=default_backends,
+        description="where key material lives, by name; [backends] in the file replaces the default, one embedded "
+        "backend with the local KEK",
+    )
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
     attestation: AttestationSettings = AttestationSettings()
@@ -97,7 +118,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlValues(settings_cls))
+        return (init_settings, EnvironmentSource(settings_cls, _secret_names.get()), _TomlValues(settings_cls))
 
     @field_validator("data_dir")
     @classmethod
@@ -167,40 +188,22 @@ def load_settings(
             raise ConfigurationError(f"configuration file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
-    _check_environment_names()
     values = dict(overrides or {})
+    secrets = secret_variables(Settings, file_values, values)
+    check_environment_names(Settings, secrets)
     if data_dir is not None:
         values["data_dir"] = data_dir
-    token = _file_values.set(file_values)
+    file_token = _file_values.set(file_values)
+    secrets_token = _secret_names.set(frozenset(secrets))
     try:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc, path)) from None
+    except SettingsError as exc:
+        raise ConfigurationError(unparsable(exc)) from None
     finally:
-        _file_values.reset(token)
-
-
-# KEYBROKER_* variables that belong to the CLI, not to the service's settings.
-CLIENT_VARIABLES = frozenset(
-    {"KEYBROKER_ADDR", "KEYBROKER_TOKEN", "KEYBROKER_CACERT", "KEYBROKER_CA_FINGERPRINT", "KEYBROKER_CONFIG"}
-)
-
-
-def _check_environment_names() -> None:
-    """pydantic-settings ignores variables it has no field for; a misspelt KEYBROKER_SERVR__LISTEN must not fall back
-    to the default silently, so unknown top-level names are errors (nested typos are caught by validation)."""
-    known = set(Settings.model_fields)
-    unknown = sorted(
-        name
-        for name in os.environ
-        if name.upper().startswith("KEYBROKER_")
-        and name.upper() not in CLIENT_VARIABLES
-        and name[len("KEYBROKER_") :].split("__")[0].lower() not in known
-    )
-    if unknown:
-        raise ConfigurationError(
-            f"unknown setting(s) in the environment: {', '.join(unknown)} (known sections: {', '.join(sorted(known))})"
-        )
+        _secret_names.reset(secrets_token)
+        _file_values.reset(file_token)
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

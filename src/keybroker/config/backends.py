@@ -15,22 +15,25 @@ from keybroker.config.sections import SecretSource, Section, check_url
 class LocalWrapperSettings(Section):
     """KEK held locally: a 32-byte master key from a file (mode 0600) or from the environment."""
 
-    type: Literal["local"] = "local"
-    master_key_file: Path = Path("master.key")
+    type: Literal["local"] = Field(default="local", description="the KEK is local")
+    master_key_file: Path = Field(
+        default=Path("master.key"),
+        description="the 32 bytes themselves (not base64), mode 0600; created by init on SQLite when missing",
+    )
     master_key: SecretStr | None = Field(
         default=None,
-        description="base64 32-byte KEK; set it via KEYBROKER_BACKENDS__<NAME>__WRAPPER__MASTER_KEY",
+        description="the 32-byte KEK in base64, instead of master_key_file (better in the environment than the file)",
     )
 
 
 class VaultAuthSettings(Section):
     """Vault/OpenBao authentication: a token, or an AppRole login (renewed, and repeated when renewal fails)."""
 
-    method: Literal["token", "approle"] = "token"
+    method: Literal["token", "approle"] = Field(default="token", description="how keybroker logs in")
     token: SecretSource | None = Field(default=None, description="method=token: where the token is")
     role_id: str | None = Field(default=None, description="method=approle: the role id (not secret)")
     secret_id: SecretSource | None = Field(default=None, description="method=approle: where the secret id is")
-    approle_mount: str = "approle"
+    approle_mount: str = Field(default="approle", description="method=approle: where the AppRole auth is mounted")
 
     @model_validator(mode="after")
     def _complete(self) -> VaultAuthSettings:
@@ -68,9 +71,9 @@ class VaultConnectionSettings(Section):
         default=None,
         description="CA bundle to verify Vault's certificate (default: certifi's bundle, or REQUESTS_CA_BUNDLE)",
     )
-    namespace: str | None = None
-    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
-    auth: VaultAuthSettings
+    namespace: str | None = Field(default=None, description="the Vault Enterprise namespace of every request")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="one request to Vault/OpenBao")
+    auth: VaultAuthSettings = Field(description="how keybroker logs in: token or AppRole")
 
     @model_validator(mode="before")
     @classmethod
@@ -124,18 +127,23 @@ class VaultConnectionSettings(Section):
 class TransitWrapperSettings(VaultConnectionSettings):
     """KEK held in Vault/OpenBao Transit: data keys are encrypted and decrypted there; no master key on this host."""
 
-    type: Literal["vault-transit"]
-    mount: str = "transit"
-    key_name: str = "keybroker-kek"
+    type: Literal["vault-transit"] = Field(description="the KEK is in Vault/OpenBao Transit")
+    mount: str = Field(default="transit", description="where the Transit engine is mounted")
+    key_name: str = Field(
+        default="keybroker-kek", description="the Transit key (aes256-gcm96, created by init if missing)"
+    )
 
 
 class Pkcs11WrapperSettings(Section):
     """KEK held in a PKCS#11 token (an HSM; SoftHSM2 in tests) as a non-extractable AES-256 key."""
 
-    type: Literal["pkcs11"]
+    type: Literal["pkcs11"] = Field(description="the KEK is in a PKCS#11 token")
     module: Path = Field(description="the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
-    token_label: str
-    key_label: str = "keybroker-kek"
+    token_label: str = Field(description="the token's label")
+    key_label: str = Field(
+        default="keybroker-kek",
+        description="the KEK's label in the token (a non-extractable AES-256 key, created by init if missing)",
+    )
     pin: SecretSource = Field(description="the user PIN: {env = ...} or {file = ...}")
     sessions: int = Field(default=4, ge=1, le=64, description="session pool size")
 
@@ -162,29 +170,33 @@ WrapperSettings = Annotated[
 
 
 class EmbeddedBackendSettings(Section):
-    type: Literal["embedded"] = "embedded"
-    wrapper: WrapperSettings = LocalWrapperSettings()
+    """Key material in keybroker's database, each key sealed under its own data key, which the KEK wraps."""
+
+    type: Literal["embedded"] = Field(default="embedded", description="the backend is the embedded store")
+    wrapper: WrapperSettings = Field(
+        default=LocalWrapperSettings(), description="the KEK, an inline table whose type says where it is"
+    )
 
 
 class VaultBackendSettings(VaultConnectionSettings):
     """Key material in a Vault/OpenBao KV engine, one secret per key at ``<mount>/<path_prefix><key id>``."""
 
-    type: Literal["vault"]
-    mount: str = "keybroker"
-    kv_version: Literal[1, 2] = 1
-    path_prefix: str = ""
+    type: Literal["vault"] = Field(description="the backend is a Vault/OpenBao KV engine")
+    mount: str = Field(default="keybroker", description="where the KV engine is mounted")
+    kv_version: Literal[1, 2] = Field(default=1, description="the KV engine's version (2: writes use check-and-set)")
+    path_prefix: str = Field(default="", description="put before each key id in the secret's path")
 
 
 class KmipBackendSettings(Section):
     """Key material in a KMIP server, over mutual TLS."""
 
-    type: Literal["kmip"]
-    host: str
-    port: int = Field(default=5696, ge=1, le=65535)
+    type: Literal["kmip"] = Field(description="the backend is a KMIP server")
+    host: str = Field(description="the KMIP server's host name (checked against its certificate)")
+    port: int = Field(default=5696, ge=1, le=65535, description="the KMIP server's port")
     cert_file: Path = Field(description="client certificate (clientAuth); its CN is the KMIP owner")
-    key_file: Path
+    key_file: Path = Field(description="the private key (PEM) of cert_file")
     ca_file: Path = Field(description="CA that signed the KMIP server's certificate")
-    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="one KMIP request")
     connections: int = Field(default=4, ge=1, le=64, description="connection pool size")
 
 

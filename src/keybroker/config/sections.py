@@ -15,11 +15,17 @@ class Section(BaseModel):
 
 
 class ServerSettings(Section):
-    listen: str = DEFAULT_LISTEN
+    """The HTTPS server: where it listens, its processes and threads, and how much a request may carry."""
+
+    listen: str = Field(
+        default=DEFAULT_LISTEN, description="HOST:PORT to listen on (IPv6 as [::1]:9443); --listen on the command line"
+    )
     public_url: str | None = Field(
         default=None, description="Base URL clients use (for transfer_link); default: from the request"
     )
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, le=64 * 1_048_576, description="request bodies larger than this get 413"
+    )
     keygen_workers: int = Field(
         default=1,
         ge=1,
@@ -31,7 +37,11 @@ class ServerSettings(Section):
         default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"
     )
     workers: int = Field(default=1, ge=1, le=64, description="server processes (use the cores; SQLite or PostgreSQL)")
-    role: Literal["all", "kbs", "attestation"] = "all"
+    role: Literal["all", "kbs", "attestation"] = Field(
+        default="all",
+        description="what this process serves: everything, the KBS only (with attestation.url) or the attestation "
+        "service only; --role on the command line",
+    )
     max_header_bytes: int = Field(
         default=65_536, ge=1024, le=1_048_576, description="request line and headers larger than this get 431"
     )
@@ -111,11 +121,17 @@ def check_url(value: str) -> None:
 
 
 class KeySettings(Section):
-    default_backend: str = "embedded"
+    """Where new keys go, and how interrupted key writes are finished."""
+
+    default_backend: str = Field(
+        default="embedded", description="the backend (a name under [backends]) of keys created without one"
+    )
     reconcile_after_seconds: int = Field(
         default=600, ge=0, description="finish key writes interrupted at least this long ago (crash, KMS down)"
     )
-    reconcile_interval_seconds: int = Field(default=60, ge=1)
+    reconcile_interval_seconds: int = Field(
+        default=60, ge=1, description="how often the server looks for interrupted key writes to finish"
+    )
 
 
 def _default_names() -> list[str]:
@@ -129,17 +145,21 @@ def _default_names() -> list[str]:
 class TlsSettings(Section):
     """HTTPS by default, with a certificate from the service CA. Plain HTTP only with ``enabled = false``."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: plain HTTP, with a warning at every start")
     san: list[str] = Field(
         default_factory=_default_names,
         min_length=1,
-        description="names of this replica's certificate from the service CA (default: localhost, 127.0.0.1, ::1, "
-        "the host name)",
+        description="names of this replica's certificate from the service CA",
+        json_schema_extra={"shown_default": '["localhost", "127.0.0.1", "::1", HOST NAME]'},
     )
-    server_cert_days: int = Field(default=365, ge=1, le=825)
+    server_cert_days: int = Field(
+        default=365, ge=1, le=825, description="lifetime of that certificate (renewed 30 days before it expires)"
+    )
     cert_file: Path | None = Field(default=None, description="your own certificate chain (PEM) instead")
-    key_file: Path | None = None
-    key_password: SecretStr | None = None
+    key_file: Path | None = Field(default=None, description="the private key (PEM) of cert_file")
+    key_password: SecretStr | None = Field(
+        default=None, description="the password of an encrypted key_file (better in the environment than the file)"
+    )
 
     @model_validator(mode="after")
     def _own_pair(self) -> TlsSettings:
@@ -149,8 +169,14 @@ class TlsSettings(Section):
 
 
 class AuthSettings(Section):
-    default_token_ttl_days: int = Field(default=30, ge=1, le=366)
-    admin_token_ttl_days: int = Field(default=365, ge=1, le=366)
+    """Bearer tokens' lifetimes."""
+
+    default_token_ttl_days: int = Field(
+        default=30, ge=1, le=366, description="lifetime of a token created without --ttl"
+    )
+    admin_token_ttl_days: int = Field(
+        default=365, ge=1, le=366, description="lifetime of the admin token that init prints (--new-admin-token too)"
+    )
 
 
 class AttestationSettings(Section):
@@ -159,14 +185,22 @@ class AttestationSettings(Section):
     simulated_root: Path | None = Field(
         default=None, description="trust quotes of the simulated TEE signed under this root (development only)"
     )
-    nonce_ttl_seconds: int = Field(default=300, ge=10, le=3600)
-    token_ttl_seconds: int = Field(default=300, ge=10, le=3600)
+    nonce_ttl_seconds: int = Field(
+        default=300, ge=10, le=3600, description="how long a nonce (transfer or appraisal) may be used, once"
+    )
+    token_ttl_seconds: int = Field(default=300, ge=10, le=3600, description="lifetime of an attestation token")
     upstream_url: str | None = Field(default=None, description="Intel PCS or a PCCS, for collateral not cached")
-    upstream_api_key: SecretStr | None = None
+    upstream_api_key: SecretStr | None = Field(
+        default=None, description="Intel PCS subscription key (better in the environment than the file)"
+    )
     upstream_ca_file: Path | None = Field(default=None, description="CA to verify the upstream (default: system)")
-    upstream_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    upstream_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="one request to the upstream (retried)"
+    )
     refresh_before_seconds: int = Field(default=86400, ge=60, description="refresh items this long before expiry")
-    refresh_interval_seconds: int = Field(default=3600, ge=10)
+    refresh_interval_seconds: int = Field(
+        default=3600, ge=10, description="how often the cached collateral is checked for items to refresh"
+    )
     url: str | None = Field(
         default=None, description="a separate keybroker attestation service that verifies for this KBS"
     )
@@ -179,7 +213,9 @@ class LimitsSettings(Section):
     unauthenticated_rps: float = Field(
         default=50, gt=0, le=1_000_000, description="requests/s per address without a valid token (token bucket)"
     )
-    unauthenticated_burst: int = Field(default=100, ge=1, le=10_000_000)
+    unauthenticated_burst: int = Field(
+        default=100, ge=1, le=10_000_000, description="requests at once above that rate (the bucket's size)"
+    )
     transfer_rps: float = Field(
         default=5000,
         gt=0,
@@ -187,7 +223,9 @@ class LimitsSettings(Section):
         description="requests/s per address to the attested endpoints (transfer, appraisal nonce/attest): a "
         "cluster scaling up behind one NAT address must not be starved",
     )
-    transfer_burst: int = Field(default=10_000, ge=1, le=10_000_000)
+    transfer_burst: int = Field(
+        default=10_000, ge=1, le=10_000_000, description="requests at once above transfer_rps (the bucket's size)"
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         max_length=256,
@@ -196,7 +234,12 @@ class LimitsSettings(Section):
     audit_window_seconds: int = Field(
         default=60, ge=1, le=86_400, description="anonymous refusals are audited as one entry per address and window"
     )
-    max_connections_per_address: int = Field(default=256, ge=1, le=1_000_000)
+    max_connections_per_address: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="open connections per client address, counted before TLS (trusted proxies are exempt)",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -212,8 +255,12 @@ class LimitsSettings(Section):
 
 
 class LoggingSettings(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    """The log on stderr: one line per request, with the request id that error responses carry."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="the least severe logged")
+    format: Literal["json", "console"] = Field(
+        default="json", description="JSON lines (for the journal or a collector), or readable lines for a terminal"
+    )
 
 
 def parse_listen(value: str) -> tuple[str, int]:
