@@ -76,8 +76,8 @@ class Replicas:
             val = base64.b64encode(os.urandom(16)).decode()
             self.nonces.append(val)
             return httpx.Response(200, json={"val": val, "iat": base64.b64encode(b"iat").decode(), "signature": "s"})
-        assert body["nonce"]["val"] == self.nonces[-1]  # type: ignore[index]  # the test's own JSON
-        return httpx.Response(200, json=_released(body))  # type: ignore[arg-type]  # as above
+        assert body["nonce"]["val"] == self.nonces[-1]  # body: the test's own JSON (Any)
+        return httpx.Response(200, json=_released(body))
 
 
 def down(step: str, body: dict[str, object]) -> httpx.Response | None:

@@ -1,15 +1,18 @@
 """When a transfer is tried again: the replica failed (unreachable, reset, timed out, 502/503/504) or asked the
 client to slow down (429). Never for a refusal (a policy, a quote, a nonce the server rejected: those would only
-be refused again), never for a mismatched CA pin. Each attempt starts over with a fresh nonce, at the next address.
+be refused again), never for a mismatched CA pin or a TLS set-up that cannot work (``TlsError``: an untrusted
+certificate, TLS on an http:// URL), never for a local error (``ConfigurationError``, ``EvidenceError``,
+``UnwrapError``). Each attempt starts over with a fresh nonce, at the next address.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from keybroker_client._errors import KeybrokerClientError, ProblemError, TransportError
+from keybroker_client._errors import ConfigurationError, KeybrokerClientError, ProblemError, TlsError, TransportError
 from keybroker_client._tls import PinMismatch
 
 RETRIED_STATUS = frozenset({429, 502, 503, 504})
@@ -28,10 +31,11 @@ class Retry:
     budget_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("attempts must be at least 1")
-        if self.first_backoff_seconds < 0 or self.max_backoff_seconds < 0 or self.budget_seconds <= 0:
-            raise ValueError("backoff and budget must be positive")
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ConfigurationError("attempts must be at least 1")
+        times = (self.first_backoff_seconds, self.max_backoff_seconds, self.budget_seconds)
+        if not all(_number(value) for value in times) or min(times[:2]) < 0 or self.budget_seconds <= 0:
+            raise ConfigurationError("backoff and budget must be positive")
 
     def pauses(self, rng: random.Random) -> Iterator[float]:
         """The pauses before the 2nd, 3rd, ... attempt (jittered)."""
@@ -39,9 +43,13 @@ class Retry:
             yield rng.uniform(0.0, min(self.max_backoff_seconds, self.first_backoff_seconds * 2**n))
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def retried(exc: KeybrokerClientError) -> bool:
     """Whether ``exc`` is worth another attempt at another replica."""
-    if isinstance(exc, PinMismatch):
+    if isinstance(exc, PinMismatch | TlsError):
         return False
     if isinstance(exc, ProblemError):
         return exc.status in RETRIED_STATUS

@@ -12,7 +12,7 @@ import sys
 from typing import Literal
 
 from keybroker_client._client import Client, ReleasedKey
-from keybroker_client._errors import KeybrokerClientError, ProblemError
+from keybroker_client._errors import ConfigurationError, KeybrokerClientError, ProblemError
 from keybroker_client._retry import Retry
 from keybroker_client.evidence import from_spec
 
@@ -37,31 +37,41 @@ def _write(released: ReleasedKey, out: str, force: bool) -> None:
         raise
 
 
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token, retry=Retry(args.attempts)
+    )
+
+
 def _connection_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--kbs",
         required=True,
+        metavar="URL",
         help="keybroker URL, e.g. https://kbs:9443; several replicas comma-separated (tried in turn on failure)",
     )
     command.add_argument(
         "--attempts",
         type=int,
         default=4,
+        metavar="N",
         help="exchanges per key at most, each with a fresh nonce, when a replica fails (default 4; 1: no retry)",
     )
-    command.add_argument("--ca", help="the service CA certificate (PEM)")
-    command.add_argument("--ca-fingerprint", help="or: the SHA-384 fingerprint of the service CA")
+    command.add_argument("--ca", metavar="FILE", help="the service CA certificate (PEM)")
+    command.add_argument("--ca-fingerprint", metavar="HASH", help="or: the SHA-384 fingerprint of the service CA")
     command.add_argument(
         "--evidence",
         default="auto",
+        metavar="SOURCE",
         help="auto (the default: tdx if configfs-tsm is there, else sgx-gramine if /dev/attestation is), tdx, "
         "sgx-gramine or sim:DIR[:sgx|tdx][:FIELD=VALUE,...] (e.g. mrenclave=HEX,isvsvn=2)",
     )
     command.add_argument("--passport", action="store_true", help="attest first, then present the token")
     command.add_argument(
         "--token",
-        default=os.environ.get("KEYBROKER_TOKEN"),
-        help="bearer token, if the key's policy names client permissions",
+        default=os.environ.get("KEYBROKER_TOKEN"),  # (never shown in the help)
+        metavar="TOKEN",
+        help="bearer token, if the key's policy names client permissions (default: $KEYBROKER_TOKEN)",
     )
 
 
@@ -103,10 +113,11 @@ def _provision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         return USAGE
     mode: Literal["background", "passport"] = "passport" if args.passport else "background"
     try:
-        client = Client(
-            args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token, retry=Retry(args.attempts)
-        )
-    except (KeybrokerClientError, ValueError, OSError) as exc:
+        client = _client(args)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    except (KeybrokerClientError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with client:
@@ -120,38 +131,85 @@ def _provision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keybroker-client", description="The keybroker workload client.")
+class _Help(argparse.HelpFormatter):
+    """Paragraphs wrapped to the terminal's width as usual; indented lines (the examples) kept whole, to copy."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n".join(
+            indent + line if line.startswith(" ") else fill(line, width, indent) for line in text.splitlines()
+        )
+
+
+FETCH_EXAMPLE = "keybroker-client fetch-key KEY_ID --kbs https://kbs:9443 --ca ca.pem --out key.bin"
+PROVISION_EXAMPLE = (
+    "keybroker-client provision --keys keys.txt --pkcs11-module libsofthsm2.so --kbs https://kbs:9443 --ca ca.pem"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: each command's help ends with an example (tests/unit/test_cli_help.py parses them)."""
+    parser = argparse.ArgumentParser(
+        prog="keybroker-client",
+        description="The keybroker workload client.",
+        epilog=f"Examples:\n  {FETCH_EXAMPLE}\n  {PROVISION_EXAMPLE}",
+        formatter_class=_Help,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch-key", help="attest and receive a key")
-    fetch.add_argument("key_id")
+    fetch = commands.add_parser(
+        "fetch-key",
+        help="attest and receive a key",
+        description="Attest and receive one key into a new file (mode 0600).",
+        epilog=f"Example:\n  {FETCH_EXAMPLE}",
+        formatter_class=_Help,
+    )
+    fetch.add_argument("key_id", metavar="KEY_ID", help="the key to receive")
     _connection_options(fetch)
-    fetch.add_argument("--out", required=True, help="file to create with mode 0600, or - with --force")
+    fetch.add_argument("--out", required=True, metavar="FILE", help="file to create with mode 0600, or - with --force")
     fetch.add_argument("--force", action="store_true", help="allow --out - (the key on stdout)")
     prov = commands.add_parser(
         "provision",
         help="attest, receive the keys of a keys.txt and import them into PKCS#11 token(s)",
-        description="Fetch every key listed in KEYS (one pkcs11: URI per line, e.g. "
+        description="Fetch every key listed in the --keys file (one pkcs11: URI per line, e.g. "
         "pkcs11:token=KMS;id=<key id>;object=RSAKEY;type=private;pin-value=1234) by attestation, then import "
         "them all as sensitive, non-extractable objects. Nothing is imported unless every key was released.",
+        epilog=f"Example:\n  {PROVISION_EXAMPLE}",
+        formatter_class=_Help,
     )
-    prov.add_argument("--keys", required=True, help="the keys file (one RFC 7512 URI per line)")
-    prov.add_argument("--pkcs11-module", required=True, help="the PKCS#11 module, e.g. libsofthsm2.so")
+    prov.add_argument("--keys", required=True, metavar="FILE", help="the keys file (one RFC 7512 URI per line)")
+    prov.add_argument(
+        "--pkcs11-module", required=True, metavar="LIBRARY", help="the PKCS#11 module, e.g. libsofthsm2.so"
+    )
     _connection_options(prov)
     prov.add_argument("--init-token", action="store_true", help="initialise tokens that do not exist yet")
-    prov.add_argument("--so-pin-file", help="the SO PIN for --init-token (a file, one line)")
+    prov.add_argument("--so-pin-file", metavar="FILE", help="the SO PIN for --init-token (a file, one line)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "provision":
         return _provision(parser, args)
+    return _fetch_key(args)
+
+
+def _fetch_key(args: argparse.Namespace) -> int:
     try:
         evidence = from_spec(args.evidence)
     except (ValueError, OSError, KeybrokerClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        with Client(
-            args.kbs, ca=args.ca, ca_fingerprint=args.ca_fingerprint, token=args.token, retry=Retry(args.attempts)
-        ) as client:
+        client = _client(args)
+    except ConfigurationError as exc:  # a wrong --kbs, --ca, --ca-fingerprint, --token or --attempts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeybrokerClientError, OSError) as exc:  # the pinned CA could not be fetched or does not match
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with client:
             released = client.fetch_key(args.key_id, evidence, mode="passport" if args.passport else "background")
         _write(released, args.out, args.force)
     except ProblemError as exc:

@@ -7,13 +7,19 @@ every simulated quote."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from keybroker_client._errors import ConfigurationError
+from keybroker_client._values import flag, hex_or_bytes, uint16
+from keybroker_client._values import report_data as checked_report_data
 
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 QE_MRSIGNER = bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff")
@@ -35,8 +41,24 @@ def raw_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return numbers.x.to_bytes(32, "big") + numbers.y.to_bytes(32, "big")
 
 
+_SGX_BYTES = {"mrenclave": 32, "mrsigner": 32, "config_id": 64}
+_SGX_INTS = ("isvprodid", "isvsvn", "config_svn")
+_TDX_BYTES = {
+    "mrtd": 48,
+    "mrconfigid": 48,
+    "mrowner": 48,
+    "mrownerconfig": 48,
+    "td_attributes": 8,
+    "xfam": 8,
+    "mrseam": 48,
+}
+
+
 @dataclass(frozen=True)
 class SgxMeasurements:
+    """An enclave's identity. Every field is checked at construction (``ConfigurationError`` with its reason);
+    byte fields may also be given as hex strings (``mrenclave="ab" * 32``) and are kept as bytes."""
+
     mrenclave: bytes = bytes(32)
     mrsigner: bytes = bytes(32)
     isvprodid: int = 0
@@ -45,6 +67,15 @@ class SgxMeasurements:
     config_svn: int = 0
     debug: bool = False
     attributes: bytes | None = None  # default: INIT | MODE64BIT (| DEBUG)
+
+    def __post_init__(self) -> None:
+        for name, length in _SGX_BYTES.items():
+            object.__setattr__(self, name, hex_or_bytes(name, getattr(self, name), length))
+        for name in _SGX_INTS:
+            uint16(name, getattr(self, name))
+        flag("debug", self.debug)
+        if self.attributes is not None:
+            object.__setattr__(self, "attributes", hex_or_bytes("attributes", self.attributes, 16))
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,29 @@ class TdxMeasurements:
         "5b38e33a6487958b72c3c12a938eaa5e3fd4510c51aeeab58c7d5ecee41d7c436489d6c8e4f92f160b7cad34207b00c1"
     )
     debug: bool = False
+
+    def __post_init__(self) -> None:
+        for name, length in _TDX_BYTES.items():
+            object.__setattr__(self, name, hex_or_bytes(name, getattr(self, name), length))
+        rtmrs = self.rtmrs
+        if isinstance(rtmrs, str | bytes | bytearray) or not isinstance(rtmrs, Sequence) or len(rtmrs) != 4:
+            raise ConfigurationError("rtmrs is 4 values (RTMR0 to RTMR3), each 96 hex digits or 48 bytes")
+        checked = tuple(hex_or_bytes(f"rtmrs[{i}]", rtmr, 48) for i, rtmr in enumerate(rtmrs))
+        object.__setattr__(self, "rtmrs", checked)
+        flag("debug", self.debug)
+
+
+def measurements(tee: str, values: Mapping[str, object]) -> SgxMeasurements | TdxMeasurements:
+    """The measurements of a simulated SGX enclave or TDX guest from keyword values (hex strings or bytes for
+    byte fields); a name that is not one of ``tee``'s, or a wrong value, is a ``ConfigurationError``."""
+    if tee not in ("SGX", "TDX"):
+        raise ConfigurationError(f"tee is 'SGX' or 'TDX', not {tee!r}")
+    kind: type[SgxMeasurements] | type[TdxMeasurements] = SgxMeasurements if tee == "SGX" else TdxMeasurements
+    known = sorted(f.name for f in dataclasses.fields(kind))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigurationError(f"{', '.join(unknown)}: not a measurement of {tee} (those are {', '.join(known)})")
+    return kind(**values)  # type: ignore[arg-type]  # the names are checked above, the values by __post_init__
 
 
 @dataclass(frozen=True)
@@ -143,14 +197,15 @@ def build_quote(
     td_report_15: bool = False,
     signing_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
-    """A quote over ``report_data`` (64 bytes). ``signing_key`` replaces the attestation key for the ISV
-    signature only (a negative test: the quote then names one key and is signed by another)."""
-    if len(report_data) != 64:
-        raise ValueError("report data is 64 bytes")
+    """A quote over ``report_data`` (64 bytes, or 128 hex digits). ``signing_key`` replaces the attestation key
+    for the ISV signature only (a negative test: the quote then names one key and is signed by another)."""
+    report_data = checked_report_data(report_data)
+    if sgx is not None and tdx is not None:
+        raise ConfigurationError("a quote is SGX (sgx=) or TDX (tdx=), not both")
     is_tdx = tdx is not None
     version = version or (4 if is_tdx else 3)
     if (version == 3) == is_tdx or version not in (3, 4, 5):
-        raise ValueError("SGX quotes are version 3; TDX quotes version 4 or 5")
+        raise ConfigurationError("SGX quotes are version 3; TDX quotes version 4 or 5")
     header = struct.pack("<HHIHH", version, 2, 0x81 if is_tdx else 0, platform.qe_svn, platform.pcesvn)
     header += INTEL_QE_VENDOR_ID + bytes(16) + bytes(4)
     if is_tdx:
