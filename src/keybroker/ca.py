@@ -6,6 +6,10 @@ The CA private keys are kept in the database as PKCS#8, wrapped by the KEK (``Ke
 context, so they are as safe at rest as the keys keybroker stores and any replica with the KEK can use them. A
 replica's TLS key is made at every ``serve`` and written encrypted with a passphrase that exists only in memory.
 
+Rotation (``rotate``, then ``retire``): a new CA of the same name issues from then on. Until ``retire``, clients are
+given the bundle (old CA first: pins keep matching) and issued certificates are chained with the new CA's key
+certified by the old one (self-issued, so the old CA's path length 0 allows it): trusting either CA verifies them.
+
 Data directories from before the CAs moved into the database (their keys in ``ca-key.pem`` files, encrypted with
 a passphrase in ``tls-passphrase.wrapped``) are imported on first use.
 """
@@ -28,10 +32,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.backends.base import KeyWrapper
-from keybroker.errors import BackendUnavailable, ConfigurationError, InvalidRequest, StoredKeyCorrupt
+from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, InvalidRequest, StoredKeyCorrupt
 from keybroker.storage.db import Database
 from keybroker.storage.tables import CertificateAuthorityRow
 
@@ -47,6 +53,7 @@ SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server-key.pem"
 _LEGACY_CONTEXT = b"keybroker/tls-passphrase/v1"
 MAX_DAYS = 825
+CA_DAYS = 3650
 SERVICE, WORKLOAD = "service", "workload"
 _FILES = {SERVICE: (CA_CERT, CA_KEY), WORKLOAD: (WORKLOAD_CA_CERT, WORKLOAD_CA_KEY)}
 
@@ -76,8 +83,49 @@ def _san_entries(names: Sequence[str]) -> list[x509.GeneralName]:
     return entries
 
 
-def _context(name: str) -> bytes:
+def ca_key_context(name: str) -> bytes:
+    """The context a CA's private key is wrapped under (its row's name)."""
     return b"keybroker/ca-key/v1\0" + name.encode()
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    now: datetime,
+    not_after: datetime,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+) -> x509.Certificate:
+    """A CA certificate for ``key``: self-signed, or (``issuer``) certified by another CA of the same name."""
+    issuer_name, signer = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+        )
+    return builder.sign(signer, hashes.SHA384())
+
+
+@dataclass(frozen=True)
+class CaRotation:
+    """The fingerprints (SHA-384) of a rotation: the CA that issued until now, and the one that issues from now."""
+
+    old_sha384: str
+    new_sha384: str
 
 
 def recorded_kek_id(database: Database, data_dir: Path) -> str | None:
@@ -147,7 +195,7 @@ class ServiceCA:
             row = CertificateAuthorityRow(
                 name=self._name,
                 cert_pem=cert_pem.decode("ascii"),
-                key_wrapped=self._wrapper.wrap(der, _context(self._name)),
+                key_wrapped=self._wrapper.wrap(der, ca_key_context(self._name)),
                 kek_id=self._wrapper.kek_id,
                 created_at=now,
             )
@@ -173,20 +221,7 @@ class ServiceCA:
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker"),
             ]
         )
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384())
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key
+        return _pem(_ca_certificate(key, name, now, now + timedelta(days=CA_DAYS))), key
 
     def _legacy(self) -> tuple[bytes, ec.EllipticCurvePrivateKey] | None:
         """The CA of a data directory from before 0008 (certificate and encrypted key files), if there is one."""
@@ -216,18 +251,93 @@ class ServiceCA:
             ) from None
 
     def certificate_pem(self) -> bytes:
+        """What clients trust (``ca.pem``, ``GET /cms/v1/ca-certificates``): the CA's certificate, and while a rotation
+        is not retired the retiring CA's before it."""
+        row = self._published()
+        return ((row.retiring_pem or "") + row.cert_pem).encode("ascii")
+
+    def chain_pem(self) -> bytes:
+        """What follows a certificate this CA issued: the CA's certificate, or while a rotation is not retired its
+        key certified by the retiring CA (clients that trust either CA can then verify it)."""
+        row = self._published()
+        return (row.cross_pem or row.cert_pem).encode("ascii")
+
+    def _published(self) -> CertificateAuthorityRow:
         row = self._row()
         if row is None:
             raise ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
-        return row.cert_pem.encode("ascii")
+        return row
+
+    # --- rotation -------------------------------------------------------------------------------------------
+
+    def rotate(self, now: datetime, audit: AuditLog, context: AuditContext) -> CaRotation:
+        """A new CA (a new EC P-384 key, the same name, 10 years) issues every certificate from now on; the old one
+        stays published and chained until ``retire``. Refused while an earlier rotation is not retired. The old
+        CA's private key is not kept: the cross certificate, made now, is all the transition needs of it."""
+        row = self._published()
+        if row.retiring_pem is not None:
+            raise Conflict(
+                f"the {self._name} CA was rotated already and the old CA is not retired yet: once every client "
+                "trusts the new one, run 'keybroker ca retire' first",
+                code="ca_rotation_in_progress",
+            )
+        old_cert, old_key = self._load()
+        key = ec.generate_private_key(ec.SECP384R1())
+        new_cert = _ca_certificate(key, old_cert.subject, now, now + timedelta(days=CA_DAYS))
+        until = min(new_cert.not_valid_after_utc, old_cert.not_valid_after_utc)
+        cross = _ca_certificate(key, old_cert.subject, now, until, issuer=(old_cert, old_key))
+        der = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        done = CaRotation(fingerprint(row.cert_pem.encode("ascii")), fingerprint(_pem(new_cert)))
+        values = {
+            "cert_pem": _pem(new_cert).decode("ascii"),
+            "key_wrapped": self._wrapper.wrap(der, ca_key_context(self._name)),
+            "kek_id": self._wrapper.kek_id,
+            "created_at": now,
+            "retiring_pem": row.cert_pem,
+            "cross_pem": _pem(cross).decode("ascii"),
+        }
+        details = {"old_sha384": done.old_sha384, "new_sha384": done.new_sha384}
+        self._replace(row, values, audit, context, AuditEvent("ca.rotate", "success", f"ca:{self._name}", details))
+        return done
+
+    def retire(self, audit: AuditLog, context: AuditContext) -> str:
+        """End a rotation: the old CA is published and chained no more. Returns the retired CA's fingerprint."""
+        row = self._published()
+        if row.retiring_pem is None:
+            raise Conflict(
+                f"the {self._name} CA has no predecessor to retire ('keybroker ca rotate' makes one)",
+                code="no_ca_rotation",
+            )
+        retired = fingerprint(row.retiring_pem.encode("ascii"))
+        details = {"retired_sha384": retired, "sha384": fingerprint(row.cert_pem.encode("ascii"))}
+        event = AuditEvent("ca.retire", "success", f"ca:{self._name}", details)
+        self._replace(row, {"retiring_pem": None, "cross_pem": None}, audit, context, event)
+        return retired
+
+    def _replace(self, row: CertificateAuthorityRow, values: dict[str, object], audit: AuditLog, ctx: AuditContext,
+                 event: AuditEvent) -> None:  # fmt: skip
+        """Update the CA's row from ``row`` (as read) to ``values``, audited, unless someone changed it meanwhile."""
+        table = CertificateAuthorityRow
+        with self._db.transaction(write=True) as session:
+            changed = session.execute(
+                update(table)
+                .where(table.name == self._name, table.key_wrapped == row.key_wrapped)
+                .where(table.retiring_pem.is_not_distinct_from(row.retiring_pem))
+                .values(**values)
+            )
+            if getattr(changed, "rowcount", 0) != 1:  # another rotation (or a KEK rotation) got there first
+                raise Conflict(
+                    f"the {self._name} CA changed meanwhile; nothing was changed: run it again", code="ca_changed"
+                )
+            audit.append(session, ctx, event)
 
     def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        row = self._row()
-        if row is None:
-            raise ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
+        row = self._published()
         with self._lock:
             if self._loaded is None or self._loaded[0] != row.key_wrapped:
-                der = self._wrapper.unwrap(row.key_wrapped, _context(self._name), row.kek_id)
+                der = self._wrapper.unwrap(row.key_wrapped, ca_key_context(self._name), row.kek_id)
                 key = serialization.load_der_private_key(der, password=None)
                 if not isinstance(key, ec.EllipticCurvePrivateKey):
                     raise ConfigurationError(f"the {self._name} CA key is not an EC key")
@@ -279,8 +389,9 @@ class ServiceCA:
             serialization.BestAvailableEncryption(password.encode()),
         )
         _write(key_path, encrypted)
-        # The chain (leaf, then CA) so that clients pinning the CA can verify the leaf.
-        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem())
+        # The chain (leaf, then CA; during a rotation the cross certificate) so that clients pinning the CA can
+        # verify the leaf.
+        _write(cert_path, _pem(cert) + self.chain_pem())
         return ServerCertificate(cert_path, key_path, password)
 
     # --- certificates for broker-held keys (the Nginx flow) ------------------------------------------------------
@@ -331,4 +442,4 @@ class ServiceCA:
         if not sans and not csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
             raise InvalidRequest("the CSR names no subject (no CN and no SAN)", code="invalid_csr")
         cert = self._issue(csr.subject, public_key, sans, now, days)
-        return cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem()
+        return _pem(cert) + self.chain_pem()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from keybroker.backends.base import Capability, KeyStore, KeyWrapper, RegisteringKeyStore
 from keybroker.backends.embedded import EmbeddedKeyStore
+from keybroker.backends.kek_records import unheld_service_kek
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.ca import recorded_kek_id
 from keybroker.clock import Clock
@@ -106,11 +107,8 @@ def _service_wrapper(settings: Settings, database: Database, wrappers: Mapping[s
                 return wrapper
         if recorded.startswith("local:") and settings.resolve(LocalWrapperSettings().master_key_file).exists():
             return None  # the data directory's master key file (the fallback wrapper) may hold it
-        raise ConfigurationError(
-            f"keybroker's own keys (CA, nonce and token keys) are protected by KEK {recorded}, which no configured "
-            "embedded backend holds: this is another KEK than the deployment's. Configure the backend whose "
-            "wrapper has that KEK (every replica needs the same one)"
-        )
+        held = [wrapper.kek_id for wrapper in wrappers.values()]
+        raise ConfigurationError(unheld_service_kek(database, recorded, held))  # (names an unfinished kek rotate)
     return wrappers.get(settings.keys.default_backend) or next(iter(wrappers.values()), None)
 
 

@@ -232,6 +232,9 @@ class CertificateAuthorityRow(Base):
     key_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     kek_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # While a rotation is not retired (0010): the retiring CA's certificate, and this CA's key certified by it.
+    retiring_pem: Mapped[str | None] = mapped_column(Text)
+    cross_pem: Mapped[str | None] = mapped_column(Text)
 
 
 class LeaseRow(Base):
