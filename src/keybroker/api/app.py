@@ -28,6 +28,7 @@ from keybroker.api.errors import (
 from keybroker.api.limits import ClientAddresses, RateClasses
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
+from keybroker.api.openapi import DocumentedAPI
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
 from keybroker.audit.aggregate import AnonymousRefusals
 from keybroker.errors import KeybrokerError, Unauthenticated
@@ -106,11 +107,13 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
             if owns_services:
                 services.close()
 
-    app = FastAPI(
+    # /openapi.json is served (docs/openapi.json is the same document); no /docs or /redoc: their pages load
+    # Swagger UI / ReDoc from a CDN, which an air-gapped site cannot reach (docs/api.md says more).
+    app = DocumentedAPI(
         title="keybroker",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,
         redoc_url=None,
         redirect_slashes=False,  # a redirect would be built from the request's Host header
     )
@@ -121,6 +124,7 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     check_routes_declare_permissions(api_routes())
     for router in ROLES[role]:
         app.include_router(router)
+    app.documented_routes = [route for router in ROLES[role] for route in router.routes if isinstance(route, APIRoute)]
 
     app.add_exception_handler(KeybrokerError, keybroker_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

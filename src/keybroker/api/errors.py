@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from keybroker import errors
 from keybroker.api.audit_context import audit_context
@@ -166,4 +167,21 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
     headers = dict(exc.headers or {})
+    allowed = _allowed_methods(request) if exc.status_code == 405 else []
+    if allowed:
+        headers["Allow"] = ", ".join(allowed)
     return problem(request, exc.status_code, code, code.replace("_", " ").capitalize(), detail, headers=headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (RFC 9110 §15.5.6): Starlette's own ``Allow`` names only those
+    of the first route whose path matched (``GET /kbs/v1/keys`` and ``POST /kbs/v1/keys`` are two routes)."""
+    found = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            found.append(method)
+    return found

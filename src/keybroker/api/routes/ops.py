@@ -1,16 +1,17 @@
-"""Operations: readiness (database and every backend) and Prometheus metrics."""
+"""Operations: readiness (database and every backend), the backends' report for operators, Prometheus metrics."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from keybroker.api.deps import get_services, public
+from keybroker.api.deps import get_services, public, requires
+from keybroker.backends.checks import check_backends
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 from keybroker.storage.db import schema_head
@@ -54,6 +55,20 @@ def _readiness(services: Services) -> tuple[int, dict[str, object]]:
             checks[f"backend:{name}"] = exc.instance_code
     ready = all(value == "ok" for value in checks.values())
     return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": checks}
+
+
+@router.get("/kbs/v1/backends", dependencies=[requires("backends:read")])
+def backends_report(services: ServicesDep) -> dict[str, Any]:
+    """Check every configured backend (and the KEK holder of each embedded one) now, from this replica: each answer
+    says ok, or the error's code and its sentence. 200 even when a backend fails: the report is the answer
+    (``/readyz`` is the load balancer's view)."""
+    report = check_backends(services.keys.backends, services.settings)
+    return {
+        "replica": services.replica_id,
+        "checked_at": services.clock.now(),
+        "ok": all(entry["ok"] for entry in report),
+        "backends": report,
+    }
 
 
 @router.get("/metrics", dependencies=[public()])
