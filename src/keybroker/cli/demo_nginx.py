@@ -4,32 +4,31 @@ keybroker (simulated TEE) holds an RSA-3072 key under a policy naming one MRENCL
 the workload agent (``keybroker-client provision``) attests, fetches the key and imports it into a SoftHSM2 token as
 a non-extractable private key; nginx serves TLS with ``ssl_certificate_key "engine:pkcs11:..."`` from that token
 (``scripts/nginx-pkcs11.sh``). Then a workload with another MRENCLAVE is refused and its nginx does not start.
-Runs until Ctrl-C, then stops nginx and keybroker and removes its files. With ``--dir D`` its files go into a new
-subdirectory of D, which is kept; the demo changes the permissions of no directory it did not create.
+Runs until Ctrl-C (or SIGTERM), then stops nginx and keybroker and removes its files; so does a failed step or a
+signal on the way (``demo.Session``). With ``--dir D`` its files go into a new subdirectory of D, which is kept; the
+demo changes the permissions of no directory it did not create.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import socket
 import ssl
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from keybroker.ca import WORKLOAD_CA_CERT
 from keybroker.cli import output
 from keybroker.cli.common import handled
-from keybroker.cli.demo import DemoServer, _free_port, _say, demo_server
+from keybroker.cli.demo import DemoServer, Session, _environment, _free_port, _say, demo_server, step
 
 MRENCLAVE = bytes.fromhex("5eed" * 16)
 OTHER = bytes.fromhex("bad0" * 16)
@@ -57,12 +56,16 @@ def _module() -> str:
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603 - no shell
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)  # noqa: S603 - no shell
+    except subprocess.TimeoutExpired:
+        output.say("Error:", f"{Path(command[0]).name} {command[1]} did not finish in 300 s")
+        raise typer.Exit(1) from None
 
 
 def _show(result: subprocess.CompletedProcess[str]) -> None:
     for line in (result.stdout + result.stderr).splitlines():
-        output.stdout.print(f"    {line}", highlight=False, markup=False)
+        output.stdout.print(Text(f"    {line}"), soft_wrap=True)
 
 
 def _secret_file(path: Path, text: str) -> Path:
@@ -81,22 +84,40 @@ def _untraversable(base: Path) -> Path | None:
     return None
 
 
-def _provision(running: DemoServer, base: Path, name: str, mrenclave: bytes, key_id: str, env: dict[str, str]) -> int:
+def _provision(
+    running: DemoServer, base: Path, name: str, mrenclave: bytes, key_id: str, module: str, env: dict[str, str]
+) -> int:
     # It holds the token PIN, as in the guide.
     line = f"pkcs11:token={name};id={key_id};object={OBJECT};type=private;pin-value={PIN};\n"
     keys_txt = _secret_file(base / f"keys-{name}.txt", line)
+    with step(f"the workload (MRENCLAVE {mrenclave.hex()[:16]}…) attests, fetches key {key_id} into token {name}"):
+        result = _run(
+            [
+                sys.executable, "-m", "keybroker_client.cli", "provision", "--keys", str(keys_txt),
+                "--pkcs11-module", module, "--kbs", running.url, "--ca", str(running.data / "ca.pem"),
+                "--evidence", f"sim:{running.sim}:sgx:mrenclave={mrenclave.hex()}",
+                "--init-token", "--so-pin-file", str(base / "so-pin"),
+            ],
+            env,
+        )  # fmt: skip
     _say(f"keybroker-client provision --keys {keys_txt.name} (workload MRENCLAVE {mrenclave.hex()[:16]}…)")
-    result = _run(
-        [
-            sys.executable, "-m", "keybroker_client.cli", "provision", "--keys", str(keys_txt),
-            "--pkcs11-module", _module(), "--kbs", running.url, "--ca", str(running.data / "ca.pem"),
-            "--evidence", f"sim:{running.sim}:sgx:mrenclave={mrenclave.hex()}",
-            "--init-token", "--so-pin-file", str(base / "so-pin"),
-        ],
-        env,
-    )  # fmt: skip
     _show(result)
     return result.returncode
+
+
+def _stop_nginx(script: Path, workdir: Path, env: dict[str, str]) -> None:
+    """``nginx-pkcs11.sh --stop``: stops the nginx of ``workdir`` if it runs and puts back the token directory's
+    permissions (also after a start cut short); says nothing when nothing was started there."""
+    if not workdir.exists():
+        return
+    started = any((workdir / made).exists() for made in ("logs/nginx.pid", "token-access"))
+    with step(f"stopping nginx ({workdir.name})") if started else contextlib.nullcontext():
+        result = _run([str(script), "--stop", "--workdir", str(workdir)], env)
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "not running (no live master" not in line]
+    for line in said:
+        output.stdout.print(Text(f"    {line}"), soft_wrap=True)
+    if "stopped (master pid" in result.stdout + result.stderr:
+        _say("nginx stopped")
 
 
 def _handshake(port: int, ca_file: Path) -> bytes:
@@ -111,35 +132,54 @@ def _handshake(port: int, ca_file: Path) -> bytes:
 
 
 @handled
-def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
+def demo_nginx(
     directory: Annotated[
         Path | None,
-        typer.Option("--dir", help="Keep everything in a new subdirectory of this one (default: a temp dir, removed)."),
+        typer.Option(
+            "--dir",
+            metavar="DIR",
+            help="Keep everything in a new subdirectory of this one (default: a temp dir, removed).",
+        ),
     ] = None,
-    port: Annotated[int, typer.Option("--port", help="nginx's HTTPS port (default: a free one).")] = 0,
+    port: Annotated[
+        int,
+        typer.Option("--port", metavar="PORT", help="nginx's HTTPS port (default: a free one).", show_default=False),
+    ] = 0,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Keep nginx running until Ctrl-C.")] = True,
 ) -> None:
-    """The guide's Nginx workload: attested key release into a PKCS#11 token, nginx serving TLS with it."""
+    """The guide's Nginx workload: attested key release into a PKCS#11 token, nginx serving TLS with it.
+
+    Example: keybroker demo nginx --port 8443 --no-wait
+    """
+    script, module = _script(), _module()
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    with Session() as session:
+        # A fresh directory of the demo's own (mkdtemp: mode 0700), opened up for nginx's workers (nobody when run as
+        # root), who must reach the token and their work directory. Directories above it are left as they are.
+        base = session.directory(
+            Path(tempfile.mkdtemp(prefix="keybroker-demo-nginx-", dir=directory)).resolve(), keep=False
+        )
+        base.chmod(0o755)
+        blocked = _untraversable(base) if os.geteuid() == 0 else None
+        if blocked is not None:
+            output.say(
+                f"nginx's workers (nobody) cannot traverse {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}),"
+                f" so they could not reach the token under it: give a --dir that others can traverse (e.g. /tmp)."
+                f" The demo does not change the permissions of directories it did not create.",
+            )
+            raise typer.Exit(1)
+        session.keep = directory is not None
+        _say(f"the demo's files: {base}")
+        handled(_story)(session, base, script, module, port, wait)  # a failed step says why before the clean-up
+
+
+def _story(  # noqa: PLR0915 - a narrative, step by step
+    session: Session, base: Path, script: Path, module: str, port: int, wait: bool
+) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    script = _script()
-    if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-    # A fresh directory of the demo's own (mkdtemp: mode 0700), opened up for nginx's workers (nobody when run as
-    # root), who must reach the token and their work directory. Directories above it are left as they are.
-    base = Path(tempfile.mkdtemp(prefix="keybroker-nginx-", dir=directory)).resolve()
-    base.chmod(0o755)
-    blocked = _untraversable(base) if os.geteuid() == 0 else None
-    if blocked is not None:
-        shutil.rmtree(base, ignore_errors=True)
-        output.say(
-            f"nginx's workers (nobody) cannot traverse {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}),"
-            f" so they could not reach the token under it: give a --dir that others can traverse (e.g. /tmp)."
-            f" The demo does not change the permissions of directories it did not create.",
-        )
-        raise typer.Exit(1)
-    _say(f"the demo's files: {base}")
     port = port or _free_port()
     tokens = base / "softhsm" / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)
@@ -147,105 +187,86 @@ def demo_nginx(  # noqa: PLR0915 - a narrative, step by step
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
     _secret_file(base / "so-pin", os.urandom(8).hex())  # the SO PIN for the agent's --init-token
     pin_file = _secret_file(base / "pin", PIN + "\n")  # the token's user PIN for nginx-pkcs11.sh --pin-file
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
-    env["SOFTHSM2_CONF"] = str(conf)
+    env = {**_environment(), "SOFTHSM2_CONF": str(conf)}
+    running = demo_server(session, base)
+    policy = {
+        "attestation_type": "SGX",
+        "allow_simulated": True,
+        "sgx": {"attributes": {"mrenclave": [MRENCLAVE.hex()]}},
+    }
+    with step("creating the transfer policy and an RSA-3072 key in keybroker"):
+        policy_id = running.call("POST", "/kbs/v1/key-transfer-policies", json=policy)["id"]
+        key_id = running.call(
+            "POST",
+            "/kbs/v1/keys",
+            json={
+                "key_information": {"algorithm": "RSA", "key_length": 3072},
+                "transfer_policy_id": policy_id,
+                "label": "nginx",
+            },
+        )["id"]
+    _say(f"RSA-3072 key {key_id} generated in keybroker; policy: SGX, MRENCLAVE {MRENCLAVE.hex()[:16]}…")
+    with step(f"keybroker issues a certificate for key {key_id}"):
+        issued = running.call(
+            "POST",
+            f"/kbs/v1/keys/{key_id}/certificate",
+            json={"subject": "CN=127.0.0.1", "san": ["IP:127.0.0.1", "DNS:localhost"], "days": 30},
+        )
+    # Signed by keybroker's workload CA (not the service CA its own clients trust): nginx's clients trust it.
+    workload_ca = running.data / WORKLOAD_CA_CERT
+    cert = base / f"{key_id}.crt"
+    cert.write_text(issued["certificate"])
+    _say(f"keybroker key certify {key_id} --subject CN=127.0.0.1 --san IP:127.0.0.1 → {cert.name}")
+    if (status := _provision(running, base, TOKEN, MRENCLAVE, key_id, module, env)) != 0:
+        output.say("Error:", f"the workload's agent failed (exit {status}): see above")
+        raise typer.Exit(1)
     nginx_dir = base / "nginx"
-    stop_nginx = [str(script), "--stop", "--workdir", str(nginx_dir)]
-    try:
-        with demo_server(base) as running:
-            admin = running.admin
-            policy = {
-                "attestation_type": "SGX",
-                "allow_simulated": True,
-                "sgx": {"attributes": {"mrenclave": [MRENCLAVE.hex()]}},
-            }
-            policy_id = admin.post("/kbs/v1/key-transfer-policies", json=policy).json()["id"]
-            key = admin.post(
-                "/kbs/v1/keys",
-                json={
-                    "key_information": {"algorithm": "RSA", "key_length": 3072},
-                    "transfer_policy_id": policy_id,
-                    "label": "nginx",
-                },
-            ).json()
-            key_id = key["id"]
-            _say(f"RSA-3072 key {key_id} generated in keybroker; policy: SGX, MRENCLAVE {MRENCLAVE.hex()[:16]}…")
-            issued = admin.post(
-                f"/kbs/v1/keys/{key_id}/certificate",
-                json={"subject": "CN=127.0.0.1", "san": ["IP:127.0.0.1", "DNS:localhost"], "days": 30},
-            )
-            issued.raise_for_status()
-            # Signed by keybroker's workload CA (not the service CA its own clients trust): nginx's clients trust it.
-            workload_ca = running.data / WORKLOAD_CA_CERT
-            cert = base / f"{key_id}.crt"
-            cert.write_text(issued.json()["certificate"])
-            _say(f"keybroker key certify {key_id} --subject CN=127.0.0.1 --san IP:127.0.0.1 → {cert.name}")
-            if _provision(running, base, TOKEN, MRENCLAVE, key_id, env) != 0:
-                raise typer.Exit(1)
-            _say(
-                f"nginx on 127.0.0.1:{port}: "
-                f'ssl_certificate_key "engine:pkcs11:pkcs11:token={TOKEN};object={OBJECT};..."'
-            )
-            started = _run(
-                [str(script), "--port", str(port), "--cert", str(cert), "--token", TOKEN, "--object", OBJECT,
-                 "--pin-file", str(pin_file), "--module", _module(), "--workdir", str(nginx_dir),
-                 "--softhsm-conf", str(conf)],
-                env,
-            )  # fmt: skip
-            _show(started)
-            if started.returncode != 0:
-                raise typer.Exit(1)
-            try:
-                served = x509.load_der_x509_certificate(_handshake(port, workload_ca))
-                reported = admin.get(f"/kbs/v1/keys/{key_id}/certificate").json()["public_key"]
-                spki = served.public_key().public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-                same = spki.decode() == reported
-                _say(
-                    "TLS handshake with nginx: OK; the served certificate's public key "
-                    + ("is" if same else "is NOT")
-                    + f" the one keybroker reports for key {key_id}"
-                )
-                if not same:
-                    raise typer.Exit(1)
-                _say("a second workload with another MRENCLAVE asks for the same key for its own token KMS2:")
-                refused = _provision(running, base, "KMS2", OTHER, key_id, env)
-                _say(f"  the agent exited {refused}: nothing was imported")
-                other = _run(
-                    [str(script), "--port", str(_free_port()), "--cert", str(cert), "--token", "KMS2", "--object",
-                     OBJECT, "--pin-file", str(pin_file), "--module", _module(), "--workdir", str(base / "nginx2"),
-                     "--softhsm-conf", str(conf)],
-                    env,
-                )  # fmt: skip
-                _show(other)
-                _say(f"  its nginx did not start (exit {other.returncode})")
-                output.stdout.print(
-                    f"\n[bold]nginx is serving with a key released only after attestation:[/bold]\n"
-                    f"  curl --cacert {workload_ca} https://127.0.0.1:{port}/\n",
-                    highlight=False,
-                )
-                if wait:
-                    output.stderr.print(
-                        "Ctrl-C stops nginx and keybroker"
-                        + (" and removes the demo's files." if directory is None else f" (keeps {base}).")
-                    )
-                    _wait_for_interrupt()
-            finally:
-                _show(_run(stop_nginx, env))  # also puts back the token directory's permissions
-                _say("nginx stopped")
-    finally:
-        if directory is None:
-            shutil.rmtree(base, ignore_errors=True)
-    output.stderr.print("done", highlight=False)
-
-
-def _wait_for_interrupt() -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    session.cleanups.callback(_stop_nginx, script, nginx_dir, env)  # before it starts: also stops a start cut short
+    with step(f'starting nginx on 127.0.0.1:{port}: ssl_certificate_key "engine:pkcs11:pkcs11:token={TOKEN};..."'):
+        started = _run(
+            [str(script), "--port", str(port), "--cert", str(cert), "--token", TOKEN, "--object", OBJECT,
+             "--pin-file", str(pin_file), "--module", module, "--workdir", str(nginx_dir), "--softhsm-conf", str(conf)],
+            env,
+        )  # fmt: skip
+    _say(f'nginx on 127.0.0.1:{port}: ssl_certificate_key "engine:pkcs11:pkcs11:token={TOKEN};object={OBJECT};..."')
+    _show(started)
+    if started.returncode != 0:
+        output.say("Error:", f"nginx did not start (exit {started.returncode}): see above")
+        raise typer.Exit(1)
+    served = x509.load_der_x509_certificate(_handshake(port, workload_ca))
+    reported = running.call("GET", f"/kbs/v1/keys/{key_id}/certificate")["public_key"]
+    spki = served.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    same = spki.decode() == reported
+    _say(
+        "TLS handshake with nginx: OK; the served certificate's public key "
+        + ("is" if same else "is NOT")
+        + f" the one keybroker reports for key {key_id}"
+    )
+    if not same:
+        raise typer.Exit(1)
+    _say("a second workload with another MRENCLAVE asks for the same key for its own token KMS2:")
+    refused = _provision(running, base, "KMS2", OTHER, key_id, module, env)
+    _say(f"  the agent exited {refused}: nothing was imported")
+    other_dir = base / "nginx2"
+    session.cleanups.callback(_stop_nginx, script, other_dir, env)
+    with step("starting its nginx with token KMS2"):
+        other = _run(
+            [str(script), "--port", str(_free_port()), "--cert", str(cert), "--token", "KMS2", "--object", OBJECT,
+             "--pin-file", str(pin_file), "--module", module, "--workdir", str(other_dir), "--softhsm-conf", str(conf)],
+            env,
+        )  # fmt: skip
+    _show(other)
+    _say(f"  its nginx did not start (exit {other.returncode})")
+    output.stdout.print(
+        Text.assemble(
+            "\n",
+            ("nginx is serving with a key released only after attestation:", "bold"),
+            f"\n  curl --cacert {workload_ca} https://127.0.0.1:{port}/\n",
+        ),
+        soft_wrap=True,
+    )
+    if wait:
+        session.wait(
+            "Ctrl-C stops nginx and keybroker"
+            + (f" (keeps {base})." if session.keep else " and removes the demo's files.")
+        )
