@@ -29,6 +29,7 @@ from keybroker.auth.roles import RoleStore
 from keybroker.auth.tokens import TokenStore
 from keybroker.backends.base import KeyWrapper
 from keybroker.backends.embedded import EmbeddedKeyStore
+from keybroker.backends.kek_records import check_keks
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.backends.registry import Backends, build_backends
 from keybroker.ca import ServiceCA
@@ -38,6 +39,7 @@ from keybroker.errors import ConfigurationError
 from keybroker.keys.service import KeyService
 from keybroker.policy.store import PolicyStore
 from keybroker.storage.cluster import Leases, Replicas
+from keybroker.storage.copy import sqlite_file
 from keybroker.storage.db import Database
 from keybroker.storage.deployment import deployment_id
 from keybroker.storage.tables import DeploymentRow, ServiceSecretRow
@@ -132,14 +134,11 @@ def _assemble(
     backends: Backends,
 ) -> Services:
     keys = KeyService(database, backends.stores, settings.keys.default_backend, policies, audit, clock)
-    for store in backends.stores.values():
-        if isinstance(store, EmbeddedKeyStore):
-            foreign = store.kek_ids() - {store.wrapper.kek_id}
-            if foreign:
-                raise ConfigurationError(
-                    f"backend {store.name!r} holds keys wrapped by KEK {', '.join(sorted(foreign))}, but the "
-                    f"configured KEK is {store.wrapper.kek_id}; refusing to start with the wrong KEK"
-                )
+    # Every wrapped record opens under the configured KEKs (else: which KEK to configure, or the kek rotate to finish).
+    embedded = {
+        store.name: store.wrapper.kek_id for store in backends.stores.values() if isinstance(store, EmbeddedKeyStore)
+    }
+    check_keks(database, embedded, backends.service_wrapper.kek_id)
     wrapper = backends.service_wrapper
     ca = ServiceCA(database, wrapper, settings.data_dir)
     collateral = CollateralStore(database, clock)
@@ -235,6 +234,9 @@ def _open_initialised(settings: Settings) -> Database:
         f"{settings.data_dir} is not initialised; run 'keybroker init --data-dir {settings.data_dir}'"
     )
     if not settings.data_dir.is_dir():
+        raise not_initialised
+    sqlite = sqlite_file(settings.database_url)
+    if sqlite is not None and not sqlite.is_file():  # (opening it would leave an empty database behind)
         raise not_initialised
     database = Database.from_url(
         settings.database_url,

@@ -103,7 +103,7 @@ def test_errors_are_whole_plain_lines_at_any_width(cli_env: dict[str, str], tmp_
     env = {**os.environ, **cli_env, "KEYBROKER_CACERT": os.environ["KEYBROKER_CACERT"], "COLUMNS": columns}
     cases = [
         (["policy", "create", str(bad)], 2, f"Error: Invalid value for FILE: {bad} is not valid JSON:"),
-        (["policy", "create", str(deep / "missing.json")], 1, f"Error: cannot use {deep / 'missing.json'}:"),
+        (["policy", "create", str(deep / "missing.json")], 1, f"Error: cannot read {deep / 'missing.json'}:"),
         (
             ["key", "create", "-a", "RSA", "-l", "1024", "-p", "00000000-0000-4000-8000-000000000000"],
             1,

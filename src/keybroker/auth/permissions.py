@@ -31,6 +31,7 @@ PERMISSIONS: frozenset[str] = frozenset(
         "collateral:manage",
         "audit:read",
         "cluster:read",
+        "backends:read",  # GET /kbs/v1/backends: checks every backend now (round trips to each KMS)
         "tokens:manage",
         "certificates:issue",
     }

@@ -10,14 +10,26 @@ import typer
 
 from keybroker.audit.chain import verify_chain
 from keybroker.cli import output
-from keybroker.cli.common import DataDir, OutputOpt, handled, remote, segment
+from keybroker.cli.common import (
+    DataDir,
+    FileProblem,
+    OutputOpt,
+    handled,
+    output_file,
+    read_bytes,
+    read_text,
+    remote,
+    segment,
+    write_file,
+)
 from keybroker.cli.http import AdminApi
+from keybroker.cli.kek import ca_rotation_app
 from keybroker.cli.output import Output
 
 token_app = typer.Typer(help="Issue, list and revoke API tokens.", no_args_is_help=True)
 role_app = typer.Typer(help="Roles: named sets of permissions.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
-ca_app = typer.Typer(help="The service CA: fingerprint, certificate, CSR signing.", no_args_is_help=True)
+ca_app = typer.Typer(help="The service CA: fingerprint, certificate, CSR signing, rotation.", no_args_is_help=True)
 
 TOKEN_COLUMNS = ("ID", "NAME", "ROLES", "CONTEXT", "EXPIRES", "REVOKED")
 
@@ -38,17 +50,24 @@ def _token_row(token: dict[str, Any]) -> list[str]:
 @remote
 def token_create(
     api: AdminApi,
-    name: Annotated[str, typer.Option("--name", help="What the token is for.")],
-    role: Annotated[list[str], typer.Option("--role", "-r", help="Role (repeatable): admin, key-manager, ...")],
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="What the token is for.")],
+    role: Annotated[
+        list[str], typer.Option("--role", "-r", metavar="ROLE", help="Role (repeatable): admin, key-manager, ...")
+    ],
     context: Annotated[
-        list[str] | None, typer.Option("--context", "-c", help="Permission context value (repeatable), e.g. nginx")
+        list[str] | None,
+        typer.Option("--context", "-c", metavar="VALUE", help="Permission context value (repeatable), e.g. nginx."),
     ] = None,
     ttl: Annotated[
-        str | None, typer.Option("--ttl", help="Lifetime: 30d, 12h, 15m, 90s (default from the server).")
+        str | None,
+        typer.Option("--ttl", metavar="DURATION", help="Lifetime: 30d, 12h, 15m, 90s (default from the server)."),
     ] = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Issue a token. Its secret is printed once (stdout); keybroker keeps only a hash."""
+    """Issue a token. Its secret is printed once (stdout); keybroker keeps only a hash.
+
+    Example: keybroker token create --name ci --role key-manager --ttl 30d
+    """
     body: dict[str, Any] = {"name": name, "roles": role, "context": context or []}
     if ttl is not None:
         body["ttl_seconds"] = _seconds(ttl)
@@ -77,7 +96,10 @@ def token_list(
     api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """List tokens (never their secrets)."""
+    """List tokens (never their secrets).
+
+    Example: keybroker token list -o json
+    """
     with api:
         tokens = api.get_json("/kbs/v1/tokens")
     output.emit(tokens, output_format, lambda: output.table(TOKEN_COLUMNS, [_token_row(t) for t in tokens]))
@@ -88,9 +110,12 @@ def token_list(
 @remote
 def token_revoke(
     api: AdminApi,
-    token_id: Annotated[str, typer.Argument(help="Token id (from 'token list').")],
+    token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID", help="Token id (from 'token list').")],
 ) -> None:
-    """Revoke a token: it is refused from the next request on."""
+    """Revoke a token: it is refused from the next request on.
+
+    Example: keybroker token revoke "$TOKEN_ID"
+    """
     with api:
         api.request("DELETE", f"/kbs/v1/tokens/{segment(token_id)}")
     output.stderr.print(f"revoked token {token_id}", highlight=False)
@@ -103,7 +128,10 @@ def role_list(
     api: AdminApi,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """List roles and their permissions."""
+    """List roles and their permissions.
+
+    Example: keybroker role list -o json
+    """
     with api:
         roles = api.get_json("/kbs/v1/roles")
     for role in roles:
@@ -123,11 +151,17 @@ def role_list(
 @remote
 def role_set(
     api: AdminApi,
-    name: Annotated[str, typer.Argument(help="Role name (created if new).")],
-    permission: Annotated[list[str], typer.Option("--permission", "-p", help="Permission (repeatable).")],
+    name: Annotated[str, typer.Argument(metavar="ROLE", help="Role name (created if new).")],
+    permission: Annotated[
+        list[str],
+        typer.Option("--permission", "-p", metavar="PERMISSION", help="Permission (repeatable), e.g. keys:search."),
+    ],
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Create a role or replace its permissions (applies to existing tokens at once)."""
+    """Create a role or replace its permissions (applies to existing tokens at once).
+
+    Example: keybroker role set reader -p keys:search -p keys:retrieve
+    """
     with api:
         role = api.request("PUT", f"/kbs/v1/roles/{segment(name)}", json={"permissions": permission}).json()
     role["id"] = role["name"]
@@ -139,9 +173,12 @@ def role_set(
 @remote
 def role_delete(
     api: AdminApi,
-    name: Annotated[str, typer.Argument(help="Role name.")],
+    name: Annotated[str, typer.Argument(metavar="ROLE", help="Role name.")],
 ) -> None:
-    """Delete a custom role that no unrevoked token holds."""
+    """Delete a custom role that no unrevoked token holds.
+
+    Example: keybroker role delete reader
+    """
     with api:
         api.request("DELETE", f"/kbs/v1/roles/{segment(name)}")
     output.stderr.print(f"deleted role {name}", highlight=False)
@@ -170,11 +207,17 @@ AUDIT_COLUMNS = ("SEQ", "AT", "ACTION", "OUTCOME", "TARGET", "ACTOR", "CLIENT")
 @remote
 def audit_list(
     api: AdminApi,
-    since: Annotated[datetime | None, typer.Option("--since", help="Only entries at or after (UTC).")] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Only entries about this key id.")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option("--since", metavar="TIME", help="Only entries at or after TIME (RFC 3339; UTC if no zone)."),
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", metavar="KEY_ID", help="Only entries about this key.")] = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """List audit entries."""
+    """List audit entries.
+
+    Example: keybroker audit list --since 2026-11-27T00:00:00Z --key "$KEY"
+    """
     params: dict[str, Any] = {}
     if since is not None:
         params["since"] = (since if since.tzinfo else since.replace(tzinfo=UTC)).isoformat()
@@ -212,7 +255,10 @@ def audit_verify(
     api: AdminApi,
 ) -> None:
     """Recompute the whole hash chain here, from the entries the server returns; exit 1 naming the first bad
-    entry if anything was edited, deleted, inserted or reordered."""
+    entry if anything was edited, deleted, inserted or reordered.
+
+    Example: keybroker audit verify
+    """
     with api:
         entries, head = _all_entries(api, {})
     head_seq, _, head_hash = head.partition(":")
@@ -227,17 +273,26 @@ def audit_verify(
 @handled
 def ca_fingerprint_cmd(
     data_dir: DataDir = Path(".data"),
-    cacert: Annotated[Path | None, typer.Option("--cacert", help="A CA file instead of DATA_DIR/ca.pem.")] = None,
+    cacert: Annotated[
+        Path | None, typer.Option("--cacert", metavar="FILE", help="A CA file instead of ca.pem in the data directory.")
+    ] = None,
 ) -> None:
-    """Print the SHA-384 fingerprint of the service CA: clients pin it with --ca-fingerprint."""
+    """Print the SHA-384 fingerprint of the service CA: clients pin it with --ca-fingerprint.
+
+    Example: keybroker ca fingerprint --data-dir /var/lib/keybroker
+    """
     from keybroker.ca import CA_CERT, fingerprint
 
     path = cacert or data_dir / CA_CERT
     try:
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--cacert") from None
-    typer.echo(fingerprint(pem))
+        pem = read_bytes(path)
+    except FileProblem as exc:
+        hint = "" if cacert else " (give the data directory with --data-dir, or the CA file with --cacert)"
+        raise FileProblem(f"{exc}{hint}") from None
+    try:
+        typer.echo(fingerprint(pem))
+    except ValueError:
+        raise FileProblem(f"cannot read {path}: it holds no PEM certificate") from None
 
 
 @ca_app.command("issue")
@@ -245,12 +300,20 @@ def ca_fingerprint_cmd(
 @remote
 def ca_issue(
     api: AdminApi,
-    csr: Annotated[Path, typer.Argument(help="PEM certificate signing request of the other service.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate chain (PEM).")],
-    days: Annotated[int, typer.Option("--days", help="Validity in days (1-825).")] = 365,
+    csr: Annotated[Path, typer.Argument(metavar="CSR", help="PEM certificate signing request of the other service.")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="Where to write the certificate chain (PEM).")],
+    days: Annotated[int, typer.Option("--days", metavar="DAYS", help="Validity in days (1-825).")] = 365,
 ) -> None:
-    """Have the service CA sign a CSR (TLS server and client certificate for another service)."""
+    """Have the service CA sign a CSR (TLS server and client certificate for another service).
+
+    Example: keybroker ca issue vault.csr --out vault.crt --days 90
+    """
+    request = read_text(csr, "PEM")
+    output_file(out)  # (before the certificate is issued)
     with api:
-        chain = api.request("POST", "/cms/v1/certificates", json={"csr": csr.read_text(), "days": days}).json()
-    out.write_text(chain["certificate"])
+        chain = api.request("POST", "/cms/v1/certificates", json={"csr": request, "days": days}).json()
+    write_file(out, chain["certificate"])
     output.stderr.print(f"wrote {out}", highlight=False)
+
+
+ca_app.registered_commands += ca_rotation_app.registered_commands  # rotate, retire: local commands (cli/kek.py)

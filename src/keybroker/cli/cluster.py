@@ -18,7 +18,10 @@ COLUMNS = ("ID", "ADDRESS", "VERSION", "SCHEMA", "STARTED", "HEARTBEAT", "ALIVE"
 @handled
 @remote
 def cluster_status(api: AdminApi, output_format: OutputOpt = Output.TABLE) -> None:
-    """List the replicas: id, address, version, schema revision, start and last heartbeat."""
+    """List the replicas: id, address, version, schema revision, start and last heartbeat.
+
+    Example: keybroker cluster status -o json
+    """
     with api:
         replicas = api.get_json("/kbs/v1/cluster/replicas")
     rows = [

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from keybroker.audit.chain import verify_chain
 from keybroker.audit.log import entry_dict
 from keybroker.cli import output
-from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled
+from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled, output_file
 from keybroker.cli.output import Output
 from keybroker.config import (
     EmbeddedBackendSettings,
@@ -52,14 +52,35 @@ db_app = typer.Typer(
     help="The database: move to PostgreSQL, back up SQLite, show the schema revision.", no_args_is_help=True
 )
 
+TARGET = "Target"  # (a panel of its own in the help: at 60 columns one table of all the options cuts their names)
 PasswordEnv = Annotated[
     str | None,
-    typer.Option("--password-env", help="Environment variable holding the target's password.", show_default=False),
+    typer.Option(
+        "--password-env",
+        metavar="VAR",
+        help="Environment variable holding the target's password.",
+        show_default=False,
+        rich_help_panel=TARGET,
+    ),
 ]
 PasswordFile = Annotated[
     Path | None,
-    typer.Option("--password-file", help="File (mode 0600) holding the target's password.", show_default=False),
+    typer.Option(
+        "--password-file",
+        metavar="FILE",
+        help="File (mode 0600) holding the target's password.",
+        show_default=False,
+        rich_help_panel=TARGET,
+    ),
 ]
+
+
+def _connect_timeout(seconds: float) -> float:
+    """1 to 60 seconds. (Checked here rather than by typer's min and max, whose range in the help's type column
+    leaves no room for the option's name at 60 columns.)"""
+    if not 1 <= seconds <= 60:
+        raise typer.BadParameter(f"{seconds:g} is not between 1 and 60 seconds")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +161,25 @@ def _shown(url: URL) -> str:
 @db_app.command("migrate")
 @handled
 def migrate(
-    to: Annotated[str, typer.Option("--to", help="The target: an EMPTY PostgreSQL database (postgresql://...).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", metavar="URL", help="An EMPTY PostgreSQL database: postgresql://...", rich_help_panel=TARGET
+        ),
+    ],
     data_dir: DataDir = Path(".data"),
     config: ConfigFile = None,
     password_env: PasswordEnv = None,
     password_file: PasswordFile = None,
     connect_timeout: Annotated[
-        float, typer.Option("--connect-timeout", min=1, max=60, help="Seconds to wait for the target.")
+        float,
+        typer.Option(
+            "--connect-timeout",
+            callback=_connect_timeout,
+            metavar="SECONDS",
+            help="How long to wait for the target (1 to 60).",
+            rich_help_panel=TARGET,
+        ),
     ] = 5.0,
     allow_running: Annotated[
         bool,
@@ -158,7 +191,10 @@ def migrate(
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
     """Copy this host's (SQLite) deployment into an empty PostgreSQL database: keys, policies, tokens, roles, CAs and
-    the audit chain, exactly. Stop the server first. DATA_DIR is left as it is."""
+    the audit chain, exactly. Stop the server first. DATA_DIR is left as it is.
+
+    Example: keybroker db migrate --data-dir /var/lib/keybroker --to postgresql://kb@db/kb --password-env PGPASSWORD
+    """
     os.umask(0o077)
     settings = load_settings(data_dir=data_dir, config_file=config)
     path = _source_file(settings)
@@ -269,13 +305,16 @@ def _kek_lines(settings: Settings) -> list[str]:
 @db_app.command("backup")
 @handled
 def backup(
-    out: Annotated[Path, typer.Option("--out", help="The backup file to write (mode 0600).")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The backup file to write (mode 0600).")],
     data_dir: DataDir = Path(".data"),
     config: ConfigFile = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
 ) -> None:
     """Back up the SQLite database online (the server may keep running) into one file, and verify the copy. For
-    PostgreSQL, use pg_dump (the command prints how). The master key is NOT in the backup: back it up apart."""
+    PostgreSQL, use pg_dump (the command prints how). The master key is NOT in the backup: back it up apart.
+
+    Example: keybroker db backup --data-dir /var/lib/keybroker --out /backup/keybroker.db
+    """
     os.umask(0o077)
     settings = load_settings(data_dir=data_dir, config_file=config)
     path = _sqlite_of(settings)
@@ -287,6 +326,7 @@ def backup(
         raise CopyFailed(f"{out} is a directory; give the backup file's name")
     if out.exists() and not force:
         raise CopyFailed(f"{out} exists already; pass --force to replace it")
+    output_file(out)  # (its directory exists, before the backup is written next to it)
     checked: list[tuple[str, int, AuditSummary]] = []
     size = backup_sqlite(path, out, replace=force, verify=lambda c: checked.append(_check_backup(c, out)))
     revision, keys, audit = checked[0]
@@ -328,7 +368,10 @@ def _refuse_postgresql(settings: Settings, out: Path) -> NoReturn:
 def status(
     data_dir: DataDir = Path(".data"), config: ConfigFile = None, output_format: OutputOpt = Output.TABLE
 ) -> None:
-    """The database (kind, where; never its password), its schema revision and this keybroker's."""
+    """The database (kind, where; never its password), its schema revision and this keybroker's.
+
+    Example: keybroker db status --data-dir /var/lib/keybroker -o json
+    """
     settings = load_settings(data_dir=data_dir, config_file=config)
     path = _sqlite_of(settings)
     info: dict[str, Any] = {"kind": "postgresql" if path is None else "sqlite", "head": schema_head()}

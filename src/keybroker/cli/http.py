@@ -1,16 +1,54 @@
-"""The CLI's HTTP side: finds the server like Vault's CLI does (flags, then KEYBROKER_* variables)."""
+"""The CLI's HTTP side: finds the server like Vault's CLI does (flags, then KEYBROKER_* variables).
+
+Requests go over the standard library's ``http.client`` (one keep-alive connection per command, TLS verified with
+``ssl``), not httpx: a command then starts without importing httpx and the client library (about a third of
+``keybroker key list``'s time, bench/cli.py). The proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``)
+are honoured as httpx honours them. keybroker_client (problem details, errors, CA pinning) is imported only when
+a pin is given or something went wrong.
+
+When the connection fails the way a mistake makes it fail (no CA given for the service's own CA, the wrong CA file,
+http:// on the TLS port, https:// on a plain one, nothing listening), the error says what to do, in the CLI's own
+terms (``--cacert``/``KEYBROKER_CACERT``, ``--ca-fingerprint``/``KEYBROKER_CA_FINGERPRINT``, ``--addr``)."""
 
 from __future__ import annotations
 
-import ssl
+import json as jsonlib
+import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
 
-import httpx
+if TYPE_CHECKING:
+    import http.client
+    import ssl
 
-from keybroker_client import Problem, ProblemError, TransportError, ssl_context
+# (http.client, ssl and socket are imported when a request is made: not by the help, or a local command.)
 
 DEFAULT_ADDR = "https://127.0.0.1:9443"
+TIMEOUT_SECONDS = 60.0
+
+TRUST_HINT = (
+    "give the deployment's CA certificate with --cacert FILE or KEYBROKER_CACERT=FILE (the server's "
+    "DATA_DIR/ca.pem), or pin it with --ca-fingerprint or KEYBROKER_CA_FINGERPRINT ('keybroker ca fingerprint' "
+    "on the server prints it)"
+)
+# What OpenSSL says when the peer does not speak TLS (an https:// URL on a plain-HTTP port).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "packet length too long", "HTTP_REQUEST")
+_OPENSSL_PLACE = re.compile(r" \(_ssl\.c:\d+\)$")
+
+
+def _disconnected() -> tuple[type[Exception], ...]:
+    """A connection closed before the answer: on a reused keep-alive connection, a GET is sent once more."""
+    import http.client
+
+    return (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def _transport_error(message: str) -> Exception:
+    from keybroker_client import TransportError
+
+    return TransportError(message)
 
 
 @dataclass(frozen=True)
@@ -20,41 +58,155 @@ class Connection:
     cacert: str | None
     ca_fingerprint: str | None = None
 
-    def client(self) -> httpx.Client:
-        verify: Any = True
-        if self.addr.startswith("https://"):
-            verify = ssl_context(self.addr, self.cacert, self.ca_fingerprint)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.addr.rstrip("/"), headers=headers, verify=verify, timeout=60.0)
+    def target(self) -> tuple[str, str, int, str]:
+        """(scheme, host, port, path prefix) of ``addr``; an error saying what is wrong with it."""
+        parts = urlsplit(self.addr.strip())
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.query or parts.fragment:
+            raise _transport_error(
+                f"{self.addr!r} is not a keybroker address (--addr/KEYBROKER_ADDR): give a URL like {DEFAULT_ADDR}"
+            )
+        return scheme, parts.hostname, port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        import ssl
+
+        if self.cacert:
+            try:
+                return ssl.create_default_context(cafile=self.cacert)
+            except ssl.SSLError:
+                reason = "it holds no PEM certificate (give the deployment's ca.pem)"
+            except IsADirectoryError:
+                reason = "it is a directory, not a file"
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+            raise _transport_error(f"cannot use the CA certificate {self.cacert} (--cacert/KEYBROKER_CACERT): {reason}")
+        if self.ca_fingerprint:
+            from keybroker_client import ssl_context
+
+            return ssl_context(self.addr, None, self.ca_fingerprint)
+        return ssl.create_default_context()
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the commands read of an answer (the names are httpx's: ``status_code``, ``headers``, ``json()``)."""
+
+    status_code: int
+    headers: http.client.HTTPMessage  # (case-insensitive .get)
+    content: bytes
+    where: str
+
+    def json(self) -> Any:
+        try:
+            return jsonlib.loads(self.content)
+        except ValueError:
+            raise _transport_error(
+                f"{self.where} answered HTTP {self.status_code} with a body that is not JSON"
+            ) from None
 
 
 class AdminApi:
+    """The server's admin API over one keep-alive connection. Nothing is read or checked before the first request
+    (a command that then does not ask the server, such as ``backends check --offline``, is not refused over a CA
+    file it does not need)."""
+
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        try:
-            self._client = connection.client()
-        except (OSError, ssl.SSLError) as exc:
-            raise TransportError(f"cannot use CA certificate {connection.cacert}: {exc}") from None
+        self._open: http.client.HTTPConnection | None = None
+        self._headers = {"Accept": "application/json", "User-Agent": "keybroker-cli"}
+        if connection.token:
+            self._headers["Authorization"] = f"Bearer {connection.token}"
+        self._ready = False
+
+    def _prepare(self) -> None:
+        if not self._ready:
+            self._scheme, self._host, self._port, self._prefix = self._connection.target()
+            self._context = self._connection.ssl_context() if self._scheme == "https" else None
+            self._proxy = _proxy_for(self._scheme, self._host)
+            self._ready = True
 
     def __enter__(self) -> AdminApi:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._client.close()
+        if self._open is not None:
+            self._open.close()
+            self._open = None
 
-    def request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
-    ) -> httpx.Response:
-        try:
-            response = self._client.request(method, path, json=json, params=params)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"cannot reach keybroker at {self._connection.addr}: {exc}") from None
-        if response.status_code >= 400:
-            problem = Problem.from_response(
-                response.status_code, response.headers.get("content-type", ""), response.content
+    def _connect(self) -> http.client.HTTPConnection:
+        import http.client
+
+        host, port = self._proxy or (self._host, self._port)
+        if self._scheme == "https":
+            opened: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=TIMEOUT_SECONDS, context=self._context
             )
+            if self._proxy:
+                opened.set_tunnel(self._host, self._port)  # (TLS to the server itself, through CONNECT)
+            return opened
+        return http.client.HTTPConnection(host, port, timeout=TIMEOUT_SECONDS)
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Response:
+        self._prepare()
+        target = self._prefix + path
+        if params:
+            target += "?" + urlencode({k: v for k, v in params.items() if v is not None})
+        if self._proxy and self._scheme == "http":
+            target = f"http://{_netloc(self._host, self._port)}{target}"  # (a plain proxy takes the whole URL)
+        headers = dict(self._headers)
+        body = None
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            headers["Content-Type"] = "application/json"
+        reused = self._open is not None
+        try:
+            answer = self._exchange(method, target, body, headers)
+        except _disconnected() as exc:
+            if not (reused and method == "GET"):
+                raise unreachable(exc, self._connection) from None
+            try:  # an idle keep-alive connection that the server closed meanwhile: once more on a new one
+                answer = self._exchange(method, target, body, headers)
+            except _disconnected() as again:
+                raise unreachable(again, self._connection) from None
+        status, response_headers, content = answer
+        if status >= 400:
+            from keybroker_client import Problem, ProblemError
+
+            problem = Problem.from_response(status, response_headers.get("content-type", ""), content)
             raise ProblemError(problem)
-        return response
+        return Response(status, response_headers, content, f"{self._connection.addr}{path}")
+
+    def _exchange(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request and its answer; the connection is dropped after a failure (the next request opens one)."""
+        import http.client
+
+        try:
+            if self._open is None:
+                self._open = self._connect()
+            self._open.request(method, target, body=body, headers=headers)  # (ids in it are escaped: segment())
+            response = self._open.getresponse()
+            content = response.read()
+        except _disconnected():
+            self._drop()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise unreachable(exc, self._connection) from None
+        if response.will_close:
+            self._drop()
+        return response.status, response.headers, content
+
+    def _drop(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
 
     def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params).json()
@@ -69,3 +221,88 @@ class AdminApi:
             if not cursor or not fetch_all:
                 return items
             query["cursor"] = cursor
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
+    """The proxy of ``HTTPS_PROXY``/``HTTP_PROXY`` (or lower case) for ``host`` unless ``NO_PROXY`` exempts it."""
+    if not any(name.lower().endswith("_proxy") for name in os.environ):
+        return None
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(host):  # (NO_PROXY)
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise _transport_error(f"the proxy {proxy} ({scheme.upper()}_PROXY) is not an http:// proxy URL")
+    return parts.hostname, parts.port or 80
+
+
+def unreachable(exc: Exception, connection: Connection) -> Exception:
+    """The error for a request that got no answer: what happened and, for the usual mistakes, what to do."""
+    import ssl
+
+    text = _OPENSSL_PLACE.sub("", str(exc)) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        text = f"certificate verify failed: {exc.verify_message}"
+    elif isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        text = exc.strerror
+    hint = _hint(exc, connection)
+    where = f"cannot reach keybroker at {connection.addr}"
+    return _transport_error(f"{where}: {hint} ({text})" if hint else f"{where}: {text}")
+
+
+def _hint(exc: Exception, connection: Connection) -> str:  # noqa: PLR0911 - one answer per mistake told apart
+    """What to do about ``exc``, for the failures that a wrong option or variable causes; "" for the others."""
+    import socket
+    import ssl
+
+    scheme, host, port, _ = connection.target()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _trust_hint(exc, connection, host)
+    if scheme == "https" and isinstance(exc, ssl.SSLError) and any(marker in str(exc) for marker in _NOT_TLS):
+        return f"it does not speak TLS on port {port}: use http:// if it serves plain HTTP, else check the port"
+    if scheme == "http" and isinstance(exc, _disconnected()) and speaks_tls(host, port):
+        return f"it speaks TLS on port {port}: use https://{_netloc(host, port)} (--addr/KEYBROKER_ADDR)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing listens there: is keybroker running, and is --addr/KEYBROKER_ADDR its address?"
+    if isinstance(exc, socket.gaierror):
+        return f"the name {host} does not resolve: check --addr/KEYBROKER_ADDR"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TIMEOUT_SECONDS:.0f} s"
+    return ""
+
+
+def _trust_hint(exc: ssl.SSLCertVerificationError, connection: Connection, host: str) -> str:
+    if "mismatch" in str(exc):  # "Hostname mismatch", "IP address mismatch"
+        return f"its certificate is not issued for {host}: use a name it was issued for (the server's tls.san)"
+    if connection.cacert:
+        return (
+            f"its certificate does not chain to {connection.cacert} (--cacert/KEYBROKER_CACERT): give this "
+            "deployment's ca.pem"
+        )
+    if connection.ca_fingerprint:
+        return "its certificate does not chain to the pinned CA: is it a replica of the same deployment?"
+    return f"its certificate is not trusted: {TRUST_HINT}"
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (a ClientHello only: nothing is sent over it)."""
+    import socket
+    import ssl
+
+    if not host or not port:
+        return False
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE  # only asks whether TLS is spoken there: nothing is trusted or sent
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, probe.wrap_socket(raw):
+            return True
+    except (OSError, ValueError):
+        return False

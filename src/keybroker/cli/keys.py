@@ -10,7 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from keybroker.cli import output
-from keybroker.cli.common import OutputOpt, handled, remote, segment
+from keybroker.cli.common import (
+    FileProblem,
+    OutputOpt,
+    handled,
+    output_file,
+    read_bytes,
+    remote,
+    segment,
+    write_file,
+)
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 
@@ -57,13 +66,20 @@ def _show_key(key: dict[str, Any], output_format: Output) -> None:
     output.emit(key, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(key)]))
 
 
-Algo = Annotated[str, typer.Option("--algorithm", "-a", help="AES, RSA or EC.")]
-Length = Annotated[int | None, typer.Option("--length", "-l", help="Bits: AES 128/192/256, RSA 2048-7680.")]
-Curve = Annotated[str | None, typer.Option("--curve", help="EC curve: secp256r1, secp384r1, secp521r1.")]
-Policy = Annotated[str, typer.Option("--policy", "-p", help="Transfer policy id.")]
-Label = Annotated[str | None, typer.Option("--label")]
-Usage = Annotated[str | None, typer.Option("--usage")]
-Backend = Annotated[str | None, typer.Option("--backend", help="Configured backend (default: the default).")]
+Algo = Annotated[str, typer.Option("--algorithm", "-a", metavar="ALGORITHM", help="AES, RSA or EC.")]
+Length = Annotated[
+    int | None, typer.Option("--length", "-l", metavar="BITS", help="AES 128, 192 or 256; RSA 2048 to 7680.")
+]
+Curve = Annotated[
+    str | None, typer.Option("--curve", metavar="CURVE", help="EC curve: secp256r1, secp384r1 or secp521r1.")
+]
+Policy = Annotated[str, typer.Option("--policy", "-p", metavar="POLICY_ID", help="The key's transfer policy.")]
+Label = Annotated[str | None, typer.Option("--label", metavar="TEXT", help="A name for people, shown in lists.")]
+Usage = Annotated[str | None, typer.Option("--usage", metavar="TEXT", help="What the key is for (free text).")]
+Backend = Annotated[
+    str | None,
+    typer.Option("--backend", metavar="NAME", help="A configured backend (default: the default backend)."),
+]
 
 
 @key_app.command("create")
@@ -78,10 +94,15 @@ def key_create(
     label: Label = None,
     usage: Usage = None,
     backend: Backend = None,
-    key_id: Annotated[str | None, typer.Option("--id", help="Choose the key id (UUID).")] = None,
+    key_id: Annotated[
+        str | None, typer.Option("--id", metavar="UUID", help="Choose the key id (default: a random UUID).")
+    ] = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Generate a new key inside keybroker."""
+    """Generate a new key inside keybroker.
+
+    Example: keybroker key create -a AES -l 256 -p "$POLICY" --label db
+    """
     with api:
         key = _create(api, _key_information(algorithm, length, curve, key_id), policy, label, usage, backend)
     _show_key(key, output_format)
@@ -94,20 +115,29 @@ def key_import(
     api: AdminApi,
     algorithm: Algo,
     policy: Policy,
-    file: Annotated[Path, typer.Option("--file", "-f", help="Key file ('-' for stdin).", allow_dash=True)],
+    file: Annotated[
+        Path, typer.Option("--file", "-f", metavar="FILE", help="Key file ('-' for stdin).", allow_dash=True)
+    ],
     length: Length = None,
     curve: Curve = None,
     key_format: Annotated[
         ImportFormat,
-        typer.Option("--format", help="auto: PEM for RSA/EC, raw bytes for AES; or base64 for AES text."),
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="auto (PEM for RSA and EC, raw bytes for AES), pem, raw, or base64 (AES as text).",
+        ),
     ] = ImportFormat.AUTO,
     label: Label = None,
     usage: Usage = None,
     backend: Backend = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Import existing key material (PEM private key for RSA/EC; raw or base64 bytes for AES)."""
-    data = typer.get_binary_stream("stdin").read() if str(file) == "-" else file.read_bytes()
+    """Import existing key material (PEM private key for RSA/EC; raw or base64 bytes for AES).
+
+    Example: keybroker key import -a RSA -l 3072 -p "$POLICY" -f rsa.pem
+    """
+    data = read_bytes(file)
     key_string = _key_string(algorithm, data, key_format)
     info = {**_key_information(algorithm, length, curve), "key_string": key_string}
     with api:
@@ -122,15 +152,21 @@ def key_register(
     api: AdminApi,
     algorithm: Algo,
     policy: Policy,
-    kmip_key_id: Annotated[str, typer.Option("--kmip-key-id", help="Unique identifier of the existing KMIP object.")],
-    backend: Annotated[str | None, typer.Option("--backend", help="A configured KMIP backend.")] = None,
+    kmip_key_id: Annotated[
+        str,
+        typer.Option("--kmip-key-id", metavar="KMIP_ID", help="Unique identifier of the existing KMIP object."),
+    ],
+    backend: Annotated[str | None, typer.Option("--backend", metavar="NAME", help="A configured KMIP backend.")] = None,
     length: Length = None,
     curve: Curve = None,
     label: Label = None,
     usage: Usage = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Register an object that already exists in a KMIP server (deleting the key later leaves the object)."""
+    """Register an object that already exists in a KMIP server (deleting the key later leaves the object).
+
+    Example: keybroker key register -a AES -l 256 -p "$POLICY" --kmip-key-id 42 --backend kmip
+    """
     info = {**_key_information(algorithm, length, curve), "kmip_key_id": kmip_key_id}
     with api:
         key = _create(api, info, policy, label, usage, backend)
@@ -139,7 +175,13 @@ def key_register(
 
 def _write_certificate(certificate: dict[str, Any], out: Path | None, output_format: Output) -> None:
     if out is not None:
-        out.write_text(certificate["certificate"], encoding="ascii")
+        try:
+            write_file(out, certificate["certificate"])
+        except FileProblem as exc:  # (checked before the request: this is a race or a full disk)
+            raise FileProblem(
+                f"{exc}; the certificate was issued: 'keybroker key certificate {certificate['key_id']} -O FILE' "
+                "fetches it again"
+            ) from None
     summary = {name: certificate[name] for name in ("key_id", "serial", "subject", "san", "not_after", "sha384")}
     if output_format is Output.JSON:
         output.emit_json(certificate if out is None else summary)
@@ -155,19 +197,26 @@ def _write_certificate(certificate: dict[str, Any], out: Path | None, output_for
 @remote
 def key_certify(
     api: AdminApi,
-    key_id: Annotated[str, typer.Argument(help="An RSA or EC key held by keybroker.")],
-    subject: Annotated[str, typer.Option("--subject", help='RFC 4514 subject, e.g. "CN=web.example,O=Example".')],
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="An RSA or EC key held by keybroker.")],
+    subject: Annotated[str, typer.Option("--subject", metavar="DN", help="Subject (RFC 4514), e.g. CN=web.example.")],
     san: Annotated[
         list[str] | None,
-        typer.Option("--san", help="DNS:name or IP:address; repeat it or separate with commas."),
+        typer.Option("--san", metavar="SAN", help="DNS:name or IP:address; repeat it or separate with commas."),
     ] = None,
-    days: Annotated[int, typer.Option("--days", min=1, max=825)] = 365,
-    out: Annotated[Path | None, typer.Option("--out", "-O", help="Write the PEM chain here (default: stdout).")] = None,
+    days: Annotated[int, typer.Option("--days", min=1, max=825, metavar="DAYS", help="Validity in days.")] = 365,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-O", metavar="FILE", help="Write the PEM chain here (default: stdout).")
+    ] = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Issue a certificate for a broker-held key, signed by the service CA (the guide's run.sh step for Nginx)."""
+    """Issue a certificate for a broker-held key, signed by the service CA (the guide's run.sh step for Nginx).
+
+    Example: keybroker key certify "$KEY" --subject CN=web.example --san DNS:web.example -O web.crt
+    """
     sans = [entry.strip() for value in san or [] for entry in value.split(",") if entry.strip()]
     body = {"subject": subject, "san": sans, "days": days}
+    if out is not None:
+        output_file(out)  # (before the certificate is issued)
     with api:
         certificate = api.request("POST", f"/kbs/v1/keys/{segment(key_id)}/certificate", json=body).json()
     _write_certificate(certificate, out, output_format)
@@ -178,11 +227,18 @@ def key_certify(
 @remote
 def key_certificate(
     api: AdminApi,
-    key_id: Annotated[str, typer.Argument()],
-    out: Annotated[Path | None, typer.Option("--out", "-O", help="Write the PEM chain here (default: stdout).")] = None,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The certified key.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-O", metavar="FILE", help="Write the PEM chain here (default: stdout).")
+    ] = None,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Fetch the newest certificate issued for a key."""
+    """Fetch the newest certificate issued for a key.
+
+    Example: keybroker key certificate "$KEY" -O web.crt
+    """
+    if out is not None:
+        output_file(out)
     with api:
         certificate = api.request("GET", f"/kbs/v1/keys/{segment(key_id)}/certificate").json()
     _write_certificate(certificate, out, output_format)
@@ -204,15 +260,22 @@ def _key_string(algorithm: str, data: bytes, key_format: ImportFormat) -> str:
 @remote
 def key_list(
     api: AdminApi,
-    algorithm: Annotated[str | None, typer.Option("--algorithm", "-a")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option("--algorithm", "-a", metavar="ALGORITHM", help="Only AES, RSA or EC keys.")
+    ] = None,
     length: Length = None,
     curve: Curve = None,
-    policy: Annotated[str | None, typer.Option("--policy", "-p", help="Only keys with this policy.")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
+    policy: Annotated[
+        str | None, typer.Option("--policy", "-p", metavar="POLICY_ID", help="Only keys with this policy.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", help="Page size.")] = 100,
     fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """List keys (metadata only)."""
+    """List keys (metadata only).
+
+    Example: keybroker key list -a RSA -o json
+    """
     params: dict[str, Any] = {"limit": limit}
     for name, value in (
         ("algorithm", algorithm),
@@ -227,7 +290,7 @@ def key_list(
     output.emit(keys, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(k) for k in keys]))
 
 
-KeyIdArg = Annotated[str, typer.Argument(help="Key id.")]
+KeyIdArg = Annotated[str, typer.Argument(metavar="KEY_ID", help="Key id.")]
 
 
 @key_app.command("show")
@@ -238,7 +301,10 @@ def key_show(
     key_id: KeyIdArg,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Show one key's metadata."""
+    """Show one key's metadata.
+
+    Example: keybroker key show "$KEY"
+    """
     with api:
         key = api.get_json(f"/kbs/v1/keys/{segment(key_id)}")
     output.emit(key, output_format, lambda: output.details(key))
@@ -250,10 +316,13 @@ def key_show(
 def key_set_policy(
     api: AdminApi,
     key_id: KeyIdArg,
-    policy: Annotated[str, typer.Argument(help="New transfer policy id.")],
+    policy: Annotated[str, typer.Argument(metavar="POLICY_ID", help="New transfer policy id.")],
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Re-assign a key's transfer policy."""
+    """Re-assign a key's transfer policy.
+
+    Example: keybroker key set-policy "$KEY" "$POLICY"
+    """
     with api:
         key = api.request("PUT", f"/kbs/v1/keys/{segment(key_id)}", json={"transfer_policy_id": policy}).json()
     _show_key(key, output_format)
@@ -266,7 +335,10 @@ def key_delete(
     api: AdminApi,
     key_id: KeyIdArg,
 ) -> None:
-    """Delete a key and its material in the backend."""
+    """Delete a key and its material in the backend.
+
+    Example: keybroker key delete "$KEY"
+    """
     with api:
         api.request("DELETE", f"/kbs/v1/keys/{segment(key_id)}")
     output.stderr.print(f"deleted key {key_id}", highlight=False)

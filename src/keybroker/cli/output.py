@@ -1,4 +1,7 @@
-"""Printing for humans (rich tables) or scripts (``--output json``, stable field names from the API)."""
+"""Printing for humans (rich tables) or scripts (``--output json``, stable field names from the API).
+
+rich is imported when something is first printed (``stdout``, ``stderr``, ``say``, ``table``, ``details``), not
+with this module: the help and the commands that print nothing through rich do not pay for it."""
 
 from __future__ import annotations
 
@@ -6,22 +9,46 @@ import enum
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
 
-# Tables are for reading and grepping; when piped, keep one row per line instead of folding to 80 columns.
-stdout = Console(width=None if sys.stdout.isatty() else 250)
-# Messages are never folded or cut (soft_wrap) and never read as markup (a path or a server's detail may hold
-# "[...]"); on a terminal the label of say() is coloured, elsewhere everything is plain text for scripts.
-stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    stdout: Console
+    stderr: Console
+
+
+def _consoles() -> dict[str, Console]:
+    from rich.console import Console
+
+    return {
+        # Tables are for reading and grepping; when piped, keep one row per line instead of folding to 80 columns.
+        "stdout": Console(width=None if sys.stdout.isatty() else 250),
+        # Messages are never folded or cut (soft_wrap) and never read as markup (a path or a server's detail may
+        # hold "[...]"); on a terminal the label of say() is coloured, elsewhere everything is plain text.
+        "stderr": Console(stderr=True, soft_wrap=True, markup=False, highlight=False),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``stdout`` and ``stderr``: the two consoles, made on first use (PEP 562)."""
+    if name in ("stdout", "stderr"):
+        globals().update(_consoles())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(name: str) -> Console:
+    """``stdout`` or ``stderr`` from inside this module (where a global name does not reach ``__getattr__``)."""
+    console: Console = globals().get(name) or __getattr__(name)
+    return console
 
 
 def say(label: str, message: str = "", style: str = "red") -> None:
     """``label`` (coloured on a terminal), then ``message`` exactly as given, on stderr."""
-    stderr.print(Text.assemble((label, style), " " if label and message else "", message))
+    from rich.text import Text
+
+    _console("stderr").print(Text.assemble((label, style), " " if label and message else "", message))
 
 
 class Output(enum.StrEnum):
@@ -82,14 +109,42 @@ POLICY_COLUMNS = ("ID", "TEE", "IMMUTABLE", "SIMULATED", "CREATED")
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns for people: on a terminal rich's table (bold header, folded to the terminal's width); elsewhere the
+    same text as plain lines, one row per line however wide, without importing rich (scripts, pipes, grep)."""
+    if not sys.stdout.isatty():
+        sys.stdout.write(plain_table(columns, rows))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
     out = Table(show_edge=False, box=None, header_style="bold")
     for column in columns:
         out.add_column(column, no_wrap=column in ("ID", "POLICY", "CREATED"))
     for row in rows:
-        out.add_row(*row)
-    stdout.print(out)
+        out.add_row(*(Text(cell) for cell in row))  # (a label or a server's text is never read as markup)
+    _console("stdout").print(out)
+
+
+def plain_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The lines rich prints for ``table`` when nothing has to fold: every cell padded to its column's width, with
+    one space on either side."""
+    lines = [list(columns), *(list(row) for row in rows)]
+    widths = [max(_width(line[i]) for line in lines) for i in range(len(columns))]
+    return "".join(
+        "".join(f" {cell}{' ' * (width - _width(cell))} " for cell, width in zip(line, widths, strict=True)) + "\n"
+        for line in lines
+    )
+
+
+def _width(text: str) -> int:
+    """Terminal cells of ``text``: wide (East Asian) characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def details(value: dict[str, Any]) -> None:
     """A resource as indented JSON (nested policies read best that way)."""
-    stdout.print_json(json.dumps(value))
+    _console("stdout").print_json(json.dumps(value))

@@ -9,19 +9,19 @@ from typing import Annotated, Any
 import typer
 
 from keybroker.cli import output
-from keybroker.cli.common import OutputOpt, handled, remote, segment
+from keybroker.cli.common import OutputOpt, handled, read_text, remote, segment
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
 
 policy_app = typer.Typer(help="Manage key transfer policies.", no_args_is_help=True)
 
 
-PolicyFile = Annotated[Path, typer.Argument(help="Policy JSON file ('-' for stdin).", allow_dash=True)]
-PolicyIdArg = Annotated[str, typer.Argument(help="Policy id.")]
+PolicyFile = Annotated[Path, typer.Argument(metavar="FILE", help="Policy JSON file ('-' for stdin).", allow_dash=True)]
+PolicyIdArg = Annotated[str, typer.Argument(metavar="POLICY_ID", help="Policy id.")]
 
 
 def _read_policy(file: Path) -> Any:
-    text = typer.get_text_stream("stdin").read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    text = read_text(file, "JSON")
     try:
         return json.loads(text)
     except ValueError as exc:
@@ -40,7 +40,10 @@ def policy_create(
     file: PolicyFile,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Create a key transfer policy from a JSON file."""
+    """Create a key transfer policy from a JSON file.
+
+    Example: keybroker policy create examples/transfer-policy.json -o id
+    """
     with api:
         policy = api.request("POST", "/kbs/v1/key-transfer-policies", json=_read_policy(file)).json()
     _show_policy(policy, output_format)
@@ -55,7 +58,10 @@ def policy_update(
     file: PolicyFile,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Replace a (mutable) key transfer policy with the JSON file's content."""
+    """Replace a (mutable) key transfer policy with the JSON file's content.
+
+    Example: keybroker policy update "$POLICY" policy.json
+    """
     with api:
         policy = api.request(
             "PUT", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}", json=_read_policy(file)
@@ -68,11 +74,14 @@ def policy_update(
 @remote
 def policy_list(
     api: AdminApi,
-    limit: Annotated[int, typer.Option("--limit", help="Page size.")] = 100,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", help="Page size.")] = 100,
     fetch_all: Annotated[bool, typer.Option("--all", help="Follow pages to the end.")] = False,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """List key transfer policies."""
+    """List key transfer policies.
+
+    Example: keybroker policy list --all -o json
+    """
     with api:
         policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
     output.emit(
@@ -90,7 +99,10 @@ def policy_show(
     policy_id: PolicyIdArg,
     output_format: OutputOpt = Output.TABLE,
 ) -> None:
-    """Show one key transfer policy."""
+    """Show one key transfer policy.
+
+    Example: keybroker policy show "$POLICY"
+    """
     with api:
         _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{segment(policy_id)}"), output_format)
 
@@ -102,7 +114,10 @@ def policy_delete(
     api: AdminApi,
     policy_id: PolicyIdArg,
 ) -> None:
-    """Delete a key transfer policy (refused while a key uses it, or if it is immutable)."""
+    """Delete a key transfer policy (refused while a key uses it, or if it is immutable).
+
+    Example: keybroker policy delete "$POLICY"
+    """
     with api:
         api.request("DELETE", f"/kbs/v1/key-transfer-policies/{segment(policy_id)}")
     output.stderr.print(f"deleted policy {policy_id}", highlight=False)

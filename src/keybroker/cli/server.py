@@ -1,5 +1,5 @@
-"""The local commands: ``keybroker init``, ``serve``, ``config check`` and ``backends check|reconcile`` (these read
-the data directory and configuration themselves; every other command talks to a server)."""
+"""The local commands: ``keybroker init``, ``serve`` and ``config check`` (these read the data directory and
+configuration themselves; ``db`` and ``backends reconcile`` do too, every other command talks to a server)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,6 @@ from keybroker.config import Settings, load_settings
 
 server_app = typer.Typer()  # its commands are added to the top level
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
-backends_app = typer.Typer(
-    help="Check the configured KMS backends and finish interrupted writes.", no_args_is_help=True
-)
 
 
 @server_app.command()
@@ -33,7 +30,10 @@ def init(
     ] = False,
 ) -> None:
     """Initialise DATA_DIR: database, master key (0600), service CA (DATA_DIR/ca.pem) and the first admin token
-    (printed once). Idempotent."""
+    (printed once). Idempotent.
+
+    Example: keybroker init --data-dir /var/lib/keybroker
+    """
     from keybroker.services import ADMIN_TOKEN_FILE, initialise
 
     os.umask(0o077)  # the database, its WAL and journal files are for keybroker's user only
@@ -61,14 +61,22 @@ def init(
 @handled
 def serve(
     data_dir: DataDir = Path(".data"),
-    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default 127.0.0.1:9443).")] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", metavar="HOST:PORT", help="Where to listen (default 127.0.0.1:9443).")
+    ] = None,
     config: ConfigFile = None,
     role: Annotated[
-        str | None, typer.Option("--role", help="all (default), kbs, or attestation (the attestation service alone).")
+        str | None,
+        typer.Option(
+            "--role", metavar="ROLE", help="all (default), kbs, or attestation (the attestation service alone)."
+        ),
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Server processes (default 1).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", metavar="N", help="Server processes (default 1).")] = None,
 ) -> None:
-    """Serve the API."""
+    """Serve the API.
+
+    Example: keybroker serve --data-dir /var/lib/keybroker --listen 0.0.0.0:9443
+    """
     from keybroker.api import server
     from keybroker.api.app import create_app
     from keybroker.logs import configure_logging
@@ -138,61 +146,16 @@ def _tls_files(settings: Settings, services: Any) -> dict[str, Any]:
 def config_check(
     data_dir: DataDir = Path(".data"), config: ConfigFile = None, output_format: OutputOpt = Output.TABLE
 ) -> None:
-    """Validate the configuration (file + KEYBROKER_* environment) and print the effective settings."""
+    """Validate the configuration (file + KEYBROKER_* environment) and print the effective settings.
+
+    Example: keybroker config check --data-dir /var/lib/keybroker -o json
+    """
     settings: Settings = load_settings(data_dir=data_dir, config_file=config)
     if output_format is Output.JSON:
         output.emit_json(settings.redacted())
     else:
         output.stderr.print("configuration OK")
         output.details(settings.redacted())
-
-
-@backends_app.command("check")
-@handled
-def backends_check(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
-    """Connect to every configured backend and its KEK holder and say whether each can serve now (exit 1 if not)."""
-    from keybroker.errors import KeybrokerError
-    from keybroker.services import build_services
-
-    services = build_services(load_settings(data_dir=data_dir, config_file=config))
-    failed = False
-    try:
-        for name, store in services.keys.backends.items():
-            try:
-                store.check()
-                output.stderr.print(f"{name}: ok ({store!r})")
-            except KeybrokerError as exc:
-                failed = True
-                output.stderr.print(f"{name}: {exc.instance_code}: {exc.detail}")
-    finally:
-        services.close()
-    if failed:
-        raise typer.Exit(1)
-
-
-@backends_app.command("reconcile")
-@handled
-def backends_reconcile(
-    data_dir: DataDir = Path(".data"),
-    config: ConfigFile = None,
-    older_than: Annotated[
-        int, typer.Option("--older-than", min=0, help="Only writes interrupted at least this many seconds ago.")
-    ] = 600,
-) -> None:
-    """Finish key writes interrupted by a crash or an unreachable backend (the server also does this on its own)."""
-    from datetime import timedelta
-
-    from keybroker.services import build_services
-
-    services = build_services(load_settings(data_dir=data_dir, config_file=config))
-    try:
-        result = services.keys.reconcile(timedelta(seconds=older_than))
-        left = len(services.keys.pending())
-    finally:
-        services.close()
-    output.stderr.print(f"finished {result.finished}, waiting for a backend {result.waiting}, pending {left}")
-    if result.waiting:
-        raise typer.Exit(1)
 
 
 # --- keys -----------------------------------------------------------------------------------------------------
