@@ -181,3 +181,26 @@ def test_the_service_refuses_to_start_without_the_kek_of_its_own_keys(tmp_path: 
 
     with pytest.raises(ConfigurationError, match="protected by KEK local:"):
         build_services(moved, FixedClock(NOW))
+
+
+
+@pytest.mark.parametrize("backend_name", ["vault-kv1"], indirect=True)
+def test_a_key_whose_backend_left_the_configuration_is_503_not_500(
+    tmp_path: Path,
+    sim_dir: Path,  # noqa: F811 - the imported fixture, by name
+    backend_config: dict[str, Any],
+) -> None:
+    """A Vault backend removed from the configuration: its keys' records stay; transferring or deleting one is 503
+    ``backend_not_configured`` (never a 500), and configuring the backend again brings the key back."""
+    with open_world(tmp_path, sim_dir, backends={"embedded": {}, "vault": backend_config}) as world:
+        created = world.api.post("/kbs/v1/keys", json={**_aes_body(world.policy()), "backend": "vault"})
+        assert created.status_code == 201, created.text
+        key_id = created.json()["id"]
+        admin = world.api.headers["Authorization"]  # (a reopened world's init issues no new token)
+    with open_world(tmp_path, sim_dir, backends={"embedded": {}}) as world:
+        refused = request_transfer(world, key_id, world.evidence())
+        assert (refused.status_code, refused.json()["code"]) == (503, "backend_not_configured"), refused.text
+        deleted = world.api.delete(f"/kbs/v1/keys/{key_id}", headers={"Authorization": admin})
+        assert (deleted.status_code, deleted.json()["code"]) == (503, "backend_not_configured"), deleted.text
+    with open_world(tmp_path, sim_dir, backends={"embedded": {}, "vault": backend_config}) as world:
+        assert request_transfer(world, key_id, world.evidence()).status_code == 200

@@ -380,7 +380,18 @@ class KeyService:
 
     def load_material(self, record: KeyRecord) -> KeyMaterial:
         """The key bytes, from the backend that holds them. Callers must have decided to release them."""
-        return self._stores[record.backend].get(record.id, record.backend_ref, record.spec)
+        return self._store_of(record).get(record.id, record.backend_ref, record.spec)
+
+    def _store_of(self, record: KeyRecord) -> KeyStore:
+        """The backend holding ``record``; 503 ``backend_not_configured`` when the configuration no longer names it
+        (the key is intact: configuring the backend again makes it available)."""
+        store = self._stores.get(record.backend)
+        if store is None:
+            raise BackendUnavailable(
+                f"key {record.id} lives in backend {record.backend!r}, which is not configured",
+                code="backend_not_configured",
+            )
+        return store
 
     def delete(self, key_id: str, audit: AuditContext) -> None:
         """Delete the record (with its audit entry and an outbox row), then the backend material.
@@ -391,12 +402,7 @@ class KeyService:
         ``key_material_delete_queued``). One request, one audit entry.
         """
         record = self.get(key_id)
-        store = self._stores.get(record.backend)
-        if store is None:
-            raise BackendUnavailable(
-                f"key {key_id} lives in backend {record.backend!r}, which is not configured",
-                code="backend_not_configured",
-            )
+        store = self._store_of(record)
         registered = record.kmip_key_id is not None
         with self._db.transaction(write=True) as session:
             revision.bump(session)

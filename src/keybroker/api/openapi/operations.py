@@ -121,7 +121,13 @@ _TRANSFER_REFUSALS: Mapping[int, tuple[str, ...]] = {
     409: ("nonce_replayed",),
     413: ("payload_too_large",),
     415: ("unsupported_media_type",),
-    503: ("backend_unavailable", "collateral_unavailable", "attestation_unavailable", "audit_unavailable"),
+    503: (
+        "backend_unavailable",
+        "backend_not_configured",
+        "collateral_unavailable",
+        "attestation_unavailable",
+        "audit_unavailable",
+    ),
 }
 
 _ATTESTATION_TYPE = {
