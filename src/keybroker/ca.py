@@ -6,20 +6,20 @@ The CA private keys are kept in the database as PKCS#8, wrapped by the KEK (``Ke
 context, so they are as safe at rest as the keys keybroker stores and any replica with the KEK can use them. A
 replica's TLS key is made at every ``serve`` and written encrypted with a passphrase that exists only in memory.
 
-Rotation (``rotate``, then ``retire``): a new CA of the same name issues from then on. Until ``retire``, clients are
-given the bundle (old CA first: pins keep matching) and issued certificates are chained with the new CA's key
-certified by the old one (self-issued, so the old CA's path length 0 allows it): trusting either CA verifies them.
+Rotation (``ca_rotation``: rotate, activate, retire) keeps up to two CAs of one name, each a row: the one that
+issues (row ``NAME``) and, during a rotation, its successor (``NAME:next``, published but not issuing yet) or its
+predecessor (``NAME:old``, published but no longer issuing). What clients are given (``certificate_pem``: ca.pem,
+``GET /cms/v1/ca-certificates``) is every published CA, the older first; what follows an issued certificate is
+the issuing CA alone, read in the same transaction as its key (``_issue``).
 
-Data directories from before the CAs moved into the database (their keys in ``ca-key.pem`` files, encrypted with
-a passphrase in ``tls-passphrase.wrapped``) are imported on first use.
+Data directories from before the CAs moved into the database (their keys in ``ca-key.pem`` files) are imported
+on first use, and those files removed once the database holds the CAs (``ca_legacy``, ``forget_legacy_files``).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
-import json
 import os
 import secrets
 import threading
@@ -32,30 +32,38 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
+from keybroker import ca_legacy
 from keybroker.backends.base import KeyWrapper
-from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, InvalidRequest, StoredKeyCorrupt
+from keybroker.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    KeybrokerError,
+    StoredKeyCorrupt,
+)
 from keybroker.storage.db import Database
 from keybroker.storage.tables import CertificateAuthorityRow
 
 CA_CERT = "ca.pem"
-CA_KEY = "ca-key.pem"  # (before 0008: the encrypted CA key in the data directory)
+CA_KEY = ca_legacy.KEY_FILES["service"]  # (before 0008: the encrypted CA key in the data directory)
 # A second CA, for certificates of keys keybroker releases to workloads (the Nginx flow). Never the service CA:
 # clients trust the service CA to authenticate keybroker itself, and a certificate for a key that a key manager
 # imported must not be able to impersonate keybroker.
 WORKLOAD_CA_CERT = "workload-ca.pem"
-WORKLOAD_CA_KEY = "workload-ca-key.pem"
-PASSPHRASE_FILE = "tls-passphrase.wrapped"  # noqa: S105 - a file name (before 0008)
+WORKLOAD_CA_KEY = ca_legacy.KEY_FILES["workload"]
+PASSPHRASE_FILE = ca_legacy.PASSPHRASE_FILE  # (before 0008)
 SERVER_CERT = "tls/server.pem"
 SERVER_KEY = "tls/server-key.pem"
-_LEGACY_CONTEXT = b"keybroker/tls-passphrase/v1"
 MAX_DAYS = 825
 CA_DAYS = 3650
+EXPIRY_MARGIN = timedelta(minutes=5)  # a CA that expires sooner issues nothing (a certificate would be useless)
 SERVICE, WORKLOAD = "service", "workload"
-_FILES = {SERVICE: (CA_CERT, CA_KEY), WORKLOAD: (WORKLOAD_CA_CERT, WORKLOAD_CA_KEY)}
+NEXT, OLD = "next", "old"  # the rows of a rotation: NAME:next (published, not issuing yet), NAME:old (retiring)
+_CERT_FILES = {SERVICE: CA_CERT, WORKLOAD: WORKLOAD_CA_CERT}
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -84,48 +92,42 @@ def _san_entries(names: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def ca_key_context(name: str) -> bytes:
-    """The context a CA's private key is wrapped under (its row's name)."""
-    return b"keybroker/ca-key/v1\0" + name.encode()
+    """The context a CA's private key is wrapped under: the CA's name, the same for the rows of its rotation
+    (``service:next``, ``service:old``), so that a rotation moves rows without re-wrapping a key (``_load`` checks
+    that a row's key is its certificate's)."""
+    return b"keybroker/ca-key/v1\0" + name.partition(":")[0].encode()
+
+
+def row_name(name: str, phase: str | None = None) -> str:
+    """The row of CA ``name``: the issuing one, or (``phase``) its successor or predecessor during a rotation."""
+    return f"{name}:{phase}" if phase else name
 
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _ca_certificate(
-    key: ec.EllipticCurvePrivateKey,
-    subject: x509.Name,
-    now: datetime,
-    not_after: datetime,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-) -> x509.Certificate:
-    """A CA certificate for ``key``: self-signed, or (``issuer``) certified by another CA of the same name."""
-    issuer_name, signer = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
-    builder = (
+def ca_certificate(key: ec.EllipticCurvePrivateKey, subject: x509.Name, now: datetime) -> x509.Certificate:
+    """A self-signed CA certificate for ``key`` (10 years; it issues end-entity certificates only)."""
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(issuer_name)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(not_after)
+        .not_valid_after(now + timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
     )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
-        )
-    return builder.sign(signer, hashes.SHA384())
 
 
-@dataclass(frozen=True)
-class CaRotation:
-    """The fingerprints (SHA-384) of a rotation: the CA that issued until now, and the one that issues from now."""
-
-    old_sha384: str
-    new_sha384: str
+def pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def recorded_kek_id(database: Database, data_dir: Path) -> str | None:
@@ -134,12 +136,35 @@ def recorded_kek_id(database: Database, data_dir: Path) -> str | None:
         row = session.get(CertificateAuthorityRow, SERVICE)
         if row is not None:
             return row.kek_id
-    try:
-        record = json.loads((data_dir / PASSPHRASE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    kek_id = record.get("kek_id") if isinstance(record, dict) else None
-    return kek_id if isinstance(kek_id, str) else None
+    return ca_legacy.passphrase_kek(data_dir)
+
+
+def forget_legacy_files(database: Database, wrapper: KeyWrapper, data_dir: Path) -> tuple[Path, ...]:
+    """Remove the CA key files of a data directory from before 0008 (``ca_legacy``) whose CA the database holds
+    with a key that opens under ``wrapper``; returns what was removed."""
+    if ca_legacy.leftovers(data_dir) is None:
+        return ()
+    imported = []
+    for name in (SERVICE, WORKLOAD):
+        try:
+            ServiceCA(database, wrapper, data_dir, name)._load()
+        except KeybrokerError:  # not in the database, or its key does not open here: the file may be all there is
+            continue
+        imported.append(name)
+    return ca_legacy.remove(data_dir, imported)
+
+
+@dataclass(frozen=True)
+class CaRows:
+    """The rows of one CA, read together: the issuing CA and, during a rotation, its successor or predecessor."""
+
+    issuing: CertificateAuthorityRow | None
+    next: CertificateAuthorityRow | None = None
+    old: CertificateAuthorityRow | None = None
+
+    def published(self) -> list[CertificateAuthorityRow]:
+        """What clients trust, the older CA first (a client reading only the first certificate keeps working)."""
+        return [row for row in (self.old, self.issuing, self.next) if row is not None]
 
 
 @dataclass(frozen=True)
@@ -158,9 +183,9 @@ class ServiceCA:
         self._wrapper = wrapper
         self._dir = data_dir
         self._name = name
-        self._cert_file, self._legacy_key_file = _FILES[name]
+        self._cert_file = _CERT_FILES[name]
         self._lock = threading.Lock()
-        self._loaded: tuple[bytes, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        self._loaded: tuple[bytes, str, x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     @classmethod
     def workload(cls, database: Database, wrapper: KeyWrapper, data_dir: Path) -> ServiceCA:
@@ -171,6 +196,28 @@ class ServiceCA:
     def cert_path(self) -> Path:
         """This replica's copy of the CA certificate, for clients (``publish``)."""
         return self._dir / self._cert_file
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    @property
+    def wrapper(self) -> KeyWrapper:
+        return self._wrapper
+
+    def rows(self) -> CaRows:
+        """This CA's rows, in one transaction."""
+        table = CertificateAuthorityRow
+        names = {row_name(self._name, phase): phase for phase in (None, NEXT, OLD)}
+        with self._db.transaction() as session:
+            found = {row.name: row for row in session.scalars(select(table).where(table.name.in_(names)))}
+            for row in found.values():
+                session.expunge(row)
+        return CaRows(*(found.get(name) for name in names))
 
     def _row(self) -> CertificateAuthorityRow | None:
         with self._db.transaction() as session:
@@ -188,14 +235,12 @@ class ServiceCA:
         """Create the CA (EC P-384, 10 years) unless the deployment has one, import it from a data directory of
         an earlier version if there is one there, and publish its certificate in the data directory."""
         if self._row() is None:
-            cert_pem, key = self._legacy() or self._new(now, common_name)
-            der = key.private_bytes(
-                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            legacy = ca_legacy.read(self._dir, self._name, self._cert_file, self._wrapper)
+            cert_pem, key = legacy or self._new(now, common_name)
             row = CertificateAuthorityRow(
                 name=self._name,
                 cert_pem=cert_pem.decode("ascii"),
-                key_wrapped=self._wrapper.wrap(der, ca_key_context(self._name)),
+                key_wrapped=self._wrapper.wrap(pkcs8(key), ca_key_context(self._name)),
                 kek_id=self._wrapper.kek_id,
                 created_at=now,
             )
@@ -221,23 +266,7 @@ class ServiceCA:
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker"),
             ]
         )
-        return _pem(_ca_certificate(key, name, now, now + timedelta(days=CA_DAYS))), key
-
-    def _legacy(self) -> tuple[bytes, ec.EllipticCurvePrivateKey] | None:
-        """The CA of a data directory from before 0008 (certificate and encrypted key files), if there is one."""
-        cert_path, key_path, record_path = (
-            self.cert_path,
-            self._dir / self._legacy_key_file,
-            self._dir / PASSPHRASE_FILE,
-        )
-        if not (cert_path.is_file() and key_path.is_file() and record_path.is_file()):
-            return None
-        record = json.loads(record_path.read_text())
-        passphrase = self._wrapper.unwrap(base64.b64decode(record["wrapped"]), _LEGACY_CONTEXT, record["kek_id"])
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigurationError(f"{key_path} does not hold an EC key")
-        return cert_path.read_bytes(), key
+        return _pem(ca_certificate(key, name, now)), key
 
     def check_kek(self) -> None:
         """Raise ``ConfigurationError`` unless this CA's key unwraps under the configured KEK (a joining replica
@@ -251,98 +280,43 @@ class ServiceCA:
             ) from None
 
     def certificate_pem(self) -> bytes:
-        """What clients trust (``ca.pem``, ``GET /cms/v1/ca-certificates``): the CA's certificate, and while a rotation
-        is not retired the retiring CA's before it."""
-        row = self._published()
-        return ((row.retiring_pem or "") + row.cert_pem).encode("ascii")
-
-    def chain_pem(self) -> bytes:
-        """What follows a certificate this CA issued: the CA's certificate, or while a rotation is not retired its
-        key certified by the retiring CA (clients that trust either CA can then verify it)."""
-        row = self._published()
-        return (row.cross_pem or row.cert_pem).encode("ascii")
+        """What clients trust (``ca.pem``, ``GET /cms/v1/ca-certificates``): the issuing CA and, during a rotation,
+        the other published one, the older first."""
+        rows = self.rows()
+        if rows.issuing is None:
+            raise self._missing()
+        return "".join(row.cert_pem for row in rows.published()).encode("ascii")
 
     def _published(self) -> CertificateAuthorityRow:
         row = self._row()
         if row is None:
-            raise ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
+            raise self._missing()
         return row
 
-    # --- rotation -------------------------------------------------------------------------------------------
+    def _missing(self) -> ConfigurationError:
+        return ConfigurationError(f"the deployment has no {self._name} CA; run 'keybroker init'")
 
-    def rotate(self, now: datetime, audit: AuditLog, context: AuditContext) -> CaRotation:
-        """A new CA (a new EC P-384 key, the same name, 10 years) issues every certificate from now on; the old one
-        stays published and chained until ``retire``. Refused while an earlier rotation is not retired. The old
-        CA's private key is not kept: the cross certificate, made now, is all the transition needs of it."""
-        row = self._published()
-        if row.retiring_pem is not None:
-            raise Conflict(
-                f"the {self._name} CA was rotated already and the old CA is not retired yet: once every client "
-                "trusts the new one, run 'keybroker ca retire' first",
-                code="ca_rotation_in_progress",
-            )
-        old_cert, old_key = self._load()
-        key = ec.generate_private_key(ec.SECP384R1())
-        new_cert = _ca_certificate(key, old_cert.subject, now, now + timedelta(days=CA_DAYS))
-        until = min(new_cert.not_valid_after_utc, old_cert.not_valid_after_utc)
-        cross = _ca_certificate(key, old_cert.subject, now, until, issuer=(old_cert, old_key))
-        der = key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        done = CaRotation(fingerprint(row.cert_pem.encode("ascii")), fingerprint(_pem(new_cert)))
-        values = {
-            "cert_pem": _pem(new_cert).decode("ascii"),
-            "key_wrapped": self._wrapper.wrap(der, ca_key_context(self._name)),
-            "kek_id": self._wrapper.kek_id,
-            "created_at": now,
-            "retiring_pem": row.cert_pem,
-            "cross_pem": _pem(cross).decode("ascii"),
-        }
-        details = {"old_sha384": done.old_sha384, "new_sha384": done.new_sha384}
-        self._replace(row, values, audit, context, AuditEvent("ca.rotate", "success", f"ca:{self._name}", details))
-        return done
+    def opens(self, row: CertificateAuthorityRow) -> None:
+        """Raise unless ``row``'s key unwraps under the KEK and is its certificate's (``_load``)."""
+        self._load(row)
 
-    def retire(self, audit: AuditLog, context: AuditContext) -> str:
-        """End a rotation: the old CA is published and chained no more. Returns the retired CA's fingerprint."""
-        row = self._published()
-        if row.retiring_pem is None:
-            raise Conflict(
-                f"the {self._name} CA has no predecessor to retire ('keybroker ca rotate' makes one)",
-                code="no_ca_rotation",
-            )
-        retired = fingerprint(row.retiring_pem.encode("ascii"))
-        details = {"retired_sha384": retired, "sha384": fingerprint(row.cert_pem.encode("ascii"))}
-        event = AuditEvent("ca.retire", "success", f"ca:{self._name}", details)
-        self._replace(row, {"retiring_pem": None, "cross_pem": None}, audit, context, event)
-        return retired
-
-    def _replace(self, row: CertificateAuthorityRow, values: dict[str, object], audit: AuditLog, ctx: AuditContext,
-                 event: AuditEvent) -> None:  # fmt: skip
-        """Update the CA's row from ``row`` (as read) to ``values``, audited, unless someone changed it meanwhile."""
-        table = CertificateAuthorityRow
-        with self._db.transaction(write=True) as session:
-            changed = session.execute(
-                update(table)
-                .where(table.name == self._name, table.key_wrapped == row.key_wrapped)
-                .where(table.retiring_pem.is_not_distinct_from(row.retiring_pem))
-                .values(**values)
-            )
-            if getattr(changed, "rowcount", 0) != 1:  # another rotation (or a KEK rotation) got there first
-                raise Conflict(
-                    f"the {self._name} CA changed meanwhile; nothing was changed: run it again", code="ca_changed"
-                )
-            audit.append(session, ctx, event)
-
-    def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        row = self._published()
+    def _load(self, row: CertificateAuthorityRow | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """The certificate and key of ``row`` (the issuing CA's when None), the key unwrapped by the KEK and checked
+        to be the certificate's."""
+        row = row or self._published()
         with self._lock:
-            if self._loaded is None or self._loaded[0] != row.key_wrapped:
-                der = self._wrapper.unwrap(row.key_wrapped, ca_key_context(self._name), row.kek_id)
-                key = serialization.load_der_private_key(der, password=None)
-                if not isinstance(key, ec.EllipticCurvePrivateKey):
-                    raise ConfigurationError(f"the {self._name} CA key is not an EC key")
-                self._loaded = (row.key_wrapped, x509.load_pem_x509_certificate(row.cert_pem.encode()), key)
-            return self._loaded[1], self._loaded[2]
+            if self._loaded is not None and self._loaded[0] == row.key_wrapped and self._loaded[1] == row.cert_pem:
+                return self._loaded[2], self._loaded[3]
+        der = self._wrapper.unwrap(row.key_wrapped, ca_key_context(row.name), row.kek_id)
+        key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"the {row.name} CA key is not an EC key")
+        cert = x509.load_pem_x509_certificate(row.cert_pem.encode("ascii"))
+        if cert.public_key() != key.public_key():
+            raise StoredKeyCorrupt(f"the {row.name} CA's key is not its certificate's", code="ca_key_mismatch")
+        with self._lock:
+            self._loaded = (row.key_wrapped, row.cert_pem, cert, key)
+        return cert, key
 
     def _issue(
         self,
@@ -351,8 +325,22 @@ class ServiceCA:
         sans: Sequence[x509.GeneralName],
         now: datetime,
         days: int,
-    ) -> x509.Certificate:
-        ca_cert, ca_key = self._load()
+    ) -> tuple[x509.Certificate, bytes]:
+        """A certificate of the issuing CA, and what follows it in its chain (that CA's certificate): both from one
+        read of the CA's row, so that a rotation meanwhile cannot pair a certificate with another CA's chain."""
+        row = self._published()
+        ca_cert, ca_key = self._load(row)
+        expires = ca_cert.not_valid_after_utc
+        if expires <= now + EXPIRY_MARGIN:
+            when = "expired" if expires <= now else "expires"
+            then = (
+                "rotate it: keybroker ca rotate, then keybroker ca activate (docs/operations.md)"
+                if self._name == SERVICE
+                else "it can issue no more certificates"
+            )
+            raise Conflict(
+                f"the {self._name} CA {when} at {expires.isoformat(timespec='seconds')}: {then}", code="ca_expired"
+            )
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -371,7 +359,7 @@ class ServiceCA:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        return builder.sign(ca_key, hashes.SHA384())
+        return builder.sign(ca_key, hashes.SHA384()), row.cert_pem.encode("ascii")
 
     # --- the service's own TLS certificate ------------------------------------------------------------------
 
@@ -380,7 +368,7 @@ class ServiceCA:
         passphrase that only the returned object (the serving process) holds."""
         key = ec.generate_private_key(ec.SECP384R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0] if sans else "keybroker")])
-        cert = self._issue(subject, key.public_key(), _san_entries(sans), now, days)
+        cert, chain = self._issue(subject, key.public_key(), _san_entries(sans), now, days)
         password = secrets.token_urlsafe(32)
         cert_path, key_path = self._dir / SERVER_CERT, self._dir / SERVER_KEY
         encrypted = key.private_bytes(
@@ -389,9 +377,7 @@ class ServiceCA:
             serialization.BestAvailableEncryption(password.encode()),
         )
         _write(key_path, encrypted)
-        # The chain (leaf, then CA; during a rotation the cross certificate) so that clients pinning the CA can
-        # verify the leaf.
-        _write(cert_path, _pem(cert) + self.chain_pem())
+        _write(cert_path, _pem(cert) + chain)  # the chain: leaf, then the CA that issued it
         return ServerCertificate(cert_path, key_path, password)
 
     # --- certificates for broker-held keys (the Nginx flow) ------------------------------------------------------
@@ -407,7 +393,7 @@ class ServiceCA:
         """A TLS server/client certificate for ``public_key`` (whose private key keybroker holds)."""
         if not 1 <= days <= MAX_DAYS:
             raise InvalidRequest(f"days must be between 1 and {MAX_DAYS}", code="invalid_days")
-        return self._issue(subject, public_key, sans, now, days)
+        return self._issue(subject, public_key, sans, now, days)[0]
 
     # --- CSRs of other services (the CMS role) --------------------------------------------------------------
 
@@ -441,5 +427,5 @@ class ServiceCA:
             sans.append(name)
         if not sans and not csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
             raise InvalidRequest("the CSR names no subject (no CN and no SAN)", code="invalid_csr")
-        cert = self._issue(csr.subject, public_key, sans, now, days)
-        return _pem(cert) + self.chain_pem()
+        cert, chain = self._issue(csr.subject, public_key, sans, now, days)
+        return _pem(cert) + chain

@@ -32,7 +32,8 @@ from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.kek_records import check_keks
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.backends.registry import Backends, build_backends
-from keybroker.ca import ServiceCA
+from keybroker import __version__
+from keybroker.ca import ServiceCA, forget_legacy_files
 from keybroker.clock import Clock, SystemClock
 from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings
 from keybroker.errors import ConfigurationError
@@ -90,6 +91,14 @@ class Services:
     def replicas(self) -> Replicas:
         return Replicas(self.database, self.clock)
 
+    def join(self) -> None:
+        """A replica about to serve announces itself (its heartbeat) and then checks the KEKs again: a ``keybroker
+        kek rotate`` that began after ``build_services`` checked either sees this heartbeat and stops, or is seen
+        here and this replica refuses to start (``backends.kek_guard``)."""
+        self.replicas.heartbeat(self.replica_id, self.address, __version__, self.database.schema_revision() or "?")
+        if self.backends is not None:
+            _check_keks(self.database, self.backends)
+
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.close()
@@ -134,12 +143,9 @@ def _assemble(
     backends: Backends,
 ) -> Services:
     keys = KeyService(database, backends.stores, settings.keys.default_backend, policies, audit, clock)
-    # Every wrapped record opens under the configured KEKs (else: which KEK to configure, or the kek rotate to finish).
-    embedded = {
-        store.name: store.wrapper.kek_id for store in backends.stores.values() if isinstance(store, EmbeddedKeyStore)
-    }
-    check_keks(database, embedded, backends.service_wrapper.kek_id)
+    _check_keks(database, backends)
     wrapper = backends.service_wrapper
+    forget_legacy_files(database, wrapper, settings.data_dir)  # (CA key files from before 0008, imported long ago)
     ca = ServiceCA(database, wrapper, settings.data_dir)
     collateral = CollateralStore(database, clock)
     anchors = trust_anchors(settings)
@@ -192,6 +198,15 @@ def _assemble(
         backends,
         ServiceCA.workload(database, wrapper, settings.data_dir),
     )
+
+
+def _check_keks(database: Database, backends: Backends) -> None:
+    """Every wrapped record opens under the configured KEKs, and no KEK rotation is unfinished (else: which KEK to
+    configure, or the kek rotate to finish)."""
+    embedded = {
+        store.name: store.wrapper.kek_id for store in backends.stores.values() if isinstance(store, EmbeddedKeyStore)
+    }
+    check_keks(database, embedded, backends.service_wrapper.kek_id)
 
 
 def trust_anchors(settings: Settings) -> TrustAnchors:
@@ -293,6 +308,7 @@ def initialise(settings: Settings, clock: Clock | None = None, new_admin_token: 
                 held.prepare()
             service_ca.create(clock.now(), "keybroker service CA")
             ServiceCA.workload(database, service_wrapper, data_dir).create(clock.now(), "keybroker workload CA")
+            forget_legacy_files(database, service_wrapper, data_dir)  # imported: the files are only a danger now
         finally:
             backends.close()
         audit = AuditLog(database, clock)

@@ -2,14 +2,17 @@
 
 * the key material of each embedded backend (``embedded_key_material``: one data key per key, its context the key
   id, the row and the key's spec, ``backends.embedded``);
-* keybroker's own secrets: the token signing keys, the service secrets (the nonce key) and the CA private keys. The
-  service CA's row is where the deployment records the KEK of its own secrets (``ca.recorded_kek_id``).
+* keybroker's own secrets: the token signing keys, the service secrets (the nonce key) and the CA private keys (a
+  row each, also the successor or predecessor of a CA during its rotation). The service CA's row is where the
+  deployment records the KEK of its own secrets (``ca.recorded_kek_id``).
 
 ``census`` counts them per KEK without opening anything. ``check_keks`` runs at every start and refuses a
 configuration whose KEKs do not open them all, saying what to do: after an interrupted or a finished
-``keybroker kek rotate`` (whose audit entries, target ``kek``, tell from which KEK to which), the command that
-finishes it or the KEK to configure. ``material`` and ``own_secrets`` list the records with their wrap contexts,
-for the rotation (``backends.kek_rotation``).
+``keybroker kek rotate`` (whose audit entries, target ``kek`` and actions ``kek_rotation.*``, tell from which KEK
+to which), the command that finishes it or the KEK to configure. While the newest rotation has begun and not
+finished it refuses to start at all, even when every record still opens (one started then would wrap new keys
+with the old KEK behind the rotation's back). ``material`` and ``own_secrets`` list the records with their wrap
+contexts, for the rotation (``backends.kek_rotation``).
 """
 
 from __future__ import annotations
@@ -163,7 +166,10 @@ def last_rotation(database: Database) -> RotationNote | None:
     e = AuditEventRow
     with database.transaction() as session:
         row = session.execute(
-            select(e.action, e.at, e.details).where(e.target == AUDIT_TARGET).order_by(e.seq.desc()).limit(1)
+            select(e.action, e.at, e.details)
+            .where(e.target == AUDIT_TARGET, e.action.in_((START, FINISH)))  # (a role may be named "kek" too)
+            .order_by(e.seq.desc())
+            .limit(1)
         ).first()
     if row is None or row.action not in (START, FINISH) or not isinstance(row.details, dict):
         return None
@@ -183,6 +189,14 @@ def check_keks(database: Database, backends: Mapping[str, str], service_kek: str
         foreign = {kek: rows for kek, rows in counts.items() if kek != configured}
         if foreign:
             raise ConfigurationError(_mismatch(database, what, configured, foreign, counts[configured]))
+    note = last_rotation(database)
+    if note is not None and not note.finished:
+        raise ConfigurationError(
+            f"the KEK rotation of backend {note.backend!r} from {note.from_kek} to {note.to_kek} begun {note.at} has "
+            "not finished, and nothing may start until it has (it would wrap new keys with the old KEK behind the "
+            f"rotation's back). Finish it: {ROTATE} {note.to_file} (with KEK {note.from_kek} still configured), then "
+            f"configure KEK {note.to_kek}"
+        )
 
 
 def _mismatch(database: Database, what: str, configured: str, foreign: Mapping[str, int], here: int) -> str:

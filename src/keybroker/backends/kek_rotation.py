@@ -9,29 +9,31 @@ under one KEK or the other, so a crash at any moment loses nothing and a second 
 anything twice. The data keys go first, in batches of one transaction each; keybroker's own secrets last, in one
 transaction, so that the KEK the deployment records for them (``ca.recorded_kek_id``) changes once, at the end.
 
-Before anything changes: every replica stopped (one running with the current KEK would go on wrapping new keys with
-it: on PostgreSQL no heartbeat for 30 s, on SQLite no other process has the database open), the current and the new
-KEK usable and not the same, no record of the backend under a third KEK, no material without its key record, and
-every record to move opened once under the current KEK. Audited: ``kek_rotation.start`` when records begin to move,
-``kek_rotation.finish`` when none is left (target ``kek``); ``kek_records.check_keks`` reads them to tell a replica
-started meanwhile what to do.
+Before anything changes: every replica stopped (``kek_guard``: checked again after every batch and before the end),
+the CAs in the database (not in the files of a data directory from before 0008), the current and the new KEK usable
+and not the same (a new local master key synced to disk and read back), no record of the backend under a third
+KEK, no material without its key record, and every record to move opened once under the current KEK. The CA key
+files left by a version before 0008 (wrapped by the current KEK) are removed before it begins. Audited:
+``kek_rotation.start`` when records begin to move, ``kek_rotation.finish`` when none is left (target ``kek``);
+``kek_records.check_keks`` reads them to keep servers from starting meanwhile and to tell them what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import update
 
+from keybroker import ca_legacy
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.backends.base import KeyWrapper
+from keybroker.backends.kek_guard import Guard
+from keybroker.backends.kek_inputs import Target, open_deployment, read_target
 from keybroker.backends.kek_records import (
     AUDIT_TARGET,
     FINISH,
@@ -45,27 +47,19 @@ from keybroker.backends.kek_records import (
 )
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.backends.registry import build_wrapper
-from keybroker.ca import recorded_kek_id
+from keybroker.ca import SERVICE, ServiceCA, forget_legacy_files
 from keybroker.clock import Clock
 from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings, WrapperSettings
 from keybroker.errors import BackendUnavailable, ConfigurationError, Conflict, KeybrokerError, StoredKeyCorrupt
-from keybroker.storage.cluster import HEARTBEAT, Replicas
-from keybroker.storage.copy import sqlite_file, sqlite_in_use
+from keybroker.storage.copy import sqlite_file
 from keybroker.storage.db import Database
 from keybroker.storage.tables import Base
 
+__all__ = ["BATCH", "Progress", "Report", "Target", "open_deployment", "read_target", "rotate"]
+
 BATCH = 100
-STOPPED_AFTER = 3 * HEARTBEAT  # a replica silent this long counts as stopped (as in ``keybroker cluster status``)
+AGAIN = "what has moved stays moved: once it is stopped, run the command again to finish (no server starts till then)"
 Progress = Callable[[int, int], None]  # (moved so far, to move): after every committed batch
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """The ``--to`` file: the backend whose KEK changes and its new wrapper."""
-
-    backend: str
-    wrapper: WrapperSettings
-    file: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,73 +71,7 @@ class Report:
     total: int  # records under the new KEK now (this backend's and keybroker's own)
     created_key_file: Path | None = None  # a new local master key this run created
     finished_before: str | None = None  # nothing to move: when the rotation finished (None: it never began)
-
-
-def open_deployment(settings: Settings, exclusive: bool = False) -> Database:
-    """The deployment's database, migrated as ``serve`` would; ``ConfigurationError`` when there is none.
-    ``exclusive``: refused (``replicas_running``) while another process has a SQLite database open."""
-    missing = ConfigurationError(f"{settings.data_dir} is not initialised; run 'keybroker init --data-dir DIR' first")
-    if not settings.data_dir.is_dir():
-        raise missing
-    path = sqlite_file(settings.database_url)
-    if exclusive and path is not None and sqlite_in_use(path):  # (before this process opens it: see sqlite_in_use)
-        raise Conflict(
-            f"{path} is open in another process (a keybroker serve?): stop it first; nothing was changed",
-            code="replicas_running",
-        )
-    database = Database.from_url(
-        settings.database_url, settings.database.connect_timeout_seconds, settings.database.statement_timeout_seconds
-    )
-    try:
-        if not database.is_migrated():
-            raise missing
-        database.migrate()
-        if recorded_kek_id(database, settings.data_dir) is None:
-            raise missing
-    except BaseException:
-        database.close()
-        raise
-    return database
-
-
-def read_target(path: Path) -> Target:
-    """Parse and validate ``--to FILE``. ``ConfigurationError`` naming the problem; reads no credential."""
-    where = f"--to {path}"
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(f"{where}: no such file") from None
-    except OSError as exc:
-        raise ConfigurationError(f"{where}: cannot read it: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"{where}: not valid TOML: {exc}") from None
-    shape = "one [backends.<name>] section with the new wrapper, as it will be in keybroker.toml"
-    other = sorted(set(data) - {"backends"})
-    if other:
-        raise ConfigurationError(f"{where}: holds {', '.join(other)}; it must hold only {shape}")
-    sections = data.get("backends")
-    if not isinstance(sections, dict) or len(sections) != 1:
-        found = len(sections) if isinstance(sections, dict) else 0
-        raise ConfigurationError(f"{where}: holds {found} backend sections; it must hold {shape}")
-    ((name, section),) = sections.items()
-    if not isinstance(section, dict) or section.get("type", "embedded") != "embedded":
-        raise ConfigurationError(f"{where}: backends.{name} is not an embedded backend; only those have a KEK")
-    if "wrapper" not in section:
-        raise ConfigurationError(f"{where}: backends.{name} gives no wrapper = {{ type = ... }} (the new KEK)")
-    if isinstance(section["wrapper"], dict) and "master_key" in section["wrapper"]:
-        raise ConfigurationError(
-            f"{where}: a master key does not go into a file of settings; give master_key_file (32 random bytes, "
-            "mode 0600; created if it does not exist)"
-        )
-    try:
-        parsed = EmbeddedBackendSettings.model_validate(section)
-    except ValidationError as exc:
-        problems = [
-            f"backends.{name}.{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors(include_input=False, include_url=False)
-        ]
-        raise ConfigurationError(f"{where}: " + "; ".join(problems)) from None
-    return Target(str(name), parsed.wrapper, path.resolve())
+    removed_legacy: tuple[Path, ...] = ()  # CA key files from before 0008 removed before it began
 
 
 def rotate(
@@ -165,12 +93,12 @@ def rotate(
             f"(embedded backends: {', '.join(configured) or 'none'}; one holding keybroker's own keys can be added as "
             '[backends.embedded] with wrapper = { type = "local", master_key_file = "master.key" })'
         )
-    if not database.is_sqlite:  # (SQLite: open_deployment(exclusive=True) asked the one host's processes)
-        _refuse_running_replicas(database, clock)
+    guard = Guard(database, sqlite_file(settings.database_url))
+    guard.refuse_running()
     old = _usable(lambda: _checked(build_wrapper(settings, backend.wrapper, clock)), "the current KEK", target,
                   "it is needed until the rotation finishes: restore it, or configure it as it was")  # fmt: skip
     try:
-        return _rotate(settings, target, database, audit, context, clock, old, progress)
+        return _rotate(settings, target, database, audit, context, clock, old, progress, guard)
     finally:
         old.close()
 
@@ -184,6 +112,7 @@ def _rotate(
     clock: Clock,
     old: KeyWrapper,
     progress: Progress | None,
+    guard: Guard,
 ) -> Report:
     name = target.backend
     counts = census(database).material_of(name)
@@ -193,6 +122,15 @@ def _rotate(
             f"backend {name!r} holds {stray} material row(s) without a key record (a create or delete a crash "
             "interrupted): run 'keybroker backends reconcile --older-than 0' first; nothing was changed",
             code="material_pending",
+        )
+    legacy = ca_legacy.leftovers(settings.data_dir)
+    service_ca = ServiceCA(database, old, settings.data_dir).rows().issuing
+    if legacy is not None and service_ca is None:
+        raise ConfigurationError(
+            f"{settings.data_dir} keeps the CAs of a version before 0008 in files "
+            f"({', '.join(path.name for path in legacy.files)}), which a KEK rotation cannot move: run 'keybroker "
+            f"init --data-dir {settings.data_dir}' once with this version (it imports them into the database), then "
+            "this command again; nothing was changed"
         )
     created = _new_key_file(settings, target.wrapper)
     began = False
@@ -204,19 +142,22 @@ def _rotate(
             pending = counts[old.kek_id] + len(own_secrets(database, old.kek_id))
             details: dict[str, Any] = {"backend": name, "from": old.kek_id, "to": new.kek_id,
                                        "to_file": str(target.file)}  # fmt: skip
+            removed = _forget_legacy(database, settings, service_ca, (old, new))
             if pending == 0:
-                return _nothing_to_move(database, audit, context, details, old, new, created)
+                return _nothing_to_move(database, audit, context, details, old, new, created, removed)
             for page in _pages(database, name, old.kek_id):  # every record opens under the current KEK, or none moves
                 for record in page:
                     with _naming(record, "nothing was changed"):
                         old.unwrap(record.wrapped, record.context, record.kek_id)
+            guard.check("nothing was changed")
             audit.record(context, AuditEvent(START, "success", AUDIT_TARGET, {**details, "records": pending}))
             began = True
-            moved = _move_all(database, name, old, new, pending, progress)
+            moved = _move_all(database, name, old, new, pending, progress, guard)
+            guard.check(AGAIN)
             total = census(database).material_of(name)[new.kek_id] + len(own_secrets(database, new.kek_id))
             finish = {**details, "moved": moved, "records": total}
             audit.record(context, AuditEvent(FINISH, "success", AUDIT_TARGET, finish))
-            return Report(name, old.kek_id, new.kek_id, moved, total, created)
+            return Report(name, old.kek_id, new.kek_id, moved, total, created, removed_legacy=removed)
         finally:
             new.close()
     except BaseException:
@@ -240,10 +181,38 @@ def _refuse_same_or_third(
         )
 
 
+def _forget_legacy(
+    database: Database, settings: Settings, service_ca: Any, wrappers: Sequence[KeyWrapper]
+) -> tuple[Path, ...]:
+    """Remove the CA key files a version before 0008 left (their passphrase is wrapped by the current KEK) once the
+    database's CAs open under one of ``wrappers``; refuse (nothing changed) if some cannot be removed."""
+    if ca_legacy.leftovers(settings.data_dir) is None:
+        return ()
+    removed: tuple[Path, ...] = ()
+    for wrapper in wrappers:
+        if service_ca is not None and service_ca.kek_id == wrapper.kek_id:
+            removed = forget_legacy_files(database, wrapper, settings.data_dir)
+    left = ca_legacy.leftovers(settings.data_dir)
+    if left is not None:
+        raise ConfigurationError(
+            f"{settings.data_dir} holds CA key files from before 0008 ({', '.join(p.name for p in left.files)}) that "
+            f"the database's {SERVICE} and workload CAs do not replace (run 'keybroker init --data-dir "
+            f"{settings.data_dir}' once with this version to import them); nothing was changed"
+        )
+    return removed
+
+
 def _move_all(
-    database: Database, name: str, old: KeyWrapper, new: KeyWrapper, pending: int, progress: Progress | None
+    database: Database,
+    name: str,
+    old: KeyWrapper,
+    new: KeyWrapper,
+    pending: int,
+    progress: Progress | None,
+    guard: Guard,
 ) -> int:
-    """Move every record under ``old``; a second pass only if records appeared under it meanwhile."""
+    """Move every record under ``old``; a second pass only if records appeared under it meanwhile. After every
+    batch, ``guard`` checks that no server has appeared."""
     moved = 0
     for _ in range(3):
         for page in _pages(database, name, old.kek_id):
@@ -251,6 +220,7 @@ def _move_all(
                 moved += _move(database, page, old, new)
             if progress is not None:
                 progress(moved, pending)
+            guard.check(AGAIN)
         if census(database).material_of(name)[old.kek_id] + len(own_secrets(database, old.kek_id)) == 0:
             return moved
     raise Conflict(
@@ -318,6 +288,7 @@ def _nothing_to_move(
     old: KeyWrapper,
     new: KeyWrapper,
     created: Path | None,
+    removed: tuple[Path, ...],
 ) -> Report:
     """Everything is under the new KEK already: a run that moved the last record and died before it could say so
     (the finish entry is written now), or one that finished already."""
@@ -325,10 +296,10 @@ def _nothing_to_move(
     matches = note is not None and (note.from_kek, note.to_kek) == (old.kek_id, new.kek_id)
     total = census(database).material_of(details["backend"])[new.kek_id] + len(own_secrets(database, new.kek_id))
     if matches and note is not None and note.finished:
-        return Report(details["backend"], old.kek_id, new.kek_id, 0, total, created, finished_before=note.at)
+        return Report(details["backend"], old.kek_id, new.kek_id, 0, total, created, note.at, removed)
     if matches:
         audit.record(context, AuditEvent(FINISH, "success", AUDIT_TARGET, {**details, "moved": 0, "records": total}))
-    return Report(details["backend"], old.kek_id, new.kek_id, 0, total, created)
+    return Report(details["backend"], old.kek_id, new.kek_id, 0, total, created, removed_legacy=removed)
 
 
 def _same_kek(database: Database, name: str, kek_id: str, counts: Mapping[str, int], target: Target) -> str:
@@ -351,29 +322,19 @@ def _same_kek(database: Database, name: str, kek_id: str, counts: Mapping[str, i
     )
 
 
-def _refuse_running_replicas(database: Database, clock: Clock) -> None:
-    now = clock.now()
-    alive = [r for r in Replicas(database, clock).all() if now - r.heartbeat_at <= STOPPED_AFTER]
-    if alive:
-        seen = ", ".join(f"{r.id} ({r.address}, {int((now - r.heartbeat_at).total_seconds())} s ago)" for r in alive)
-        raise Conflict(
-            f"replicas are running (last heartbeat: {seen}): stop every replica of the deployment first (a replica "
-            f"counts as stopped {int(STOPPED_AFTER.total_seconds())} s after its last heartbeat); nothing was changed",
-            code="replicas_running",
-        )
-
-
 def _new_key_file(settings: Settings, wrapper: WrapperSettings) -> Path | None:
     """A new local master key: its file is created (32 random bytes, mode 0600) unless it exists."""
     if not isinstance(wrapper, LocalWrapperSettings):
         return None
     path = settings.resolve(wrapper.master_key_file)
-    if path.exists():
-        return None
     try:
-        LocalKeyWrapper.create_file(path)
+        if path.exists():
+            return None
+        LocalKeyWrapper.create_file(path)  # (synced with its directory and read back: before anything is wrapped)
     except OSError as exc:
         raise ConfigurationError(f"cannot create the new master key file {path}: {exc.strerror}") from None
+    except ValueError:  # "embedded null byte"
+        raise ConfigurationError(f"the new master key file name {str(path)!r} holds a NUL byte") from None
     return path
 
 

@@ -39,6 +39,8 @@ class LocalKeyWrapper:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ConfigurationError(f"master key file {path} does not exist; run 'keybroker init'") from None
+        except ValueError:  # "embedded null byte": no file can have that name
+            raise ConfigurationError(f"the master key file name {str(path)!r} holds a NUL byte") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(f"master key file {path} is readable by others; chmod 600 it")
         return cls(data)
@@ -51,11 +53,39 @@ class LocalKeyWrapper:
             raise ConfigurationError("the master key from the environment is not valid base64") from None
 
     @staticmethod
-    def create_file(path: Path) -> None:
-        """Write a fresh random master key with mode 0600 (never overwrites)."""
+    def create_file(path: Path) -> str:
+        """Write a fresh random master key with mode 0600 (never overwrites), make it durable (the file and its
+        directory entry synced: a KEK that a power loss could take away must not wrap anything), read it back and
+        check it. Returns its KEK id. On any failure the file is removed again (nothing was wrapped by it yet)."""
+        key = os.urandom(MASTER_KEY_BYTES)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(MASTER_KEY_BYTES))
+        try:
+            try:
+                view = memoryview(key)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            expected = LocalKeyWrapper(key).kek_id
+            try:
+                found = LocalKeyWrapper.from_file(path).kek_id
+            except ConfigurationError:
+                found = None
+            if found != expected:
+                raise ConfigurationError(
+                    f"the new master key file {path} does not read back as written (a full or failing disk?); it was "
+                    "removed, nothing was wrapped by it"
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return expected
 
     @property
     def kek_id(self) -> str:

@@ -316,4 +316,4 @@ def ca_issue(
     output.stderr.print(f"wrote {out}", highlight=False)
 
 
-ca_app.registered_commands += ca_rotation_app.registered_commands  # rotate, retire: local commands (cli/kek.py)
+ca_app.registered_commands += ca_rotation_app.registered_commands  # rotate, activate, retire: local (cli/kek.py)

@@ -1,12 +1,15 @@
-"""``keybroker kek rotate|status`` and ``keybroker ca rotate|retire``: local commands, which read the data directory
-and the configuration themselves (as ``init`` and ``serve`` do) and need the KEK; they talk to no server.
+"""``keybroker kek rotate|status`` and ``keybroker ca rotate|activate|retire``: local commands, which read the data
+directory and the configuration themselves (as ``init`` and ``serve`` do) and need the KEK (``kek status`` only
+reads); they talk to no server.
 
 The procedures, for one host and for replicas, are in docs/operations.md."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +20,7 @@ from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled
 from keybroker.cli.output import Output
 
 kek_app = typer.Typer(help="The KEK: move what it wraps under a new one; which KEK wraps what.", no_args_is_help=True)
-# `keybroker ca rotate|retire` (added to the ca group beside its remote commands).
+# `keybroker ca rotate|activate|retire` (added to the ca group beside its remote commands).
 ca_rotation_app = typer.Typer()
 
 ToFile = Annotated[
@@ -75,6 +78,9 @@ def kek_rotate(to: ToFile, data_dir: DataDir = Path(".data"), config: ConfigFile
     finally:
         database.close()
     say = output.stderr.print
+    if report.removed_legacy:
+        names = ", ".join(path.name for path in report.removed_legacy)
+        say(f"removed the CA key files from before 0008 ({names}): the database holds those CAs", highlight=False)
     if report.created_key_file is not None:
         say(f"created the new master key {report.created_key_file} (32 random bytes, mode 0600)")
     if report.finished_before is not None:
@@ -108,15 +114,17 @@ def kek_status(
     data_dir: DataDir = Path(".data"), config: ConfigFile = None, output_format: OutputOpt = Output.TABLE
 ) -> None:
     """Which KEK wraps how many records (each embedded backend's data keys, keybroker's own keys), and the newest
-    KEK rotation. Opens nothing: no KEK is needed.
+    KEK rotation. Reads the database read-only (no migration) and opens nothing: no KEK is needed.
 
     Example: keybroker kek status -o json
     """
+    from keybroker import ca_legacy
     from keybroker.backends.kek_records import ROTATE, census, last_rotation
     from keybroker.backends.kek_rotation import open_deployment
     from keybroker.config import load_settings
 
-    database = open_deployment(load_settings(data_dir=data_dir, config_file=config))
+    settings = load_settings(data_dir=data_dir, config_file=config)
+    database = open_deployment(settings, read_only=True)
     try:
         counted, note = census(database), last_rotation(database)
     finally:
@@ -130,6 +138,10 @@ def kek_status(
         for what, counts in counted.own.items()
         for kek, n in sorted(counts.items())
     ]
+    legacy = ca_legacy.leftovers(settings.data_dir)
+    if legacy is not None:  # (removed at the next start, or by kek rotate: they must not outlive the KEK)
+        what = f"legacy CA key files ({', '.join(p.name for p in legacy.files)}; removed at the next start)"
+        rows.append({"what": what, "kek_id": legacy.kek_id or "?", "records": legacy.key_files})
     rotation = None
     if note is not None:
         rotation = {"finished": note.finished, "at": note.at, "backend": note.backend, "from": note.from_kek,
@@ -147,46 +159,88 @@ def kek_status(
         )
 
 
-@ca_rotation_app.command("rotate", short_help="A new service CA, trusted beside the old one until it is retired.")
+@ca_rotation_app.command("rotate", short_help="Publish a new service CA beside the old one, which still issues.")
 @handled
 def ca_rotate(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
-    """Make a new service CA (the same name, a new key) that issues every certificate from now on. Until 'keybroker
-    ca retire', ca.pem and GET /cms/v1/ca-certificates hold both CAs (the old one first) and certificates chain to
-    either: clients that trust only the old CA keep working. Restart each replica to give it a server certificate
-    of the new CA (docs/operations.md).
+    """Make a new service CA (the same name, a new key, 10 years) and publish it beside the old one: ca.pem and
+    GET /cms/v1/ca-certificates hold both (the old one first), while the old CA still issues every certificate.
+    Give the bundle (or the new fingerprint) to every client, then run 'keybroker ca activate'. Works with an
+    expired CA too. Run again, it changes nothing (docs/operations.md).
 
     Example: keybroker ca rotate --data-dir /var/lib/keybroker
     """
-    from keybroker.clock import SystemClock
-    from keybroker.config import load_settings
-    from keybroker.services import build_services
+    from keybroker import ca_rotation
 
-    os.umask(0o077)
-    services = build_services(load_settings(data_dir=data_dir, config_file=config), SystemClock())
-    try:
-        done = services.ca.rotate(services.clock.now(), services.audit, _actor())
+    with _services(data_dir, config) as services:
+        step = ca_rotation.rotate(services.ca, services.clock.now(), services.audit, _actor())
         published = services.ca.publish()
-    finally:
-        services.close()
     say = output.stderr.print
-    say(f"new service CA: SHA-384 {done.new_sha384}", highlight=False)
-    say(f"retiring CA:    SHA-384 {done.old_sha384}", highlight=False)
+    if step.done_before:
+        say("the new service CA was published already; nothing was changed.", highlight=False)
+    say(f"issuing CA (old): SHA-384 {step.issuing_sha384}", highlight=False)
+    say(f"new service CA:   SHA-384 {step.other_sha384}", highlight=False)
     say(
-        f"{published} now holds both (the retiring one first). Next: restart each replica (its server certificate "
-        "then comes from the new CA, and its ca.pem holds both), give every client the new ca.pem (clients that pin "
-        "a fingerprint keep the old one until the retirement, then take the new one), then run 'keybroker ca retire'.",
+        f"{published} and GET /cms/v1/ca-certificates hold both (the old one first); the old CA still issues. Next: "
+        "give every client the bundle (or add the new fingerprint to their pins: --ca-fingerprint OLD,NEW), then "
+        "run 'keybroker ca activate'.",
         highlight=False,
     )
 
 
-@ca_rotation_app.command("retire", short_help="Stop publishing the service CA that ca rotate replaced.")
+@ca_rotation_app.command("activate", short_help="Issue from the new service CA that ca rotate published.")
+@handled
+def ca_activate(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
+    """Switch issuance to the new service CA that 'keybroker ca rotate' published: every certificate from now on
+    (each replica's server certificate at its next start, 'keybroker ca issue') comes from it. The old CA stays
+    published until 'keybroker ca retire'. Run it only once every client trusts the new CA; then restart each
+    replica. Run again, it changes nothing (docs/operations.md).
+
+    Example: keybroker ca activate --data-dir /var/lib/keybroker
+    """
+    from keybroker import ca_rotation
+
+    with _services(data_dir, config) as services:
+        step = ca_rotation.activate(services.ca, services.audit, _actor())
+        published = services.ca.publish()
+    say = output.stderr.print
+    if step.done_before:
+        say("the new service CA issues already; nothing was changed.", highlight=False)
+    say(f"issuing CA (new): SHA-384 {step.issuing_sha384}", highlight=False)
+    say(f"old service CA:   SHA-384 {step.other_sha384} (still published in {published})", highlight=False)
+    say(
+        "Next: restart each replica, one at a time (its server certificate then comes from the new CA); issue again "
+        "the certificates of other services ('keybroker ca issue'); once no client needs the old CA, run 'keybroker "
+        "ca retire'.",
+        highlight=False,
+    )
+
+
+@ca_rotation_app.command("retire", short_help="Unpublish the old service CA and delete its key.")
 @handled
 def ca_retire(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> None:
-    """Stop publishing and chaining the service CA that 'keybroker ca rotate' replaced: clients that trust only the
-    old CA fail from then on (once each replica has restarted).
+    """Remove the old service CA (the one 'keybroker ca activate' replaced) from ca.pem and GET
+    /cms/v1/ca-certificates, and delete its private key: clients that trust only the old CA fail from then on.
 
     Example: keybroker ca retire --data-dir /var/lib/keybroker
     """
+    from keybroker import ca_rotation
+
+    with _services(data_dir, config) as services:
+        retired = services.ca.rows().old
+        ca_rotation.retire(services.ca, services.audit, _actor())
+        published = services.ca.publish()
+    from keybroker.ca import fingerprint
+
+    old = fingerprint(retired.cert_pem.encode("ascii")) if retired is not None else "?"
+    output.stderr.print(
+        f"retired the CA with SHA-384 {old} and deleted its key; {published} holds the new CA only. Restart each "
+        "replica (its ca.pem is published at start); clients that pin fingerprints can drop the old one.",
+        highlight=False,
+    )
+
+
+@contextlib.contextmanager
+def _services(data_dir: Path, config: Path | None) -> Iterator[Any]:
     from keybroker.clock import SystemClock
     from keybroker.config import load_settings
     from keybroker.services import build_services
@@ -194,12 +248,6 @@ def ca_retire(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> N
     os.umask(0o077)
     services = build_services(load_settings(data_dir=data_dir, config_file=config), SystemClock())
     try:
-        retired = services.ca.retire(services.audit, _actor())
-        published = services.ca.publish()
+        yield services
     finally:
         services.close()
-    output.stderr.print(
-        f"retired the CA with SHA-384 {retired}; {published} holds the new CA only. Restart each replica: its "
-        "certificate chain and ca.pem then name the new CA alone.",
-        highlight=False,
-    )

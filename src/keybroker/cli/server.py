@@ -97,6 +97,7 @@ def serve(
             root=str(settings.resolve(settings.attestation.simulated_root)),
         )
     try:
+        services.join()  # heartbeat, then the KEK checks again (a kek rotate begun meanwhile: see Services.join)
         tls: dict[str, Any] = {}
         if settings.tls.enabled:
             tls = _tls_files(settings, services)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from keybroker.storage.db import UTCDateTime
@@ -222,8 +222,14 @@ class RevisionRow(Base):
     counter: Mapped[int] = mapped_column(BigInteger)
 
 
+# The rows of the CAs (0010): the one of each CA that issues, and during a rotation its successor (published, not
+# issuing yet) or its predecessor (published until ``keybroker ca retire``). See ``keybroker.ca_rotation``.
+CA_ROW_NAMES = ("service", "service:next", "service:old", "workload", "workload:next", "workload:old")
+
+
 class CertificateAuthorityRow(Base):
-    """The deployment's CAs (``service``, ``workload``): certificate, and private key wrapped by the KEK."""
+    """The deployment's CAs (``service``, ``workload``; ``NAME:next``, ``NAME:old`` during a rotation):
+    certificate, and private key wrapped by the KEK."""
 
     __tablename__ = "certificate_authorities"
 
@@ -232,9 +238,12 @@ class CertificateAuthorityRow(Base):
     key_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     kek_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    # While a rotation is not retired (0010): the retiring CA's certificate, and this CA's key certified by it.
-    retiring_pem: Mapped[str | None] = mapped_column(Text)
-    cross_pem: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(
+            "name IN (" + ", ".join(f"'{name}'" for name in CA_ROW_NAMES) + ")", name="ck_certificate_authorities_name"
+        ),
+    )
 
 
 class LeaseRow(Base):
