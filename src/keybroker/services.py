@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
+from keybroker import __version__
 from keybroker.attestation.appraisal import AppraisalPolicies
 from keybroker.attestation.nonce import NonceService
 from keybroker.attestation.pcs import PcsClient
@@ -32,7 +33,6 @@ from keybroker.backends.embedded import EmbeddedKeyStore
 from keybroker.backends.kek_records import check_keks
 from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.backends.registry import Backends, build_backends
-from keybroker import __version__
 from keybroker.ca import ServiceCA, forget_legacy_files
 from keybroker.clock import Clock, SystemClock
 from keybroker.config import EmbeddedBackendSettings, LocalWrapperSettings, Settings

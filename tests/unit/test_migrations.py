@@ -1,14 +1,17 @@
 """Upgrading a database that holds data: 0006 -> head backfills the backend of embedded material and refuses (without
-changing anything) a database in which two keys adopt the same KMIP object."""
+changing anything) a database in which two keys adopt the same KMIP object; 0009 -> 0010 (SQLite and PostgreSQL)
+keeps the CAs and admits only the rows of a CA rotation beside them, and is not undone while a rotation runs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from keybroker.storage.db import _MIGRATIONS, Database
 
@@ -65,7 +68,9 @@ def test_embedded_material_gets_the_backend_of_its_key(tmp_path: Path) -> None:
         _key(database, "k2", "hsm", "r2")
         database.migrate()
         with database.engine.begin() as connection:
-            rows = dict(connection.execute(text("SELECT ref, backend FROM embedded_key_material")).all())
+            rows: dict[str, str | None] = dict(
+                connection.execute(text("SELECT ref, backend FROM embedded_key_material")).all()
+            )
         assert rows == {"r1": "embedded", "r2": "hsm", "r3": None}  # r3: an orphan, nobody's
     finally:
         database.close()
@@ -101,3 +106,60 @@ def test_an_upgrade_interrupted_half_way_runs_again(tmp_path: Path) -> None:
         assert _version(database) != "0006"
     finally:
         database.close()
+
+
+@pytest.fixture
+def database_at_0009(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """An empty database of either kind at revision 0009, with its two CAs."""
+    if database_kind == "sqlite":
+        database = Database.from_url(f"sqlite:///{tmp_path / 'kb.db'}")
+    else:
+        server = request.getfixturevalue("postgres")
+        database = Database.from_url(server.url_for(server.create_database(), password=True))
+    try:
+        _upgrade(database, "0009")
+        for name in ("service", "workload"):
+            _ca(database, name)
+        yield database
+    finally:
+        database.close()
+
+
+def _upgrade(database: Database, revision: str, down: bool = False) -> None:
+    with database.engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def _ca(database: Database, name: str) -> None:
+    with database.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO certificate_authorities (name, cert_pem, key_wrapped, kek_id, created_at) "
+                "VALUES (:name, 'PEM', :blob, 'local:x', :now)"
+            ),
+            {"name": name, "blob": b"\x00", "now": NOW},
+        )
+
+
+def test_0010_keeps_the_cas_and_admits_only_the_rows_of_a_rotation(database_at_0009: Database) -> None:
+    database = database_at_0009
+    database.migrate()
+    assert _version(database) == "0010"
+    for name in ("service:next", "workload:old"):
+        _ca(database, name)
+    with pytest.raises(IntegrityError):
+        _ca(database, "service:other")
+    with database.engine.begin() as connection:
+        names = sorted(connection.execute(text("SELECT name FROM certificate_authorities")).scalars())
+    assert names == ["service", "service:next", "workload", "workload:old"]
+    with pytest.raises(RuntimeError, match=r"a CA rotation is in progress \(service:next, workload:old\)"):
+        _upgrade(database, "0009", down=True)
+    assert _version(database) == "0010"
+    with database.engine.begin() as connection:
+        connection.execute(text("DELETE FROM certificate_authorities WHERE name LIKE '%:%'"))
+    _upgrade(database, "0009", down=True)
+    assert _version(database) == "0009"
+    _ca(database, "service:other")  # (0009 had no such rule)

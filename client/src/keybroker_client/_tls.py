@@ -1,6 +1,10 @@
 """Trusting a keybroker server: by CA file, or by the SHA-384 fingerprint of its CA (the pin an operator reads
 with ``keybroker ca fingerprint``). Standard library only.
 
+During a CA rotation the server publishes two CAs (``GET /cms/v1/ca-certificates``: the old one first, then the
+new one): a pin matches any certificate there, and only the matching certificates are trusted. Several pins (a
+list, or comma-separated: ``"OLD,NEW"``) carry a client across the switch from the old CA to the new one.
+
 When TLS fails the way a misconfiguration makes it fail (no CA given, the wrong CA file, an http:// URL on a
 TLS port, https:// on a plain one), ``transport_error`` says what to give instead (a ``TlsError``)."""
 
@@ -11,6 +15,7 @@ import hmac
 import re
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +43,18 @@ def normalise_fingerprint(value: str) -> str:
     return pin
 
 
+def normalise_fingerprints(value: str | Sequence[str]) -> tuple[str, ...]:
+    """One pin or several: a list, or one string with the pins comma-separated (``KEYBROKER_CA_FINGERPRINT``)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    elif not isinstance(value, Sequence) or isinstance(value, bytes | bytearray):
+        raise ConfigurationError("a CA fingerprint is 96 hexadecimal digits (SHA-384), colons allowed")
+    pins = tuple(dict.fromkeys(normalise_fingerprint(pin) for pin in value))
+    if not pins:
+        raise ConfigurationError("give at least one CA fingerprint (96 hexadecimal digits, SHA-384)")
+    return pins
+
+
 def ca_file_context(ca_file: str | Path) -> ssl.SSLContext:
     """A context trusting the CA certificate(s) in ``ca_file`` only; ``ConfigurationError`` if it cannot be read
     or holds no certificate."""
@@ -52,31 +69,41 @@ def ca_file_context(ca_file: str | Path) -> ssl.SSLContext:
         raise ConfigurationError(f"ca: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
-def fetch_pinned_ca(base_url: str, fingerprint: str, timeout: float = 10.0) -> str:
-    """Download the server's CA certificate without trusting the connection, and accept it only if its SHA-384
-    equals ``fingerprint``. Returns the PEM; later connections verify against it as usual."""
-    pin = normalise_fingerprint(fingerprint)
+def fetch_pinned_ca(base_url: str, fingerprint: str | Sequence[str], timeout: float = 10.0) -> str:
+    """Download the server's CA certificates without trusting the connection, and keep those whose SHA-384 is one
+    of the pins (``fingerprint``: one, a list, or comma-separated); ``PinMismatch`` if none is. Returns their PEM;
+    later connections verify against them (and nothing else) as usual."""
+    pins = normalise_fingerprints(fingerprint)
     try:
         # Unverified on purpose: what is fetched is checked against the pin before anything trusts it.
         response = httpx.get(f"{base_url.rstrip('/')}/cms/v1/ca-certificates", verify=False, timeout=timeout)  # noqa: S501 - pinned below
     except httpx.HTTPError as exc:
         raise transport_error(exc, base_url, "cannot fetch the CA certificate from", pinned=True) from None
-    match = _PEM_CERT.search(response.text) if response.status_code == 200 else None
-    if match is None:
+    found = _PEM_CERT.findall(response.text) if response.status_code == 200 else []
+    if not found:
         raise TransportError(f"{base_url} did not return a CA certificate (HTTP {response.status_code})")
-    pem = match.group(0)
-    try:
-        der = ssl.PEM_cert_to_DER_cert(pem)
-    except ValueError:  # what the server sent: its answer, not a local mistake
-        raise TransportError(f"{base_url} returned a CA certificate that is not valid PEM") from None
-    digest = hashlib.sha384(der).hexdigest()
-    if not hmac.compare_digest(digest, pin):
-        raise PinMismatch(f"the CA of {base_url} has fingerprint {digest}, not the pinned {pin}")
-    return pem
+    published: list[tuple[str, str]] = []
+    for pem in found:
+        try:
+            der = ssl.PEM_cert_to_DER_cert(pem)
+        except ValueError:  # what the server sent: its answer, not a local mistake
+            raise TransportError(f"{base_url} returned a CA certificate that is not valid PEM") from None
+        published.append((hashlib.sha384(der).hexdigest(), pem))
+    trusted = [pem for digest, pem in published if any(hmac.compare_digest(digest, pin) for pin in pins)]
+    if not trusted:
+        digests = ", ".join(digest for digest, _ in published)
+        if len(published) == 1 and len(pins) == 1:
+            raise PinMismatch(f"the CA of {base_url} has fingerprint {digests}, not the pinned {pins[0]}")
+        raise PinMismatch(
+            f"the CA certificates of {base_url} have fingerprints {digests}; none is pinned ({', '.join(pins)})"
+        )
+    return "\n".join(trusted)
 
 
-def ssl_context(base_url: str, ca_file: str | None = None, ca_fingerprint: str | None = None) -> ssl.SSLContext:
-    """The context to reach ``base_url`` with: the CA file, else the pinned CA, else the system's trust store."""
+def ssl_context(
+    base_url: str, ca_file: str | None = None, ca_fingerprint: str | Sequence[str] | None = None
+) -> ssl.SSLContext:
+    """The context to reach ``base_url`` with: the CA file, else the pinned CA(s), else the system's trust store."""
     if ca_file:
         return ca_file_context(ca_file)
     if ca_fingerprint:
@@ -102,7 +129,10 @@ def transport_error(
         elif ca_file:
             hint = f"its certificate does not chain to {ca_file}: is that this deployment's ca.pem?"
         elif pinned:
-            hint = "its certificate does not chain to the pinned CA: is it a replica of the same deployment?"
+            hint = (
+                "its certificate does not chain to the pinned CA: is it a replica of the same deployment? (During a "
+                "CA rotation pin the old and the new CA: ca_fingerprint=[OLD, NEW], or --ca-fingerprint OLD,NEW)"
+            )
         else:
             hint = f"no CA was given, and the system's trust store does not trust it: {_HOW_TO_TRUST}"
         return TlsError(f"{doing} {url}: {hint} ({text})")

@@ -226,15 +226,12 @@ def ca_retire(data_dir: DataDir = Path(".data"), config: ConfigFile = None) -> N
     from keybroker import ca_rotation
 
     with _services(data_dir, config) as services:
-        retired = services.ca.rows().old
-        ca_rotation.retire(services.ca, services.audit, _actor())
+        step = ca_rotation.retire(services.ca, services.audit, _actor())
         published = services.ca.publish()
-    from keybroker.ca import fingerprint
-
-    old = fingerprint(retired.cert_pem.encode("ascii")) if retired is not None else "?"
     output.stderr.print(
-        f"retired the CA with SHA-384 {old} and deleted its key; {published} holds the new CA only. Restart each "
-        "replica (its ca.pem is published at start); clients that pin fingerprints can drop the old one.",
+        f"retired the CA with SHA-384 {step.retired_sha384} and deleted its key; {published} holds the new CA "
+        "only. Restart each replica (its ca.pem is published at start); clients that pin fingerprints can drop the "
+        "old one.",
         highlight=False,
     )
 
