@@ -183,7 +183,6 @@ def test_the_service_refuses_to_start_without_the_kek_of_its_own_keys(tmp_path: 
         build_services(moved, FixedClock(NOW))
 
 
-
 @pytest.mark.parametrize("backend_name", ["vault-kv1"], indirect=True)
 def test_a_key_whose_backend_left_the_configuration_is_503_not_500(
     tmp_path: Path,

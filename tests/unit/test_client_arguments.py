@@ -257,6 +257,11 @@ def test_wrong_client_arguments_are_refused_at_construction(tmp_path: Path) -> N
         (lambda: Client("https://kbs:9443", timeout="30"), "timeout is a number"),  # type: ignore[arg-type]  # wrong on purpose
         (lambda: Client("https://kbs:port"), "is not a valid URL"),
         (lambda: Client("https://:9443"), "names no host"),
+        (lambda: Client("https://[::1]x:9443"), "is not a valid URL"),
+        (lambda: Client("https://[::1"), "is not a valid URL"),
+        (lambda: Client("https://a..b:9443"), "'a..b' is not a host name or address"),
+        (lambda: Client(f"https://{'a' * 64}.example:9443"), "is not a host name or address"),
+        (lambda: Client("https://[::zz]:9443"), "is not a"),
         (lambda: Client(9443), "base_url is a URL"),  # type: ignore[arg-type]  # as above
         (lambda: Client([b"https://kbs"]), "is not a URL"),  # type: ignore[list-item]  # as above
         (lambda: Client("https://kbs:9443", retry=4), "retry is a keybroker_client.Retry"),  # type: ignore[arg-type]  # as above

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,7 +62,8 @@ def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_master_key_from_environment_is_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY", "c2VjcmV0" * 5)
+    key = base64.b64encode(b"secret" * 5 + b"!!").decode()  # (32 bytes: serve refuses any other length)
+    monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY", key)
     settings = load_settings(data_dir=tmp_path)
     wrapper = _embedded(settings).wrapper
     assert isinstance(wrapper, LocalWrapperSettings)
@@ -256,3 +259,58 @@ def test_every_setting_has_a_description(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(field, "description", None)
     with pytest.raises(ValueError, match="data_dir has no description"):
         configuration_reference.render()
+
+
+@pytest.mark.parametrize(
+    ("backend", "says"),
+    [
+        ({"type": "vault", "url": "https://admin:Pa55word@vault.example:8200", "auth": {"token": {"env": "VT"}}},
+         "credentials go in auth"),
+        ({"type": "vault", "url": "https://vault.example:8200", "addresses": ["https://u:Pa55word@v2.example:8200"],
+          "auth": {"token": {"env": "VT"}}}, "credentials go in auth"),
+        ({"type": "vault", "url": "https://Pa55word@vault.example:8200", "auth": {"token": {"env": "VT"}}},
+         "must not hold a user name or password"),
+        ({"type": "kmip", "host": "u:Pa55word@kmip.example", "cert_file": "c.pem", "key_file": "k.pem",
+          "ca_file": "ca.pem"}, "no scheme or user:pass@"),
+    ],
+)  # fmt: skip
+def test_a_url_with_userinfo_is_refused_without_echoing_it(tmp_path: Path, backend: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigurationError, match=says) as refused:
+        load_settings(data_dir=tmp_path, overrides={"backends": {"embedded": {"type": "embedded"}, "kms": backend}})
+    assert "Pa55word" not in str(refused.value)
+    assert "Pa55word" not in repr(refused.value)
+
+
+def test_a_transit_url_with_userinfo_is_refused(tmp_path: Path) -> None:
+    url = "https://u:Pa55word@vault.example:8200"
+    wrapper = {"type": "vault-transit", "url": url, "auth": {"token": {"env": "VT"}}}
+    with pytest.raises(ConfigurationError, match="credentials go in auth") as refused:
+        load_settings(data_dir=tmp_path, overrides={"backends": {"embedded": {"type": "embedded", "wrapper": wrapper}}})
+    assert "Pa55word" not in str(refused.value)
+
+
+def test_a_database_password_in_the_query_string_is_hidden(tmp_path: Path) -> None:
+    url = "postgresql://kb@db.example/kb?sslmode=require&password=Qu3rySecret"
+    shown = load_settings(data_dir=tmp_path, overrides={"database": {"url": url}}).redacted()
+    assert "Qu3rySecret" not in str(shown)
+    assert "sslmode=require" in shown["database"]["url"]
+    assert "password=%2A%2A%2A" in shown["database"]["url"]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("not base64!!", "not valid base64"),
+        ("c2VjcmV0", "6 bytes once decoded from base64, not 32"),
+        ("A" * 60, "45 bytes once decoded from base64, not 32"),
+    ],
+)
+def test_a_master_key_from_the_environment_is_32_bytes_of_base64(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY", value)
+    with pytest.raises(ConfigurationError, match=says) as refused:
+        load_settings(data_dir=tmp_path)
+    assert value not in str(refused.value)
+    monkeypatch.setenv("KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY", base64.b64encode(b"k" * 32).decode())
+    load_settings(data_dir=tmp_path)

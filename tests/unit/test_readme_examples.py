@@ -6,6 +6,7 @@ examples load on any machine.)"""
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,9 +54,14 @@ def _environment_examples() -> Iterator[EnvironmentExample]:
 ENVIRONMENT = list(_environment_examples())
 
 
+# A value the shell computes (``"$(base64 -w0 < master.key)"``) stands for one the setting accepts.
+COMPUTED = {"MASTER_KEY": base64.b64encode(bytes(range(32))).decode()}
+
+
 def _load(tmp_path: Path, config: str | None, variables: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name, value in variables.items():
-        monkeypatch.setenv(name, value)
+    for name, given in variables.items():
+        computed = next((sample for suffix, sample in COMPUTED.items() if name.endswith(suffix)), given)
+        monkeypatch.setenv(name, computed if given.startswith("$") else given)
     file = None
     if config is not None:
         file = tmp_path / "keybroker.toml"

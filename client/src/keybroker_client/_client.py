@@ -34,7 +34,7 @@ from keybroker_client._errors import (
 )
 from keybroker_client._problem import Problem
 from keybroker_client._retry import Attempts, Retry
-from keybroker_client._tls import ca_file_context, normalise_fingerprint, ssl_context, transport_error
+from keybroker_client._tls import ca_file_context, normalise_fingerprints, ssl_context, transport_error
 from keybroker_client.evidence import EvidenceProvider
 
 _OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
@@ -79,7 +79,8 @@ def unwrap(wrapped_key: bytes, wrapped_swk: bytes, private_key: rsa.RSAPrivateKe
 
 
 class Client:
-    """``Client("https://kbs:9443", ca="ca.pem")``; ``ca_fingerprint=`` pins the CA instead.
+    """``Client("https://kbs:9443", ca="ca.pem")``; ``ca_fingerprint=`` pins the CA instead (several pins, a list
+    or comma-separated, during a CA rotation: any certificate the server publishes that matches one is trusted).
 
     Several replicas of one deployment: ``Client(["https://kbs-1:9443", "https://kbs-2:9443"], ...)`` (or one
     string, comma-separated). ``fetch_key`` starts at a random one and, when an exchange fails in a way another
@@ -94,7 +95,7 @@ class Client:
         self,
         base_url: str | Sequence[str],
         ca: str | Path | None = None,
-        ca_fingerprint: str | None = None,
+        ca_fingerprint: str | Sequence[str] | None = None,
         token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
@@ -120,7 +121,7 @@ class Client:
         self._ca = str(ca) if ca is not None else None
         # The CA file is read once, here: a missing or wrong file shows at once, for any number of replicas.
         self._ca_context = ca_file_context(ca) if ca is not None else None
-        self._fingerprint = normalise_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
+        self._fingerprint = normalise_fingerprints(ca_fingerprint) if ca_fingerprint is not None else None
         self._pinned: ssl.SSLContext | None = None
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigurationError("timeout is a number of seconds above 0")
@@ -282,10 +283,34 @@ def _urls(base_url: str | Sequence[str]) -> list[str]:
             raise ConfigurationError(f"{url!r} is not a valid URL (its host or port)") from None
         if not parts.hostname:
             raise ConfigurationError(f"{url!r} names no host")
+        if not _valid_host(parts.hostname):
+            raise ConfigurationError(f"{url!r} is not a valid URL: {parts.hostname!r} is not a host name or address")
+        try:
+            httpx.URL(url)  # ("https://[::1]x:9443": what urlsplit lets through and httpx would refuse later)
+        except httpx.InvalidURL:
+            raise ConfigurationError(f"{url!r} is not a valid URL (its host or port)") from None
         urls.append(url)
     if not urls:
         raise ConfigurationError("give at least one keybroker URL")
     return urls
+
+
+def _valid_host(host: str) -> bool:
+    """An IPv6 address, or a name or IPv4 address that IDNA encodes (no empty label, none over 63 characters): the
+    others would raise UnicodeError from the socket layer at the first request."""
+    if ":" in host:
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            return False
+        return True
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _answer(response: httpx.Response, url: str, what: str, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -58,7 +58,11 @@ def _connection_options(command: argparse.ArgumentParser) -> None:
         help="exchanges per key at most, each with a fresh nonce, when a replica fails (default 4; 1: no retry)",
     )
     command.add_argument("--ca", metavar="FILE", help="the service CA certificate (PEM)")
-    command.add_argument("--ca-fingerprint", metavar="HASH", help="or: the SHA-384 fingerprint of the service CA")
+    command.add_argument(
+        "--ca-fingerprint",
+        metavar="HASH",
+        help="or: the SHA-384 fingerprint of the service CA (several, comma-separated, during a CA rotation)",
+    )
     command.add_argument(
         "--evidence",
         default="auto",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from keybroker.audit.chain import verify_chain
-from keybroker.cli import output
+from keybroker.cli import answers, output
 from keybroker.cli.common import (
     DataDir,
     FileProblem,
@@ -101,7 +102,7 @@ def token_list(
     Example: keybroker token list -o json
     """
     with api:
-        tokens = api.get_json("/kbs/v1/tokens")
+        tokens = api.get_json("/kbs/v1/tokens", shape=answers.TOKENS)
     output.emit(tokens, output_format, lambda: output.table(TOKEN_COLUMNS, [_token_row(t) for t in tokens]))
 
 
@@ -133,7 +134,7 @@ def role_list(
     Example: keybroker role list -o json
     """
     with api:
-        roles = api.get_json("/kbs/v1/roles")
+        roles = api.get_json("/kbs/v1/roles", shape=answers.ROLES)
     for role in roles:
         role.setdefault("id", role["name"])
     output.emit(
@@ -191,11 +192,14 @@ def _all_entries(api: AdminApi, params: dict[str, Any]) -> tuple[list[dict[str, 
     while True:
         response = api.request("GET", "/kbs/v1/audit", params=query)
         head = head or response.headers.get("x-audit-head", "")
-        page = response.json()
-        entries += page
+        entries += answers.checked(response.json(), answers.AUDIT_ENTRIES, response.where)
         cursor = response.headers.get("x-next-cursor")
         if not cursor:
+            if not re.fullmatch(r"(\d+:[0-9a-f]+)?", head):
+                answers.checked(None, str, f"{response.where} (its X-Audit-Head)")
             return entries, head
+        if not cursor.isdigit():
+            answers.checked(None, str, f"{response.where} (its X-Next-Cursor)")
         query["after"] = int(cursor)
 
 
@@ -277,10 +281,14 @@ def ca_fingerprint_cmd(
         Path | None, typer.Option("--cacert", metavar="FILE", help="A CA file instead of ca.pem in the data directory.")
     ] = None,
 ) -> None:
-    """Print the SHA-384 fingerprint of the service CA: clients pin it with --ca-fingerprint.
+    """Print the SHA-384 fingerprint of the service CA: clients pin it with --ca-fingerprint. During a CA rotation
+    ca.pem holds two CAs: one line each, the older first.
 
     Example: keybroker ca fingerprint --data-dir /var/lib/keybroker
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     from keybroker.ca import CA_CERT, fingerprint
 
     path = cacert or data_dir / CA_CERT
@@ -290,9 +298,11 @@ def ca_fingerprint_cmd(
         hint = "" if cacert else " (give the data directory with --data-dir, or the CA file with --cacert)"
         raise FileProblem(f"{exc}{hint}") from None
     try:
-        typer.echo(fingerprint(pem))
+        certificates = x509.load_pem_x509_certificates(pem)
     except ValueError:
         raise FileProblem(f"cannot read {path}: it holds no PEM certificate") from None
+    for certificate in certificates:
+        typer.echo(fingerprint(certificate.public_bytes(serialization.Encoding.PEM)))
 
 
 @ca_app.command("issue")
@@ -303,16 +313,19 @@ def ca_issue(
     csr: Annotated[Path, typer.Argument(metavar="CSR", help="PEM certificate signing request of the other service.")],
     out: Annotated[Path, typer.Option("--out", metavar="FILE", help="Where to write the certificate chain (PEM).")],
     days: Annotated[int, typer.Option("--days", metavar="DAYS", help="Validity in days (1-825).")] = 365,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
 ) -> None:
-    """Have the service CA sign a CSR (TLS server and client certificate for another service).
+    """Have the service CA sign a CSR (TLS server and client certificate for another service). An existing --out
+    file is replaced only with --force (atomically; a symlink is replaced, never followed).
 
     Example: keybroker ca issue vault.csr --out vault.crt --days 90
     """
     request = read_text(csr, "PEM")
-    output_file(out)  # (before the certificate is issued)
+    output_file(out, force)  # (before the certificate is issued)
     with api:
-        chain = api.request("POST", "/cms/v1/certificates", json={"csr": request, "days": days}).json()
-    write_file(out, chain["certificate"])
+        response = api.request("POST", "/cms/v1/certificates", json={"csr": request, "days": days}, expect=(201,))
+        chain = answers.checked(response.json(), {"certificate": str}, response.where)
+    write_file(out, chain["certificate"], replace=force)
     output.stderr.print(f"wrote {out}", highlight=False)
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from keybroker.cli import output
+from keybroker.cli import answers, output
 from keybroker.cli.common import ConfigFile, DataDir, OutputOpt, handled, remote
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
@@ -54,7 +54,7 @@ def backends_check(
         report = _offline_report(data_dir, config)
     else:
         with api:
-            report = api.get_json("/kbs/v1/backends")
+            report = api.get_json("/kbs/v1/backends", shape=answers.BACKENDS_REPORT)
     _show(report, output_format)
     if not report["ok"]:
         raise typer.Exit(1)
@@ -92,12 +92,12 @@ def _show(report: dict[str, Any], output_format: Output) -> None:
         return
     if output_format is Output.ID:
         for entry in backends:
-            typer.echo(entry["name"])
+            typer.echo(output.printable(entry["name"]))
         return
     output.table(COLUMNS, [_row(entry) for entry in backends])
     failed = sum(1 for entry in backends if not entry["ok"])
     verdict = f"{failed} of {len(backends)} failed" if failed else f"all {len(backends)} ok"
-    where = report["replica"]
+    where = output.printable(report["replica"])
     output.stderr.print(f"checked by {where} at {output.short_time(report['checked_at'])}: {verdict}")
 
 

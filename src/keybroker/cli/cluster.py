@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keybroker.cli import output
+from keybroker.cli import answers, output
 from keybroker.cli.common import OutputOpt, handled, remote
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
@@ -23,7 +23,7 @@ def cluster_status(api: AdminApi, output_format: OutputOpt = Output.TABLE) -> No
     Example: keybroker cluster status -o json
     """
     with api:
-        replicas = api.get_json("/kbs/v1/cluster/replicas")
+        replicas = api.get_json("/kbs/v1/cluster/replicas", shape=answers.REPLICAS)
     rows = [
         [
             r["id"],

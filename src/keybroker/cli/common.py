@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -29,7 +31,12 @@ DataDir = Annotated[
 ]
 ConfigFile = Annotated[
     Path | None,
-    typer.Option("--config", metavar="FILE", help="TOML settings (default: keybroker.toml in the data directory)."),
+    typer.Option(
+        "--config",
+        envvar="KEYBROKER_CONFIG",
+        metavar="FILE",
+        help="TOML settings (default: keybroker.toml in the data directory).",
+    ),
 ]
 # The options that find the server have a panel of their own in the help: at 60 columns the command's own options
 # and these (with their long KEYBROKER_* names) no longer share one table's narrow columns.
@@ -67,7 +74,8 @@ CaPin = Annotated[
         "--ca-fingerprint",
         envvar="KEYBROKER_CA_FINGERPRINT",
         metavar="HASH",
-        help="Trust the server's CA only if its SHA-384 is HASH (see 'keybroker ca fingerprint').",
+        help="Trust the server's CA only if its SHA-384 is HASH (several, comma-separated, during a CA "
+        "rotation; see 'keybroker ca fingerprint').",
         show_default=False,
         rich_help_panel=CONNECTION,
     ),
@@ -142,7 +150,7 @@ def _explain(exc: Exception) -> int | None:
     from keybroker_client import KeybrokerClientError, ProblemError
 
     if isinstance(exc, ProblemError):
-        output.say("Error:", exc.problem.describe())
+        output.say("Error:", output.printable(exc.problem.describe()))  # (a server's text: no escape sequences)
         return 1
     if isinstance(exc, ConfigurationError):
         output.say("Configuration error:", exc.detail)
@@ -213,11 +221,13 @@ def input_dir(path: Path) -> Path:
     return path
 
 
-def output_file(path: Path) -> Path:
+def output_file(path: Path, force: bool | None = None) -> Path:
     """``path``, checked before any work is done: a file that can be created or replaced (not a directory, in an
-    existing directory)."""
+    existing directory); with ``force`` given (a command's --force), an existing path (or a symlink) only with it."""
     if path.is_dir():
         raise FileProblem(f"cannot write {path}: it is a directory; give a file name")
+    if force is False and (path.exists() or path.is_symlink()):
+        raise FileProblem(f"cannot write {path}: it exists already; pass --force to replace it")
     _parent_exists(path)
     return path
 
@@ -241,12 +251,41 @@ def _parent_exists(path: Path) -> None:
         raise FileProblem(f"cannot write {path}: the directory {parent} {missing}")
 
 
-def write_file(path: Path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path``."""
+def write_file(path: Path, data: str | bytes, replace: bool | None = None) -> None:
+    """Write ``data`` (text as UTF-8) to ``path``. With ``replace`` given, a symlink is never followed: False
+    creates a new file only (an existing path, a symlink above all, is refused); True writes a temporary file in the
+    same directory and renames it over ``path`` (the link itself is replaced, never its target)."""
+    content = data.encode() if isinstance(data, str) else data
     try:
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        if replace is None:
+            path.write_bytes(content)
+        elif replace:
+            _replace_atomically(path, content)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as file:
+                file.write(content)
+    except FileExistsError:
+        raise FileProblem(f"cannot write {path}: it exists already; pass --force to replace it") from None
     except OSError as exc:
         raise FileProblem(f"cannot write {path}: {_reason(exc)}") from None
+
+
+def _replace_atomically(path: Path, content: bytes) -> None:
+    import tempfile
+
+    fd, temporary = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # (a certificate chain: public)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def connect(addr: str, token: str | None, cacert: str | None, ca_fingerprint: str | None) -> AdminApi:

@@ -228,10 +228,20 @@ def _wait_until_serving(server: subprocess.Popen[bytes], admin: httpx.Client, lo
     raise typer.Exit(1)
 
 
+def _loopback_without_proxy() -> None:
+    """The demo talks to its own server on loopback (the admin client, the client library, its subprocesses): never
+    through HTTPS_PROXY/HTTP_PROXY, which the environment may name for the network outside."""
+    for name in ("NO_PROXY", "no_proxy"):
+        given = [entry for entry in os.environ.get(name, "").split(",") if entry.strip()]
+        os.environ[name] = ",".join([*given, *(h for h in ("127.0.0.1", "localhost", "::1") if h not in given)])
+
+
 def demo_server(session: Session, base: Path, port: int = 0) -> DemoServer:
     """``sim init`` + collateral, ``keybroker init`` and ``serve`` on ``port`` (default: a free one), the collateral
     imported; the server is stopped when ``session`` ends."""
     from keybroker.attestation.collateral import bundle_upload
+
+    _loopback_without_proxy()
 
     sim, data = base / "sim", base / "data"
     plain = _environment()
@@ -258,7 +268,13 @@ def demo_server(session: Session, base: Path, port: int = 0) -> DemoServer:
         ca = ssl.create_default_context(cafile=str(data / "ca.pem"))
         token = (data / "admin-token").read_text().strip()
         admin = session.cleanups.enter_context(
-            httpx.Client(base_url=url, verify=ca, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            httpx.Client(
+                base_url=url,
+                verify=ca,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=60,
+                trust_env=False,  # (its own server on loopback: never through HTTPS_PROXY, nor with .netrc)
+            )
         )
         _wait_until_serving(server, admin, log)
     _say(f"keybroker serving on {url} (pid {server.pid}; trusting the simulated TEE, with a warning in its log)")

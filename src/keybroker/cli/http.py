@@ -8,25 +8,34 @@ a pin is given or something went wrong.
 
 When the connection fails the way a mistake makes it fail (no CA given for the service's own CA, the wrong CA file,
 http:// on the TLS port, https:// on a plain one, nothing listening), the error says what to do, in the CLI's own
-terms (``--cacert``/``KEYBROKER_CACERT``, ``--ca-fingerprint``/``KEYBROKER_CA_FINGERPRINT``, ``--addr``)."""
+terms (``--cacert``/``KEYBROKER_CACERT``, ``--ca-fingerprint``/``KEYBROKER_CA_FINGERPRINT``, ``--addr``). Pins
+are the client library's: several, comma-separated, each matching any CA the server publishes (a CA rotation)."""
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
+
+from keybroker.cli.addresses import check_plain, valid_host, without_password
 
 if TYPE_CHECKING:
     import http.client
     import ssl
+    import threading
 
 # (http.client, ssl and socket are imported when a request is made: not by the help, or a local command.)
 
 DEFAULT_ADDR = "https://127.0.0.1:9443"
-TIMEOUT_SECONDS = 60.0
+TIMEOUT_SECONDS = 60.0  # (per connect and per read)
+DEADLINE_SECONDS = 60.0  # the whole of one request: a server that trickles its answer does not hold a command
+# The success status of each method's answer (POST: 201 for a resource created, 200 for an action); any other
+# status, a 3xx above all (a redirect is never followed: it would carry the token elsewhere), is an error.
+EXPECTED_STATUS = {"GET": (200,), "PUT": (200,), "DELETE": (204,), "POST": (200, 201)}
 
 TRUST_HINT = (
     "give the deployment's CA certificate with --cacert FILE or KEYBROKER_CACERT=FILE (the server's "
@@ -60,21 +69,35 @@ class Connection:
 
     def target(self) -> tuple[str, str, int, str]:
         """(scheme, host, port, path prefix) of ``addr``; an error saying what is wrong with it."""
-        parts = urlsplit(self.addr.strip())
-        scheme = parts.scheme.lower()
+        wrong = _transport_error(
+            f"{self.addr!r} is not a keybroker address (--addr/KEYBROKER_ADDR): give a URL like {DEFAULT_ADDR}"
+        )
         try:
+            parts = urlsplit(self.addr.strip())
             port = parts.port
-        except ValueError:
-            port = -1
-        if scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.query or parts.fragment:
+        except ValueError:  # ("Invalid IPv6 URL", a port out of range)
+            raise wrong from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise wrong
+        if not valid_host(parts.hostname):
             raise _transport_error(
-                f"{self.addr!r} is not a keybroker address (--addr/KEYBROKER_ADDR): give a URL like {DEFAULT_ADDR}"
+                f"{self.addr!r} is not a keybroker address (--addr/KEYBROKER_ADDR): {parts.hostname!r} is not a "
+                "host name or address"
             )
-        return scheme, parts.hostname, port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
+        path = quote(parts.path.rstrip("/"), safe="/%")  # (a path prefix in another script than ASCII: escaped)
+        return scheme, parts.hostname, port or (443 if scheme == "https" else 80), path
 
     def ssl_context(self) -> ssl.SSLContext:
         import ssl
 
+        if self.cacert and self.ca_fingerprint:  # (the client library refuses both too: one would go unused)
+            from keybroker.errors import ConfigurationError
+
+            raise ConfigurationError(
+                "give --cacert/KEYBROKER_CACERT (the CA file) or --ca-fingerprint/KEYBROKER_CA_FINGERPRINT (its "
+                "SHA-384), not both"
+            )
         if self.cacert:
             try:
                 return ssl.create_default_context(cafile=self.cacert)
@@ -126,6 +149,7 @@ class AdminApi:
     def _prepare(self) -> None:
         if not self._ready:
             self._scheme, self._host, self._port, self._prefix = self._connection.target()
+            check_plain(self._connection, self._scheme, self._host)
             self._context = self._connection.ssl_context() if self._scheme == "https" else None
             self._proxy = _proxy_for(self._scheme, self._host)
             self._ready = True
@@ -151,7 +175,17 @@ class AdminApi:
             return opened
         return http.client.HTTPConnection(host, port, timeout=TIMEOUT_SECONDS)
 
-    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        expect: tuple[int, ...] | None = None,
+    ) -> Response:
+        """The answer to one request: a problem's ProblemError, or a one-line error for any status but the one
+        expected (``expect``, else the method's in EXPECTED_STATUS)."""
         self._prepare()
         target = self._prefix + path
         if params:
@@ -174,49 +208,100 @@ class AdminApi:
             except _disconnected() as again:
                 raise unreachable(again, self._connection) from None
         status, response_headers, content = answer
+        where = f"{self._connection.addr}{path}"
         if status >= 400:
             from keybroker_client import Problem, ProblemError
 
             problem = Problem.from_response(status, response_headers.get("content-type", ""), content)
             raise ProblemError(problem)
-        return Response(status, response_headers, content, f"{self._connection.addr}{path}")
+        if 300 <= status < 400:
+            from keybroker.cli.output import printable
+
+            location = printable(response_headers.get("location") or "(no Location given)")
+            raise _transport_error(
+                f"{where} answered a redirect to {location}; keybroker does not follow redirects (they would carry "
+                "your token): use that address (--addr/KEYBROKER_ADDR)"
+            )
+        if status not in (expect or EXPECTED_STATUS.get(method) or tuple(range(200, 300))):
+            raise _transport_error(
+                f"{where} answered HTTP {status} to {method}, not a keybroker answer: is it a keybroker?"
+            )
+        return Response(status, response_headers, content, where)
 
     def _exchange(
         self, method: str, target: str, body: bytes | None, headers: dict[str, str]
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One request and its answer; the connection is dropped after a failure (the next request opens one)."""
         import http.client
+        import threading
 
+        expired = threading.Event()
+        timer = threading.Timer(DEADLINE_SECONDS, self._expire, (expired,))
+        timer.daemon = True
+        timer.start()
         try:
             if self._open is None:
                 self._open = self._connect()
             self._open.request(method, target, body=body, headers=headers)  # (ids in it are escaped: segment())
             response = self._open.getresponse()
             content = response.read()
-        except _disconnected():
+        except _disconnected() as exc:
             self._drop()
-            raise
+            if expired.is_set():
+                raise self._late() from None
+            raise exc from None
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
-            raise unreachable(exc, self._connection) from None
+            if expired.is_set():
+                raise self._late() from None
+            raise unreachable(exc, self._connection, self._proxy) from None
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            self._drop()
+            raise self._late()
         if response.will_close:
             self._drop()
         return response.status, response.headers, content
+
+    def _expire(self, expired: threading.Event) -> None:
+        """At the deadline (a timer's thread): the socket is shut down, so that the read waiting on it ends."""
+        import socket
+
+        expired.set()
+        opened = self._open
+        sock = getattr(opened, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # (already closed)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # (the plain socket's: under TLS too)
+
+    def _late(self) -> Exception:
+        return _transport_error(
+            f"cannot reach keybroker at {self._connection.addr}: no complete answer within {DEADLINE_SECONDS:.0f} s "
+            "(is it a keybroker, and is it overloaded?)"
+        )
 
     def _drop(self) -> None:
         if self._open is not None:
             self._open.close()
             self._open = None
 
-    def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        return self.request("GET", path, params=params).json()
+    def get_json(self, path: str, params: dict[str, Any] | None = None, shape: Any = (dict, list)) -> Any:
+        """The JSON answer to a GET, of ``shape`` (cli.answers) or a one-line "unexpected answer" error."""
+        from keybroker.cli.answers import checked
 
-    def list_all(self, path: str, params: dict[str, Any], fetch_all: bool) -> list[Any]:
+        response = self.request("GET", path, params=params)
+        return checked(response.json(), shape, response.where)
+
+    def list_all(self, path: str, params: dict[str, Any], fetch_all: bool, shape: Any = (dict,)) -> list[Any]:
+        """Every page's items (``shape``: an item's, cli.answers), or the first page's unless ``fetch_all``."""
+        from keybroker.cli.answers import checked
+
         items: list[Any] = []
         query = dict(params)
         while True:
             response = self.request("GET", path, params=query)
-            items.extend(response.json())
+            items.extend(checked(response.json(), [shape], response.where))
             cursor = response.headers.get("x-next-cursor")
             if not cursor or not fetch_all:
                 return items
@@ -233,13 +318,19 @@ def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
     proxy = proxies.get(scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass(host):  # (NO_PROXY)
         return None
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    if parts.scheme != "http" or not parts.hostname:
-        raise _transport_error(f"the proxy {proxy} ({scheme.upper()}_PROXY) is not an http:// proxy URL")
-    return parts.hostname, parts.port or 80
+    try:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or not valid_host(parts.hostname):
+        raise _transport_error(
+            f"the proxy {without_password(proxy)} ({scheme.upper()}_PROXY) is not an http:// proxy URL"
+        )
+    return parts.hostname, port or 80
 
 
-def unreachable(exc: Exception, connection: Connection) -> Exception:
+def unreachable(exc: Exception, connection: Connection, proxy: tuple[str, int] | None = None) -> Exception:
     """The error for a request that got no answer: what happened and, for the usual mistakes, what to do."""
     import ssl
 
@@ -249,6 +340,10 @@ def unreachable(exc: Exception, connection: Connection) -> Exception:
     elif isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
         text = exc.strerror
     hint = _hint(exc, connection)
+    if proxy is not None and isinstance(exc, ConnectionRefusedError | TimeoutError):  # (the proxy's, not the server's)
+        hint = f"the proxy {_netloc(*proxy)} (HTTPS_PROXY/HTTP_PROXY) refused the connection: is it running?"
+        if isinstance(exc, TimeoutError):
+            hint = f"the proxy {_netloc(*proxy)} (HTTPS_PROXY/HTTP_PROXY) gave no answer"
     where = f"cannot reach keybroker at {connection.addr}"
     return _transport_error(f"{where}: {hint} ({text})" if hint else f"{where}: {text}")
 
@@ -283,7 +378,10 @@ def _trust_hint(exc: ssl.SSLCertVerificationError, connection: Connection, host:
             "deployment's ca.pem"
         )
     if connection.ca_fingerprint:
-        return "its certificate does not chain to the pinned CA: is it a replica of the same deployment?"
+        return (
+            "its certificate does not chain to the pinned CA: is it a replica of the same deployment? (During a CA "
+            "rotation pin the old and the new CA: --ca-fingerprint OLD,NEW or KEYBROKER_CA_FINGERPRINT=OLD,NEW)"
+        )
     return f"its certificate is not trusted: {TRUST_HINT}"
 
 

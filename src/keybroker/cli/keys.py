@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from keybroker.cli import output
+from keybroker.cli import answers, output
 from keybroker.cli.common import (
     FileProblem,
     OutputOpt,
@@ -286,7 +286,7 @@ def key_list(
         if value is not None:
             params[name] = value
     with api:
-        keys = api.list_all("/kbs/v1/keys", params, fetch_all)
+        keys = api.list_all("/kbs/v1/keys", params, fetch_all, answers.KEY)
     output.emit(keys, output_format, lambda: output.table(output.KEY_COLUMNS, [output.key_row(k) for k in keys]))
 
 
@@ -306,7 +306,7 @@ def key_show(
     Example: keybroker key show "$KEY"
     """
     with api:
-        key = api.get_json(f"/kbs/v1/keys/{segment(key_id)}")
+        key = api.get_json(f"/kbs/v1/keys/{segment(key_id)}", shape=answers.KEY)
     output.emit(key, output_format, lambda: output.details(key))
 
 

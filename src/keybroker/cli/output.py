@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,15 @@ def _console(name: str) -> Console:
     return console
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` from a server's answer, safe on a terminal: line breaks and tabs become spaces, other control
+    characters (escape sequences) are shown escaped (``\\x1b``), never sent to the terminal."""
+    return _CONTROL.sub(lambda m: " " if m.group() in "\n\r\t" else m.group().encode("unicode_escape").decode(), text)
+
+
 def say(label: str, message: str = "", style: str = "red") -> None:
     """``label`` (coloured on a terminal), then ``message`` exactly as given, on stderr."""
     from rich.text import Text
@@ -63,7 +73,7 @@ def emit(value: dict[str, Any] | list[dict[str, Any]], fmt: Output, human: Calla
         emit_json(value)
     elif fmt is Output.ID:
         for item in value if isinstance(value, list) else [value]:
-            sys.stdout.write(f"{item['id']}\n")
+            sys.stdout.write(f"{printable(str(item['id']))}\n")  # (a server's text: no escape sequences)
     else:
         human()
 
@@ -88,6 +98,8 @@ def key_row(key: dict[str, Any]) -> list[str]:
 
 def short_time(value: str) -> str:
     """``2026-11-27T13:13:43.244204Z`` -> ``2026-11-27 13:13:43Z``."""
+    if not isinstance(value, str):  # (a server's answer of another shape: shown as it is)
+        return str(value)
     return value[:19].replace("T", " ") + "Z" if len(value) >= 19 else value
 
 
@@ -117,18 +129,58 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    console = _console("stdout")
+    cells = [[printable(str(cell)) for cell in row] for row in rows]  # (a server's text: never escapes)
+    shown = fitting(columns, cells, console.width)
     out = Table(show_edge=False, box=None, header_style="bold")
-    for column in columns:
-        out.add_column(column, no_wrap=column in ("ID", "POLICY", "CREATED"))
-    for row in rows:
-        out.add_row(*(Text(cell) for cell in row))  # (a label or a server's text is never read as markup)
-    _console("stdout").print(out)
+    for i in shown:
+        whole = (i == 0 or columns[i] in WHOLE) and _widest(columns, cells, i) + 2 <= console.width
+        # An id is never cut ("…"): it stays on one line, or (wider than the terminal alone) folds, every character
+        # kept; the other columns fold too rather than lose characters.
+        out.add_column(
+            columns[i],
+            no_wrap=whole or columns[i] == "CREATED",
+            overflow="fold",
+            min_width=_widest(columns, cells, i) if whole else None,
+        )
+    for row in cells:
+        out.add_row(*(Text(row[i]) for i in shown))  # (never read as markup)
+    console.print(out)
+    if len(shown) < len(columns):
+        left_out = ", ".join(column for i, column in enumerate(columns) if i not in shown)
+        say("", f"(not shown at this width: {left_out}; -o json shows every field)")
+
+
+# The columns whose values a user copies (ids, names): never cut; the first column of every table is one too.
+WHOLE = frozenset({"ID", "POLICY", "KEK", "ROLE", "NAME", "KEY", "SEQ"})
+
+
+def _widest(columns: Sequence[str], cells: Sequence[Sequence[str]], i: int) -> int:
+    return max(_width(line[i]) for line in [columns, *cells])
+
+
+def fitting(columns: Sequence[str], cells: Sequence[Sequence[str]], width: int) -> list[int]:
+    """The columns (indices, in order) a table of ``width`` cells shows: the first and the WHOLE ones at their full
+    width while they fit (the first always), then the others, at a few cells at least, while they fit."""
+    chosen: list[int] = [0] if columns else []
+    used = _widest(columns, cells, 0) + 2 if columns else 0
+    for i, column in enumerate(columns[1:], start=1):
+        if column in WHOLE and used + _widest(columns, cells, i) + 2 <= width:
+            chosen.append(i)
+            used += _widest(columns, cells, i) + 2
+    for i in range(1, len(columns)):
+        if i not in chosen:
+            least = min(_widest(columns, cells, i), max(_width(columns[i]), 8)) + 2
+            if used + least <= width:
+                chosen.append(i)
+                used += least
+    return sorted(chosen)
 
 
 def plain_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """The lines rich prints for ``table`` when nothing has to fold: every cell padded to its column's width, with
     one space on either side."""
-    lines = [list(columns), *(list(row) for row in rows)]
+    lines = [list(columns), *([printable(str(cell)) for cell in row] for row in rows)]
     widths = [max(_width(line[i]) for line in lines) for i in range(len(columns))]
     return "".join(
         "".join(f" {cell}{' ' * (width - _width(cell))} " for cell, width in zip(line, widths, strict=True)) + "\n"

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from keybroker.cli import output
+from keybroker.cli import answers, output
 from keybroker.cli.common import OutputOpt, handled, read_text, remote, segment
 from keybroker.cli.http import AdminApi
 from keybroker.cli.output import Output
@@ -26,6 +26,8 @@ def _read_policy(file: Path) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise typer.BadParameter(f"{file} is not valid JSON: {exc}", param_hint="FILE") from None
+    except RecursionError:
+        raise typer.BadParameter(f"{file} is not a policy: its JSON is nested too deeply", param_hint="FILE") from None
 
 
 def _show_policy(policy: dict[str, Any], output_format: Output) -> None:
@@ -83,7 +85,7 @@ def policy_list(
     Example: keybroker policy list --all -o json
     """
     with api:
-        policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all)
+        policies = api.list_all("/kbs/v1/key-transfer-policies", {"limit": limit}, fetch_all, answers.POLICY)
     output.emit(
         policies,
         output_format,
@@ -104,7 +106,7 @@ def policy_show(
     Example: keybroker policy show "$POLICY"
     """
     with api:
-        _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{segment(policy_id)}"), output_format)
+        _show_policy(api.get_json(f"/kbs/v1/key-transfer-policies/{segment(policy_id)}", shape=dict), output_format)
 
 
 @policy_app.command("delete")

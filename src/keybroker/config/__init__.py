@@ -164,8 +164,14 @@ class Settings(BaseSettings):
         """The effective settings for display: secrets shown as ``**********``, database passwords hidden."""
         shown = self.model_dump(mode="json")
         if self.database.url:
-            shown["database"]["url"] = make_url(self.database.url).render_as_string(hide_password=True)
+            url = make_url(self.database.url)
+            hidden = {name: "***" for name in url.query if name.lower() in _QUERY_SECRETS}  # (?password=...)
+            shown["database"]["url"] = url.update_query_dict(hidden).render_as_string(hide_password=True)
         return shown
+
+
+# Query parameters of a database URL that hold a secret (libpq reads password= there, as in the userinfo).
+_QUERY_SECRETS = frozenset({"password", "sslpassword"})
 
 
 def load_settings(

@@ -25,6 +25,23 @@ class LocalWrapperSettings(Section):
         description="the 32-byte KEK in base64, instead of master_key_file (better in the environment than the file)",
     )
 
+    @field_validator("master_key")
+    @classmethod
+    def _master_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """32 bytes in base64, as serve reads it; the message never holds the value (nor a part of it)."""
+        if value is None or not value.get_secret_value():  # (unset, or set empty: as before, for init's checks)
+            return value
+        import base64
+        import binascii
+
+        try:
+            length = len(base64.b64decode(value.get_secret_value(), validate=True))
+        except (binascii.Error, ValueError):
+            raise ValueError("master_key is not valid base64 (give the 32-byte KEK in base64)") from None
+        if length != 32:  # (AES-256: backends.local_kek.MASTER_KEY_BYTES, a layer below)
+            raise ValueError(f"master_key is {length} bytes once decoded from base64, not 32")
+        return value
+
 
 class VaultAuthSettings(Section):
     """Vault/OpenBao authentication: a token, or an AppRole login (renewed, and repeated when renewal fails)."""
@@ -192,12 +209,23 @@ class KmipBackendSettings(Section):
 
     type: Literal["kmip"] = Field(description="the backend is a KMIP server")
     host: str = Field(description="the KMIP server's host name (checked against its certificate)")
+
     port: int = Field(default=5696, ge=1, le=65535, description="the KMIP server's port")
     cert_file: Path = Field(description="client certificate (clientAuth); its CN is the KMIP owner")
     key_file: Path = Field(description="the private key (PEM) of cert_file")
     ca_file: Path = Field(description="CA that signed the KMIP server's certificate")
     timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="one KMIP request")
     connections: int = Field(default=4, ge=1, le=64, description="connection pool size")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if "@" in value or "/" in value:  # (the message does not echo it: it may hold a password)
+            raise ValueError(
+                "host is a host name or address alone: no scheme or user:pass@ (KMIP's credentials are the client "
+                "certificate, cert_file and key_file)"
+            )
+        return value
 
 
 BackendSettings = Annotated[

@@ -114,6 +114,11 @@ def check_url(value: str) -> None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(value)
+    if "@" in parts.netloc:  # (checked first: the message must not echo a password)
+        raise ValueError(
+            "must not hold a user name or password (user:pass@host): the URL is shown by 'config check', in "
+            "'backends check' and in errors; credentials go in auth, from an env or a file source"
+        )
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"must be an http(s) URL, got {value!r}")
     if parts.scheme == "http" and parts.hostname not in {"127.0.0.1", "localhost", "::1"}:

@@ -204,6 +204,7 @@ _TABLE: dict[str, Operation] = {
         errors={
             400: ("invalid_subject", "invalid_san", "invalid_days", "key_not_asymmetric"),
             404: ("key_not_found",),
+            409: ("ca_expired",),
             503: _BACKEND,
         },
     ),
@@ -293,7 +294,7 @@ _TABLE: dict[str, Operation] = {
         m.SignedCertificate,
         status=201,
         request=CsrRequest,
-        errors={400: ("invalid_csr", "invalid_days")},
+        errors={400: ("invalid_csr", "invalid_days"), 409: ("ca_expired",)},
     ),
     # --- attestation service
     "GET /appraisal/v1/nonce": Operation("A signed nonce for attest", m.NonceOut, database=False),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keybroker.api.deps import get_services, public, requires
+from keybroker.api.single_flight import SingleFlight
 from keybroker.backends.checks import check_backends
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
@@ -21,24 +22,65 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 # /readyz is public and each check is a real round trip to a KMS or an HSM: answers are reused for this long, so
-# that polling it (or anyone hammering it) costs the backends at most one round of checks per interval.
+# that polling it (or anyone hammering it) costs the backends at most one round of checks per interval. The checks
+# run one round at a time in a small executor of their own (single_flight): callers wait on the event loop, never
+# on a thread of the request pool, and a slow KMS cannot stall the API.
 READY_CACHE_SECONDS = 2.0
-_ready_lock = threading.Lock()
+# A load balancer wants an answer: after this long, the checks not finished are "check_timeout" (503).
+READY_TIMEOUT_SECONDS = 5.0
+REPORT_CACHE_SECONDS = 2.0
+_flights_lock = threading.Lock()
+
+
+class _Readiness:
+    """One round of readiness checks; ``checks`` fills as they finish (read at the deadline)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.checks: dict[str, str] = {}
+
+    def __call__(self) -> tuple[int, dict[str, object]]:
+        checks: dict[str, str] = {}
+        self.checks = checks  # (a new round: the dict of the one before stays with its answer)
+        return _readiness(self.services, checks)
+
+    def late(self) -> tuple[int, dict[str, object]]:
+        names = ["database", *(f"backend:{name}" for name in self.services.keys.backends)]
+        checks = {name: self.checks.get(name, "check_timeout") for name in names}
+        if "schema" in self.checks:
+            checks["schema"] = self.checks["schema"]
+        return 503, {"status": "unavailable", "checks": checks}
+
+
+def _flight(request: Request, name: str, make: Callable[[], SingleFlight[Any]]) -> SingleFlight[Any]:
+    """The app's SingleFlight ``name``, made on first use."""
+    with _flights_lock:
+        flight: SingleFlight[Any] | None = getattr(request.app.state, name, None)
+        if flight is None:
+            flight = make()
+            setattr(request.app.state, name, flight)
+        return flight
 
 
 @router.get("/readyz", dependencies=[public()])
-def readyz(request: Request, services: ServicesDep) -> JSONResponse:
-    with _ready_lock:
-        cached: tuple[float, int, dict[str, object]] | None = getattr(request.app.state, "ready_cache", None)
-        if cached is not None and time.monotonic() - cached[0] < READY_CACHE_SECONDS:
-            return JSONResponse(cached[2], status_code=cached[1])
-        status, body = _readiness(services)
-        request.app.state.ready_cache = (time.monotonic(), status, body)
+async def readyz(request: Request, services: ServicesDep) -> JSONResponse:
+    readiness = _flight(request, "readiness_checks", lambda: _ReadinessFlight(_Readiness(services)))
+    assert isinstance(readiness, _ReadinessFlight)  # (made just above: for mypy)
+    try:
+        status, body = await readiness.get(READY_TIMEOUT_SECONDS)
+    except TimeoutError:
+        status, body = readiness.round.late()
     return JSONResponse(body, status_code=status)
 
 
-def _readiness(services: Services) -> tuple[int, dict[str, object]]:
-    checks: dict[str, str] = {}
+class _ReadinessFlight(SingleFlight[tuple[int, dict[str, object]]]):
+    def __init__(self, round_: _Readiness) -> None:
+        super().__init__(round_, lambda: READY_CACHE_SECONDS)
+        self.round = round_
+
+
+def _readiness(services: Services, checks: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+    checks = {} if checks is None else checks
     try:
         services.database.ping()
         checks["database"] = "ok"
@@ -54,14 +96,23 @@ def _readiness(services: Services) -> tuple[int, dict[str, object]]:
         except KeybrokerError as exc:
             checks[f"backend:{name}"] = exc.instance_code
     ready = all(value == "ok" for value in checks.values())
-    return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": checks}
+    return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": dict(checks)}
 
 
 @router.get("/kbs/v1/backends", dependencies=[requires("backends:read")])
-def backends_report(services: ServicesDep) -> dict[str, Any]:
-    """Check every configured backend (and the KEK holder of each embedded one) now, from this replica: each answer
+async def backends_report(request: Request, services: ServicesDep) -> dict[str, Any]:
+    """Check every configured backend (and the KEK holder of each embedded one), from this replica: each answer
     says ok, or the error's code and its sentence. 200 even when a backend fails: the report is the answer
-    (``/readyz`` is the load balancer's view)."""
+    (``/readyz`` is the load balancer's view). One round of checks runs at a time and its report is reused for
+    2 seconds (``checked_at`` says when it was made): any number of callers cost the backends one round."""
+    flight = _flight(
+        request, "backend_reports", lambda: SingleFlight(lambda: _report(services), lambda: REPORT_CACHE_SECONDS)
+    )
+    report: dict[str, Any] = await flight.get()
+    return report
+
+
+def _report(services: Services) -> dict[str, Any]:
     report = check_backends(services.keys.backends, services.settings)
     return {
         "replica": services.replica_id,
