@@ -44,7 +44,7 @@ from keybroker.config import load_settings
 from keybroker.services import Services, build_services, initialise
 from tests.conftest import EXAMPLE_POLICY, REPO
 
-EXAMPLES = 30
+EXAMPLES = 20
 # Real collateral (tests/data/dcap/real), and a time at which all of it is valid: the PCCS reads answer it.
 BUNDLES = ("sgx-v3-phala-00a067110000", "tdx-v4-phala-b0c06f000000")
 COLLATERAL_VALID = datetime(2025, 6, 23, tzinfo=UTC)
