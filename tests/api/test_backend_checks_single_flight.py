@@ -83,3 +83,21 @@ def test_readiness_is_bounded_in_time(api: TestClient, slow: _SlowCheck, monkeyp
         time.sleep(0.05)
     assert again.status_code == 200
     assert slow.calls == 1
+
+
+def test_a_check_that_breaks_unexpectedly_is_check_failed_in_readiness_and_the_report(
+    api: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness and the report share one check (``check_store``): a backend check raising something that is not
+    keybroker's makes both say ``check_failed``, without the exception's text, instead of failing the request."""
+
+    def broken() -> None:
+        raise RuntimeError("vendor detail that must not reach a client")
+
+    monkeypatch.setattr(services.keys.backends["embedded"], "check", broken)
+    ready = api.get("/readyz")
+    assert (ready.status_code, ready.json()["checks"]["backend:embedded"]) == (503, "check_failed")
+    report = api.get("/kbs/v1/backends")
+    assert report.status_code == 200
+    assert [(b["name"], b["code"]) for b in report.json()["backends"]] == [("embedded", "check_failed")]
+    assert "vendor detail" not in ready.text + report.text

@@ -22,7 +22,7 @@ def check_backends(stores: Mapping[str, KeyStore], settings: Settings) -> list[d
     """Run ``check()`` of every store in parallel (a slow or unreachable KMS delays only its own answer) and report
     each, in the configuration's order."""
     with ThreadPoolExecutor(max_workers=max(1, len(stores)), thread_name_prefix="backend-check") as pool:
-        results = list(pool.map(_check, stores.values()))
+        results = list(pool.map(check_store, stores.values()))
     report = []
     for (name, store), (failure, seconds) in zip(stores.items(), results, strict=True):
         configured = settings.backends.get(name)
@@ -41,7 +41,7 @@ def check_backends(stores: Mapping[str, KeyStore], settings: Settings) -> list[d
     return report
 
 
-def _check(store: KeyStore) -> tuple[tuple[str, str] | None, float]:
+def check_store(store: KeyStore) -> tuple[tuple[str, str] | None, float]:
     """(None, or the error's code and detail; seconds taken). An exception that is not keybroker's is a bug of the
     backend: logged with its traceback, reported without its text (it could hold anything)."""
     started = time.monotonic()

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keybroker.api.deps import get_services, public, requires
 from keybroker.api.single_flight import SingleFlight
-from keybroker.backends.checks import check_backends
+from keybroker.backends.checks import check_backends, check_store
 from keybroker.errors import KeybrokerError
 from keybroker.services import Services
 from keybroker.storage.db import schema_head
@@ -90,11 +90,8 @@ def _readiness(services: Services, checks: dict[str, str] | None = None) -> tupl
     except KeybrokerError as exc:
         checks["database"] = exc.instance_code
     for name, store in services.keys.backends.items():
-        try:
-            store.check()
-            checks[f"backend:{name}"] = "ok"
-        except KeybrokerError as exc:
-            checks[f"backend:{name}"] = exc.instance_code
+        failure, _ = check_store(store)  # (the same check and error handling as GET /kbs/v1/backends)
+        checks[f"backend:{name}"] = "ok" if failure is None else failure[0]
     ready = all(value == "ok" for value in checks.values())
     return (200 if ready else 503), {"status": "ready" if ready else "unavailable", "checks": dict(checks)}
 
