@@ -8,6 +8,7 @@ import ipaddress
 import json as _json
 import math
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -164,12 +165,19 @@ class SetupError(Exception):
 def own_server(
     tmp: Path, env: dict[str, str] | None = None, workers: int = 1, startup_timeout: float = 30.0
 ) -> Iterator[tuple[str, str, int, str]]:
-    """``keybroker init`` a data directory in ``tmp`` and serve it over HTTPS (the service CA) with ``env`` added
-    to the environment; yields (addr, admin token, server pid, CA file); stopped (terminate, wait) on the way out."""
+    """``keybroker init`` a data directory in ``tmp`` and serve it over HTTPS (the service CA), both with ``env``
+    added to the environment; yields (addr, admin token, server pid, CA file); stopped (terminate, wait) on the way
+    out."""
     data_dir, log_path = tmp / "data", tmp / "server.log"
     command = [sys.executable, "-m", "keybroker"]
+    environment = {**os.environ, **(env or {})}
     init = subprocess.run(
-        [*command, "init", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=False
+        [*command, "init", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environment,
     )
     if init.returncode != 0:
         raise SetupError(f"keybroker init failed: {init.stderr.strip()}")
@@ -180,7 +188,7 @@ def own_server(
     serve = [*command, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", "--workers", str(workers)]
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            serve, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            serve, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment
         )
         try:
             deadline = time.monotonic() + startup_timeout
@@ -251,6 +259,7 @@ class Phase:
     seconds: float = 0.0
     server_cpu_s: float | None = None
     server_sys_s: float | None = None  # the kernel's share of server_cpu_s
+    database_cpu_s: float | None = None  # PostgreSQL's postmaster and backends (with --postgres)
     client_cpu_s: float = 0.0
     machine_busy_s: float = 0.0  # every CPU of the machine, whoever used it
     latencies_ms: list[float] = field(default_factory=list)
@@ -279,10 +288,15 @@ class Phase:
             "server_sys_s": None if self.server_sys_s is None else round(self.server_sys_s, 2),
             "server_cpu_ms_per_op": None if cpu_ms is None else round(cpu_ms, 3),
             "server_cpu_x_bare_verify": None if cpu_ms is None else round(cpu_ms * 1000 / bare_us, 2),
+            "database_cpu_ms_per_op": (
+                None if self.database_cpu_s is None or ok == 0 else round(self.database_cpu_s * 1000 / ok, 3)
+            ),
             "client_cpu_s": round(self.client_cpu_s, 2),
             "machine_busy_s": round(self.machine_busy_s, 2),
             "other_processes_cpu_s": (
-                None if cpu is None else round(max(0.0, self.machine_busy_s - cpu - self.client_cpu_s), 2)
+                None
+                if cpu is None
+                else round(max(0.0, self.machine_busy_s - cpu - (self.database_cpu_s or 0) - self.client_cpu_s), 2)
             ),
             "client_cpu_ms_per_op": round(self.client_cpu_s * 1000 / ok, 3) if ok else None,
             "released_keys_checked": self.checked,
@@ -295,9 +309,14 @@ class Load:
     """Threads, one keep-alive ``httpx.Client`` each, sharing a bounded supply of work."""
 
     def __init__(
-        self, clients: list[httpx.Client], stop: threading.Event, server_pid: int | Sequence[int] | None
+        self,
+        clients: list[httpx.Client],
+        stop: threading.Event,
+        server_pid: int | Sequence[int] | None,
+        database_pid: int | None = None,
     ) -> None:
         self.clients, self.stop, self.server_pid = clients, stop, server_pid
+        self.database_pid = database_pid  # PostgreSQL's postmaster: its CPU and its backends' is reported apart
 
     def run(
         self,
@@ -305,33 +324,51 @@ class Load:
         work: Callable[[int, int, Phase, dict[str, list[float]]], float | None],
         limit: int,
         duration: float,
+        rate: float | None = None,
     ) -> Phase:
         """``work(worker, sequence, phase, steps)`` returns the latency in ms, or None after recording an error.
-        Runs until ``limit`` operations were claimed or ``duration`` seconds passed."""
+        Runs until ``limit`` operations were claimed or ``duration`` seconds passed.
+
+        Closed loop (``rate`` None): each worker starts its next operation when its last one ends. Open loop:
+        operations arrive at ``rate`` per second on average, as a Poisson process (exponential gaps, a fixed
+        seed), whether or not earlier ones are done; a worker takes the next arrival, waits for its time if it is
+        early, and its latency counts from the arrival, so time spent queued behind a busy server (all workers
+        busy) is in it, as a client that arrived then would see it."""
         lock = threading.Lock()
         issued = 0
-        deadline = time.perf_counter() + duration
+        started_at = time.perf_counter()
+        deadline = started_at + duration
+        arrivals = random.Random(1234)
+        next_due = started_at
 
-        def claim() -> int | None:
-            nonlocal issued
+        def claim() -> tuple[int, float] | None:
+            nonlocal issued, next_due
             with lock:
-                if issued >= limit or self.stop.is_set() or time.perf_counter() >= deadline:
+                due = next_due if rate else time.perf_counter()
+                if issued >= limit or self.stop.is_set() or due >= deadline or time.perf_counter() >= deadline:
                     return None
+                if rate:
+                    next_due += arrivals.expovariate(rate)
                 issued += 1
-                return issued - 1
+                return issued - 1, due
 
         def worker(index: int) -> None:
             latencies: list[float] = []
             steps: dict[str, list[float]] = {}
             local = Phase(phase.name, phase.unit)
-            while (sequence := claim()) is not None:
+            while (claimed := claim()) is not None:
+                sequence, due = claimed
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                queued_ms = max(0.0, time.perf_counter() - due) * 1000 if rate else 0.0
                 try:
                     elapsed = work(index, sequence, local, steps)
                 except (httpx.HTTPError, OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
                     local.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 if elapsed is not None:
-                    latencies.append(elapsed)
+                    latencies.append(elapsed + queued_ms)
             with lock:
                 phase.latencies_ms += latencies
                 phase.errors += local.errors
@@ -340,6 +377,7 @@ class Load:
                     phase.steps_ms.setdefault(name, []).extend(values)
 
         user, system = cpu_times(self.server_pid) if self.server_pid else (0.0, 0.0)
+        database_before = sum(cpu_times(self.database_pid)) if self.database_pid else 0.0
         client_cpu, busy, started = time.process_time(), machine_busy_seconds(), time.perf_counter()
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(self.clients))]
         for thread in threads:
@@ -352,4 +390,6 @@ class Load:
             user_after, system_after = cpu_times(self.server_pid)
             phase.server_cpu_s = user_after - user + system_after - system
             phase.server_sys_s = system_after - system
+        if self.database_pid:
+            phase.database_cpu_s = sum(cpu_times(self.database_pid)) - database_before
         return phase

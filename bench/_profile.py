@@ -122,36 +122,59 @@ def service_profile(
     data_dir: Path, sim: Simulator, key_id: str, secret: bytes, keys: list[WorkloadKey], count: int, top: int
 ) -> dict[str, Any]:
     """Where the service layer's CPU goes, in this process, one thread, no HTTP, on the benchmark server's data
-    directory (the server is idle by now; SQLite WAL allows a second process).
-
-    ``count`` calls each of ``TransferService.nonce`` and ``TransferService.transfer``, then of the parts a transfer
-    consists of, each timed alone with CPU time (so no profiler overhead is in these numbers); then ``count``
-    transfers under cProfile for a ranking of functions by own time (shares of the profiled time: the profiler
-    inflates Python-heavy code against C calls such as dcap-qvl)."""
-    import cProfile
-    import pstats
-
-    from keybroker.attestation.nonce import parse_nonce
-    from keybroker.audit.log import AuditContext, AuditEvent
+    directory (the server is idle by now; SQLite WAL allows a second process): ``service_parts``."""
     from keybroker.config import load_settings
-    from keybroker.crypto.transfer import workload_public_key, wrap_for_workload
     from keybroker.services import build_services
 
     settings = load_settings(
         data_dir=data_dir, overrides={"attestation": {"simulated_root": str(sim.directory / "root-ca.pem")}}
     )
     services = build_services(settings)
+    try:
+        return service_parts(services, sim, key_id, secret, keys, count, top)
+    finally:
+        services.close()
+
+
+def service_parts(
+    services: Any, sim: Simulator, key_id: str, secret: bytes, keys: list[WorkloadKey], count: int, top: int
+) -> dict[str, Any]:
+    """``count`` calls each of ``TransferService.nonce`` and of a whole transfer below the edge (``lookup``,
+    ``parse_transfer``, ``TransferService.transfer``), then of the parts a transfer consists of, each timed alone
+    with CPU time (so no profiler overhead is in these numbers); then ``count`` transfers under cProfile for a
+    ranking of functions by own time (shares of the profiled time: the profiler inflates Python-heavy code against
+    C calls such as dcap-qvl)."""
+    import cProfile
+    import json
+    import pstats
+
+    from keybroker.api.deps import _reject_duplicate_members
+    from keybroker.audit.log import AuditContext, AuditEvent
+    from keybroker.crypto.transfer import wrap_for_workload
+    from keybroker.policy.engine import RequestContext, evaluate
+    from keybroker.storage import revision
+    from keybroker.transfer.requests import parse_transfer
+
     audit = AuditContext(request_id="bench-transfer", client="127.0.0.1")
     transfer, attestation = services.transfer, services.attestation
 
-    def bodies(n: int) -> list[tuple[dict[str, Any], WorkloadKey]]:
+    def bodies(n: int) -> list[tuple[bytes, WorkloadKey]]:
         out = []
         for i in range(n):
             key = keys[i % len(keys)]
             nonce = transfer.nonce(key_id)[0].as_json()
             quote = build_quote(sim.platform, report_data(nonce, key.spki), sgx=MEASUREMENTS)
-            out.append(({"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": key.spki_b64}, key))
+            body = {"quote": base64.b64encode(quote).decode(), "nonce": nonce, "user_data": key.spki_b64}
+            out.append((json.dumps(body).encode(), key))
         return out
+
+    def whole(raw: bytes) -> Any:
+        outcome = transfer.transfer(
+            transfer.lookup(key_id), parse_transfer("SGX", _reject_duplicate_members(raw)), None, audit
+        )
+        if outcome.refusal is not None:
+            raise RuntimeError(f"the transfer was refused: {outcome.refusal.instance_code}")
+        return outcome.wrapped
 
     def cpu_us(calls: list[Callable[[], object]]) -> float:
         started = time.process_time()
@@ -159,48 +182,62 @@ def service_profile(
             call()
         return round((time.process_time() - started) * 1e6 / len(calls), 1)
 
-    try:
-        for body, _ in bodies(10):  # warm-up: caches, connection pool, first collateral load
-            transfer.transfer(key_id, "SGX", body, None, audit)
-        nonce_us = cpu_us([lambda: transfer.nonce(key_id)] * count)
-        work = bodies(count)
-        transfer_us = cpu_us([partial(transfer.transfer, key_id, "SGX", b, None, audit) for b, _ in work])
-        body, key = bodies(1)[0]
-        last = transfer.transfer(key_id, "SGX", body, None, audit).as_json()
-        released = unwrap(base64.b64decode(last["wrapped_key"]), base64.b64decode(last["wrapped_swk"]), key.private)
+    for raw, _ in bodies(10):  # warm-up: caches, connections, first collateral load
+        whole(raw)
+    nonce_us = cpu_us([lambda: transfer.nonce(key_id)] * count)
+    work = bodies(count)
+    transfer_us = cpu_us([partial(whole, raw) for raw, _ in work])
+    raw, key = bodies(1)[0]
+    last = whole(raw).as_json()
+    released = unwrap(base64.b64decode(last["wrapped_key"]), base64.b64decode(last["wrapped_swk"]), key.private)
 
-        record = services.keys.get(key_id)
-        material = services.keys.load_material(record)
-        work = bodies(count)
-        quotes = [base64.b64decode(b["quote"]) for b, _ in work]
-        nonces = [parse_nonce(b["nonce"]) for b, _ in work]
-        event = AuditEvent("key.transfer", "allowed", key_id, {"bench": True})
-        now = attestation.clock.now()
-        parts: list[tuple[str, list[Callable[[], object]]]] = [
-            ("QuoteVerifier.verify", [partial(attestation.verifier.verify, q, now) for q in quotes]),
-            ("NonceService.consume (DB write)", [partial(attestation.nonces.consume, n, "transfer") for n in nonces]),
-            ("AuditLog.record (DB write)", [lambda: services.audit.record(audit, event)] * count),
-            ("KeyService.get (DB read)", [lambda: services.keys.get(key_id)] * count),
-            ("PolicyStore.get (DB read)", [lambda: services.policies.get(record.transfer_policy_id)] * count),
-            ("KeyService.load_material (DB read, unseal)", [lambda: services.keys.load_material(record)] * count),
-            (
-                "workload_public_key + wrap_for_workload",
-                [lambda: wrap_for_workload(material.secret, workload_public_key(keys[0].spki))] * count,
-            ),
-        ]
-        timed = [{"part": name, "us": cpu_us(calls)} for name, calls in parts]
+    looked_up = transfer.lookup(key_id)
+    record, document = looked_up
+    material = services.keys.load_material(record)
+    work = bodies(count)
+    parsed = [parse_transfer("SGX", _reject_duplicate_members(raw)) for raw, _ in work]
+    event = AuditEvent("key.transfer", "allowed", key_id, {"bench": True})
+    now = attestation.clock.now()
+    verifier = transfer.verifier
+    claims, _ = verifier.background(parsed[0].quote, parsed[0].nonce, parsed[0].user_data, [])
+    context = RequestContext(frozenset(), False, frozenset())
+    parts: list[tuple[str, list[Callable[[], object]]]] = [
+        (
+            "JSON body + parse_transfer",
+            [partial(lambda r: parse_transfer("SGX", _reject_duplicate_members(r)), r) for r, _ in work],
+        ),
+        ("nonce check (HMAC, expiry)", [partial(verifier.check_nonce, p.nonce) for p in parsed]),
+        ("QuoteVerifier.verify", [partial(attestation.verifier.verify, p.quote, now) for p in parsed]),
+        (
+            "verify + binding + claims",
+            [partial(verifier.background, p.quote, p.nonce, p.user_data, []) for p in parsed],
+        ),
+        ("policy evaluate", [partial(evaluate, document, claims, context, True)] * count),
+        ("revision read (driver)", [partial(revision.read, services.database)] * count),
+        (
+            "nonce use + audit entry (one write)",
+            [
+                partial(services.audit.append_transfer, audit, event, verifier.nonce_use(p.nonce, "bench"))
+                for p in parsed
+            ],
+        ),
+        ("KeyService.load_material (read, unseal)", [partial(services.keys.load_material, record)] * count),
+        (
+            "wrap_for_workload (RSA-OAEP, AES-GCM)",
+            [partial(wrap_for_workload, material.secret, parsed[0].public_key)] * count,
+        ),
+    ]
+    timed = [{"part": name, "us": cpu_us(calls)} for name, calls in parts]
 
-        work = bodies(count)
-        profile = cProfile.Profile()
-        profile.enable()
-        for body, _ in work:
-            transfer.transfer(key_id, "SGX", body, None, audit)
-        profile.disable()
-    finally:
-        services.close()
+    work = bodies(count)
+    profile = cProfile.Profile()
+    profile.enable()
+    for raw, _ in work:
+        whole(raw)
+    profile.disable()
     stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # undocumented
     profiled = sum(v[2] for v in stats.values())
-    db = sum(v[2] for k, v in stats.items() if "sqlalchemy" in k[0] or "sqlite3" in k[2])
+    db = sum(v[2] for k, v in stats.items() if "sqlalchemy" in k[0] or "sqlite3" in k[2] or "psycopg" in k[0])
     ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
     return {
         "transfers": count,

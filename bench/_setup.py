@@ -4,9 +4,12 @@ workload key pairs, and REPORTDATA."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -131,3 +134,24 @@ def bare_verify_loop(sim: Simulator, duration: float, max_calls: int) -> Loop:
         duration,
         max_calls,
     )
+
+
+@contextlib.contextmanager
+def local_postgres(tmp: Path) -> Iterator[tuple[dict[str, str], int]]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (started as the postgres user when root, with durable commits:
+    fsync on), a database for keybroker; yields the server's environment for it and the postmaster's pid."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's PostgreSQL helper
+    from tests.peers.postgres import Postgres
+
+    server = Postgres(tmp / "postgres", durable=True).init()
+    try:
+        pid = int((server.data / "postmaster.pid").read_text().split()[0])
+        env = {
+            "KEYBROKER_BACKENDS__EMBEDDED__WRAPPER__MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "KEYBROKER_DATABASE__URL": server.url_for(server.database),
+            "KEYBROKER_DATABASE__PASSWORD__ENV": "KEYBROKER_BENCH_PG_PASSWORD",
+            "KEYBROKER_BENCH_PG_PASSWORD": server.password,
+        }
+        yield env, pid
+    finally:
+        server.remove()

@@ -71,8 +71,8 @@ from typing import Any
 import httpx
 
 from _common import LeanClient, Load, Loop, Phase, SetupError, is_loopback, own_server, timed_loop
-from _common import table as render_table
 from _profile import Profiler, service_profile, top_functions
+from _report import OPEN_LOOP, report_text, targets
 from _setup import (
     MEASUREMENTS,
     Simulator,
@@ -80,6 +80,7 @@ from _setup import (
     bare_verify_loop,
     create_key,
     import_collateral,
+    local_postgres,
     make_simulator,
     report_data,
     workload_keys,
@@ -92,7 +93,7 @@ MAX_PREBUILT = 60_000  # at most this many nonces fetched and quotes prebuilt fo
 NONCE_TTL_S = 300.0
 TRANSFER_HEADERS = {"Attestation-Type": "SGX"}
 JSON_HEADERS = {"Attestation-Type": "SGX", "Content-Type": "application/json"}
-TARGET_RATE, TARGET_P99_MS, TARGET_CONCURRENCY, TARGET_CPU_RATIO = 300.0, 100.0, 32, 2.0
+UNLIMITED = {"KEYBROKER_LIMITS__UNAUTHENTICATED_RPS": "1000000", "KEYBROKER_LIMITS__UNAUTHENTICATED_BURST": "10000000"}
 
 
 # --- benchmark --------------------------------------------------------------------------------------------------
@@ -152,6 +153,14 @@ class Bench:
             return None
         return (done - started) * 1000
 
+    def healthz(self, worker: int, sequence: int, phase: Phase, steps: dict[str, list[float]]) -> float | None:
+        started = time.perf_counter()
+        response = self.load.clients[worker].get("/healthz")
+        if response.status_code != 200:
+            phase.errors.append(f"healthz: HTTP {response.status_code}: {response.text[:200]}")
+            return None
+        return (time.perf_counter() - started) * 1000
+
     def run(self, profiler: Profiler) -> tuple[list[Phase], dict[str, Any]]:
         args, limit = self.args, self.args.requests or SAFETY_MAX_REQUESTS
         phases: list[Phase] = []
@@ -163,6 +172,23 @@ class Bench:
             warm.name = "warm-up (failed)"
             return [warm], extra
 
+        if args.healthz:
+            print(f"measuring GET /healthz for {args.duration} s ...", file=sys.stderr, flush=True)
+            with profiler.record("healthz", args.duration):
+                probes = self.load.run(Phase("GET /healthz", "request"), self.healthz, limit, args.duration)
+            probes.note = "a load balancer's liveness probe, back to back"
+            phases.append(probes)
+        if args.rate:
+            print(f"measuring complete transfers arriving at {args.rate:g}/s for {args.duration} s ...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            with profiler.record("open", args.duration):
+                phase = self.load.run(Phase(OPEN_LOOP, "transfer"), self.complete, limit, args.duration, args.rate)
+            phase.note = (
+                f"open loop: Poisson arrivals at {args.rate:g}/s on {len(self.load.clients)} connections; "
+                "latency from the arrival, queueing included"
+            )
+            phases.append(phase)
+            return phases, extra
         print(f"measuring complete transfers for {args.duration} s ...", file=sys.stderr, flush=True)
         with profiler.record("complete", args.duration):
             phase = self.load.run(Phase("complete", "transfer"), self.complete, limit, args.duration)
@@ -230,107 +256,6 @@ class Bench:
         return phases, extra
 
 
-# --- reporting ----------------------------------------------------------------------------------------------------
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    columns = (
-        ("phase", "phase"), ("count", "count"), ("errors", "errors"), ("per_second", "per s"),
-        ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("server_cpu_ms_per_op", "srv CPU ms/op"),
-        ("server_cpu_x_bare_verify", "x bare verify"), ("server_cpu_s", "srv CPU s"),
-        ("client_cpu_ms_per_op", "cli CPU ms/op"), ("client_cpu_s", "cli CPU s"),
-    )  # fmt: skip
-    return render_table(rows, columns)
-
-
-def targets(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
-    """Issue #6's targets, judged on the complete-transfer phase."""
-    complete = next((row for row in rows if row["phase"] == "complete"), None)
-    if complete is None:
-        return []
-    ratio = complete["server_cpu_x_bare_verify"]
-    p99 = complete["p99_ms"]
-    return [
-        {
-            "target": f"complete transfers/s >= {TARGET_RATE:.0f}",
-            "measured": complete["per_second"],
-            "met": complete["per_second"] >= TARGET_RATE,
-        },
-        {
-            "target": f"p99 <= {TARGET_P99_MS:.0f} ms at {TARGET_CONCURRENCY} workloads",
-            "measured": p99,
-            "met": None if concurrency != TARGET_CONCURRENCY or p99 is None else p99 <= TARGET_P99_MS,
-        },
-        {
-            "target": f"server CPU per transfer <= {TARGET_CPU_RATIO:.0f}x one bare verify",
-            "measured": ratio,
-            "met": None if ratio is None else ratio <= TARGET_CPU_RATIO,
-        },
-    ]
-
-
-def report_text(document: dict[str, Any]) -> str:
-    lines = [table(document["results"]), ""]
-    for name in ("bare_verify", "quote_build"):
-        loop = document[name]
-        lines.append(f"{loop['name']:<32} {loop['us_per_call']:>9.1f} µs/call  {loop['per_second']:>9.1f}/s (1 thread)")
-    if "prebuild" in document:
-        loop = document["prebuild"]
-        lines.append(f"{loop['name']:<32} {loop['us_per_call']:>9.1f} µs/call  {loop['per_second']:>9.1f}/s (1 thread)")
-    for row in document["results"]:
-        if row["steps_p50_ms"]:
-            steps = ", ".join(f"{name} {value} ms" for name, value in row["steps_p50_ms"].items())
-            lines.append(f"{row['phase']}: p50 per step: {steps}")
-        if row["server_sys_s"] is not None and row["server_cpu_s"]:
-            share = 100 * row["server_sys_s"] / row["server_cpu_s"]
-            lines.append(
-                f"{row['phase']}: server CPU {share:.0f}% in the kernel (stime); machine busy "
-                f"{row['machine_busy_s']:.1f} CPU-s of {row['seconds'] * (os.cpu_count() or 1):.1f}, other processes "
-                f"{row['other_processes_cpu_s']:.1f} CPU-s"
-                + (" (OTHER LOAD: perturbed)" if row["other_processes_cpu_s"] > 0.1 * row["seconds"] else "")
-            )
-        if row["note"]:
-            lines.append(f"{row['phase']}: {row['note']}")
-    lines.append("")
-    for target in document["targets"]:
-        verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
-        lines.append(f"target {target['target']:<48} measured {target['measured']}: {verdict}")
-    lines.append(
-        f"{document['cpus']} CPUs, concurrency {document['concurrency']}, client and server on the same machine"
-    )
-    if document.get("profiles"):
-        lines.append("py-spy was attached during the load phases: the rates, latencies and server CPU above include")
-        lines.append("its perturbation (it stops the server at each sample); take them from a run without --profile.")
-    for phase, top in document.get("profiles", {}).items():
-        lines.append("")
-        lines.append(f"py-spy, server, phase {phase}: {top['samples']} thread samples ({top['file']})")
-        lines.append("  waiting (% of all samples, excluded below):")
-        lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in top["waiting"]]
-        for kind, title in (("own", "own samples"), ("inclusive", "inclusive samples, keybroker functions")):
-            lines.append(f"  top by {title} (% of the other samples):")
-            lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in top[kind]]
-    service = document.get("service_profile")
-    if service:
-        lines.append("")
-        lines.append(
-            f"in-process service layer, 1 thread, no HTTP, CPU time per call ({service['transfers']} calls each):"
-        )
-        lines.append(f"  TransferService.nonce    {service['nonce_us']:>8.0f} µs CPU per call")
-        lines.append(
-            f"  TransferService.transfer {service['transfer_us']:>8.0f} µs CPU per call; its parts, each alone:"
-        )
-        lines += [f"    {item['us']:>8.0f} µs  {item['part']}" for item in service["parts"]]
-        if service.get("http_overhead_us") is not None:
-            lines.append(
-                f"  server CPU per complete transfer - (nonce + transfer) above: {service['http_overhead_us']:.0f} µs"
-                " (HTTP, TLS, ASGI, middleware, thread pool, GIL hand-offs)"
-            )
-        db_share = service["profiled_db_percent"]
-        lines.append(f"  cProfile of transfer, top own time (% of profiled; SQLAlchemy + sqlite3 own: {db_share}%):")
-        lines += [f"    {item['percent']:5.1f}%  {item['function']}" for item in service["top"]]
-    return "\n".join(lines)
-
-
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -364,6 +289,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-every", type=int, default=50, help="unwrap and compare every Nth key (default 50)")
     parser.add_argument("--verify-seconds", type=float, default=3.0, help="bare verify loop length (default 3)")
     parser.add_argument("--skip-prebuilt", action="store_true", help="skip the nonce/transfer-step-only phases")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="open loop instead of the closed-loop phases: complete transfers arriving at this many per second "
+        "(Poisson) for --duration, latency from each arrival",
+    )
+    parser.add_argument("--healthz", action="store_true", help="also GET /healthz back to back (server CPU per probe)")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="own server on a local PostgreSQL started for the run (its CPU reported beside keybroker's)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
     parser.add_argument("--profile", type=Path, help="py-spy the server during each load phase into this directory")
     parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
@@ -414,17 +351,19 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="keybroker-bench-transfer-")))
             print("creating the simulated TEE ...", file=sys.stderr, flush=True)
             sim = make_simulator(tmp, args.sim_dir)
+            database_pid = None
             if args.addr:
                 addr, token, pid = args.addr.rstrip("/"), args.token, args.server_pid
             else:
+                env = {"KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(sim.directory / "root-ca.pem")}
+                if args.healthz:
+                    env.update(UNLIMITED)  # every probe comes from 127.0.0.1: the unauthenticated limit would refuse
+                if args.postgres:
+                    print("starting PostgreSQL ...", file=sys.stderr, flush=True)
+                    env_pg, database_pid = stack.enter_context(local_postgres(tmp))
+                    env.update(env_pg)
                 print("starting a keybroker server ...", file=sys.stderr, flush=True)
-                addr, token, pid, args.cacert = stack.enter_context(
-                    own_server(
-                        tmp,
-                        {"KEYBROKER_ATTESTATION__SIMULATED_ROOT": str(sim.directory / "root-ca.pem")},
-                        workers=args.workers,
-                    )
-                )
+                addr, token, pid, args.cacert = stack.enter_context(own_server(tmp, env, workers=args.workers))
             verify: Any = ssl.create_default_context(cafile=args.cacert) if args.cacert else True
             timeout = httpx.Timeout(args.timeout, connect=10.0)
             bearer = {"Authorization": f"Bearer {token}"}
@@ -461,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
             first = pid[0] if isinstance(pid, list) else pid  # py-spy follows the first process
             profiler = Profiler(args.py_spy, args.profile, first, args.profile_gil)
-            bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid))
+            bench = Bench(args, sim, key_id, secret, keys, Load(clients, stop, pid, database_pid))
             phases, extra = bench.run(profiler)
             if args.profile_service and not stop.is_set():
                 print(f"profiling {args.profile_service} in-process transfers ...", file=sys.stderr, flush=True)
@@ -498,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         **extra,
         "results": rows,
         "errors": sum(row["errors"] for row in rows),
-        "targets": targets(rows, args.concurrency),
+        "targets": targets(rows, args.concurrency, args.rate),
+        "database": "postgresql" if args.postgres else ("sqlite" if not args.addr else "external"),
     }
     service = document.get("service_profile")
     if service is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -19,6 +20,7 @@ def parse_address(value: str) -> IPAddress | None:
     return parsed
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called for every request with one of few peers
 def normalise(value: str | None) -> str | None:
     """A peer address as keybroker records it (IPv4-mapped IPv6 as IPv4); anything else unchanged."""
     if value is None:
@@ -27,6 +29,7 @@ def normalise(value: str | None) -> str | None:
     return str(parsed) if parsed is not None else value
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called for every request with one of few peers
 def client_key(value: str | None) -> str:
     """What limits and aggregates count by: an IPv4 address, or an IPv6 /64 (one host holds a whole /64, so
     counting per /128 would give it 2^64 budgets)."""

@@ -31,7 +31,8 @@ def _bin(name: str) -> str:
 
 
 class Postgres:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, durable: bool = False) -> None:
+        self._durable = durable  # fsync on (a benchmark); the tests run without it
         self._as_root = os.geteuid() == 0
         if self._as_root:
             # The postgres user must reach its files: not under pytest's (root-only, 0700) temporary directories.
@@ -87,7 +88,9 @@ class Postgres:
         return self
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
+        if not self._durable:
+            options += " -c fsync=off"
         result = self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self._log), "-o", options, "-w", "start",
                            check=False)  # fmt: skip
         if result.returncode != 0:

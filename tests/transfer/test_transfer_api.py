@@ -357,18 +357,14 @@ def test_audit_failure_releases_nothing(world: World, monkeypatch: pytest.Monkey
     from keybroker.errors import BackendUnavailable
 
     key_id = world.key(world.policy())
-    original = world.services.audit.append
+    original = world.services.audit.append_transfer
 
-    def failing(session: Any, context: Any, event: Any) -> int:
+    def failing(context: Any, event: Any, use: Any) -> int | None:  # the decision's one write (both databases)
         if event.action == "key.transfer" and event.outcome == "allowed":
             raise BackendUnavailable("audit down", code="audit_unavailable")
-        return original(session, context, event)
+        return original(context, event, use)
 
-    def failing_guarded(context: Any, event: Any, guard: Any) -> int | None:  # PostgreSQL's one-statement path
-        raise BackendUnavailable("audit down", code="audit_unavailable")
-
-    monkeypatch.setattr(world.services.audit, "append", failing)
-    monkeypatch.setattr(world.services.audit, "append_guarded", failing_guarded)
+    monkeypatch.setattr(world.services.audit, "append_transfer", failing)
     nonce = world.api.post(f"/kbs/v1/keys/{key_id}/transfer", json={}).json()
     response = request_transfer(world, key_id, world.evidence("sgx"), nonce=nonce)
     assert_problem(response, 503, "audit_unavailable")

@@ -25,11 +25,13 @@ from keybroker.api.errors import (
     keybroker_error_handler,
     validation_error_handler,
 )
+from keybroker.api.hot import HotRoutes
 from keybroker.api.limits import ClientAddresses, RateClasses
 from keybroker.api.metrics import Metrics
 from keybroker.api.middleware import RequestContextMiddleware
 from keybroker.api.openapi import DocumentedAPI
 from keybroker.api.routes import admin, attestation, cms, collateral, keys, meta, ops, policies, transfer
+from keybroker.api.routes.transfer import TransferPool
 from keybroker.audit.aggregate import AnonymousRefusals
 from keybroker.errors import KeybrokerError, Unauthenticated
 from keybroker.services import Services
@@ -98,12 +100,14 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         costly = CostlyPool(settings.server.keygen_workers, settings.server.costly_queue)
         app.state.costly = costly
+        app.state.transfer_pool = TransferPool(settings.server.transfer_threads)
         jobs = background.start(services, refusals, role)
         try:
             yield
         finally:
             await background.stop(jobs, refusals)
             costly.shutdown()
+            app.state.transfer_pool.shutdown()
             if owns_services:
                 services.close()
 
@@ -116,6 +120,9 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
         docs_url=None,
         redoc_url=None,
         redirect_slashes=False,  # a redirect would be built from the request's Host header
+        # FastAPI's OpenTelemetry hooks ask the environment for a provider on every request; keybroker exports
+        # Prometheus metrics (/metrics) and logs of its own.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.services = services
     app.state.metrics = Metrics()
@@ -129,6 +136,7 @@ def create_app(services: Services, role: str = "all", owns_services: bool = Fals
     app.add_exception_handler(KeybrokerError, keybroker_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_middleware(HotRoutes, transfers=transfer.router in ROLES[role])  # inside RequestContextMiddleware
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.server.max_body_bytes,

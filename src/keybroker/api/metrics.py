@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 
@@ -14,6 +16,7 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.latency = Histogram(
             "keybroker_http_request_duration_seconds",
             "HTTP request latency",
@@ -33,3 +36,15 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def request_done(self, method: str, route: str, status: int, elapsed: float) -> None:
+        """Count a finished request and its latency (the labelled children remembered: ``labels`` costs more than
+        the increment itself)."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            if len(self._children) < 10_000:  # routes are templates and statuses few; bounded all the same
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)

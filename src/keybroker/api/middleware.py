@@ -32,6 +32,7 @@ from keybroker.api.errors import PROBLEM_CONTENT_TYPE, problem_body
 from keybroker.api.limits import DEFERRED, UNAUTHENTICATED, ClientAddresses, RateClasses, retry_after
 from keybroker.api.metrics import Metrics
 from keybroker.audit.aggregate import AnonymousRefusals
+from keybroker.logs import log_request
 from keybroker.net import client_key
 
 _DISCONNECTED = b"\0disconnected"  # sentinel (compared by identity)
@@ -152,20 +153,20 @@ class RequestContextMiddleware:
         # The route template, not the path: ids must not explode the metrics' label space.
         route = getattr(scope.get("route"), "path", None) or scope["state"].get("template") or "unmatched"
         method = scope["method"]
-        self.metrics.requests.labels(method, route, str(status)).inc()
-        self.metrics.latency.labels(method, route).observe(elapsed)
+        self.metrics.request_done(method, route, status, elapsed)
         operation = _KEY_OPERATIONS.get((method, route))
         if operation:
             outcome = "success" if 200 <= status < 300 else f"http_{status}"
             self.metrics.key_operations.labels(operation, outcome).inc()
-        log.info(
-            "request",
-            method=method,
-            path=scope["path"],
-            status=status,
-            duration_ms=round(elapsed * 1000, 2),
-            request_id=request_id,
-            client=(scope.get("client") or ("-",))[0],
+        log_request(
+            {
+                "method": method,
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+                "request_id": request_id,
+                "client": (scope.get("client") or ("-",))[0],
+            }
         )
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:

@@ -25,8 +25,9 @@ def canonical(entry: Mapping[str, Any]) -> bytes:
 
 def canonical_around_seq(entry: Mapping[str, Any]) -> tuple[str, str]:
     """``(before, after)`` with ``canonical(entry with seq = n) == before + str(n) + after`` for every n: the
-    canonical form built around a sequence number the database assigns (``AuditLog.append_guarded``). Compact
-    key-sorted JSON is the sorted ``"key":value`` pairs joined by commas, and "seq" sorts among the others."""
+    canonical form built around a sequence number the database assigns (``AuditLog.append_transfer`` on
+    PostgreSQL). Compact key-sorted JSON is the sorted ``"key":value`` pairs joined by commas, and "seq" sorts among
+    the others."""
 
     def pair(name: str) -> str:
         value = json.dumps(entry.get(name), sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -7,22 +7,23 @@ first increments the head row, which takes the database's write lock before anyt
 
 from __future__ import annotations
 
-import functools
+import json
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, TextClause, bindparam, select, text
+from sqlalchemy import JSON, bindparam, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from keybroker.attestation.nonce import NonceUse
 from keybroker.audit.chain import canonical, canonical_around_seq, entry_hash
 from keybroker.clock import Clock
 from keybroker.errors import BackendUnavailable
 from keybroker.storage.db import Database, UTCDateTime
-from keybroker.storage.guard import Guard
+from keybroker.storage.direct import Cursor, Statement
 from keybroker.storage.tables import AuditEventRow, AuditHeadRow
 
 
@@ -68,11 +69,35 @@ SELECT seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :deta
 RETURNING seq, hash"""
 
 
-@functools.lru_cache(maxsize=8)  # one statement per guard shape (a nonce of one or two purposes)
-def _guarded(guard_sql: str) -> TextClause:
-    return text(_GUARDED.format(guard=guard_sql)).bindparams(
-        bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON())
+# The transfer's write on the driver itself (storage.direct): the nonce's use and the entry, one transaction.
+def _nonce_rows(purposes: int) -> str:
+    values = ", ".join(f"(:digest, :purpose_{i}, :expires)" for i in range(purposes))
+    return f"INSERT INTO used_nonces (digest, purpose, expires_at) VALUES {values}"  # noqa: S608 - only bind names are formatted in
+
+
+_USE_NONCE = {n: Statement(_nonce_rows(n)) for n in (1, 2)}
+_DIRECT_BUMP_HEAD = Statement("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+_DIRECT_INSERT_EVENT = Statement(
+    "INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)"
+    " VALUES (:seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, :prev_hash, :hash)"
+)
+_DIRECT_SET_HEAD_HASH = Statement("UPDATE audit_head SET hash = :hash, prev_hash = :prev_hash WHERE id = 1")
+# PostgreSQL: the parameters in the SELECT list are typed for the server (psycopg sends strings untyped).
+_DIRECT_GUARDED = {
+    n: Statement(
+        _GUARDED.format(guard=_nonce_rows(n) + " RETURNING 1")
+        .replace(":details", "CAST(:details AS json)")
+        .replace(":before", "CAST(:before AS text)")
+        .replace(":after", "CAST(:after AS text)")
+        .replace(":expected", "CAST(:expected AS bigint)")
     )
+    for n in (1, 2)
+}
+
+
+def _sqlite_time(at: datetime) -> str:
+    """As SQLAlchemy's SQLite ``DateTime`` stores it (UTC, no zone): what ``UTCDateTime`` reads back."""
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def format_time(at: datetime) -> str:
@@ -133,11 +158,10 @@ class AuditLog:
             session.execute(_SET_HEAD_HASH, {"hash": digest, "prev_hash": prev_hash})
             return seq
 
-    def append_guarded(self, context: AuditContext, event: AuditEvent, guard: Guard) -> int | None:
-        """PostgreSQL: ``guard`` and the entry in one statement, one round trip, atomic by itself. Returns the
-        entry's seq, or None when the guard came short (nothing audited; what the guard wrote stays: a nonce used
-        up by a request that is refused). The database computes the chain hash from the same canonical form as
-        ``append`` (checked here for every entry before it is sent, and by ``audit verify`` afterwards)."""
+    def append_transfer(self, context: AuditContext, event: AuditEvent, use: NonceUse) -> int | None:
+        """The nonce's ``use`` and ``event`` as one transaction on the driver (the transfer's one write): the
+        entry's seq, or None when the nonce was used already (nothing written). Raises ``BackendUnavailable``
+        (``audit_unavailable``) if it cannot be written: the transfer then releases nothing."""
         now = self._clock.now()
         entry: dict[str, Any] = {
             "at": format_time(now),
@@ -149,12 +173,35 @@ class AuditLog:
             "client": context.client,
             "details": dict(event.details),
         }
-        before, after = canonical_around_seq(entry)
-        if canonical({**entry, "seq": 0}) != f"{before}0{after}".encode():  # never seen; fail closed if it is
-            raise BackendUnavailable("the audit entry cannot be encoded", code="audit_unavailable")
-        params = {**guard.params, **entry, "at": now, "before": before, "after": after, "expected": guard.expected}
-        rows = self._db.write_one(_guarded(guard.sql), params)
-        return int(rows[0].seq) if rows else None
+        nonce: dict[str, Any] = {f"purpose_{i}": purpose for i, purpose in enumerate(use.purposes)}
+        nonce["digest"] = use.digest
+        details = json.dumps(entry["details"])
+        if not self._db.is_sqlite:
+            before, after = canonical_around_seq(entry)
+            if canonical({**entry, "seq": 0}) != f"{before}0{after}".encode():  # never seen; fail closed if it is
+                raise BackendUnavailable("the audit entry cannot be encoded", code="audit_unavailable")
+            params = {**entry, **nonce, "at": now, "expires": use.expires_at, "details": details}
+            params.update(before=before, after=after, expected=len(use.purposes))
+
+            def guarded(cursor: Cursor) -> int | None:
+                cursor.execute(_DIRECT_GUARDED[len(use.purposes)], params)
+                rows = cursor.rows()
+                return int(rows[0][0]) if rows else None
+
+            return self._db.direct.write(guarded, "audit_unavailable")
+        nonce["expires"] = _sqlite_time(use.expires_at)
+
+        def write(cursor: Cursor) -> int | None:
+            cursor.execute(_USE_NONCE[len(use.purposes)], nonce)  # a use already there: the primary key refuses
+            cursor.execute(_DIRECT_BUMP_HEAD, {})
+            seq, prev_hash = cursor.rows()[0]
+            digest = entry_hash(str(prev_hash), {**entry, "seq": int(seq)})
+            row = {**entry, "seq": int(seq), "at": _sqlite_time(now), "details": details}
+            cursor.execute(_DIRECT_INSERT_EVENT, {**row, "prev_hash": prev_hash, "hash": digest})
+            cursor.execute(_DIRECT_SET_HEAD_HASH, {"hash": digest, "prev_hash": prev_hash})
+            return int(seq)
+
+        return self._db.direct.write(write, "audit_unavailable")  # under the writer lock, as transaction(write=True)
 
     def record(self, context: AuditContext, event: AuditEvent) -> int:
         """Append in a transaction of its own (refusals, which change nothing else)."""

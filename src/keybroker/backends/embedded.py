@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select
 
 from keybroker.backends.base import Capability, KeyWrapper
 from keybroker.clock import Clock
@@ -20,9 +20,10 @@ from keybroker.errors import NotFound, StoredKeyCorrupt
 from keybroker.ids import BackendRef, KeyId
 from keybroker.keys.models import KeyMaterial, KeySpec
 from keybroker.storage.db import Database
+from keybroker.storage.direct import Statement
 from keybroker.storage.tables import EmbeddedMaterialRow
 
-_MATERIAL = text("SELECT kek_id, wrapped_dek, ciphertext FROM embedded_key_material WHERE ref = :ref")
+_MATERIAL = Statement("SELECT kek_id, wrapped_dek, ciphertext FROM embedded_key_material WHERE ref = :ref")
 
 
 def _context(key_id: str, ref: str, spec: KeySpec) -> bytes:
@@ -62,10 +63,10 @@ class EmbeddedKeyStore:
         return BackendRef(ref)
 
     def get(self, key_id: KeyId, ref: BackendRef, spec: KeySpec) -> KeyMaterial:
-        rows = self._db.query(_MATERIAL, {"ref": ref})  # on every transfer: one round trip, no ORM object
+        rows = self._db.direct.fetch(_MATERIAL, {"ref": ref})  # on every transfer: one round trip, on the driver
         if not rows:
             raise NotFound("the key material is not in the embedded store", code="key_material_missing")
-        kek_id, wrapped_dek, ciphertext = str(rows[0].kek_id), bytes(rows[0].wrapped_dek), bytes(rows[0].ciphertext)
+        kek_id, wrapped_dek, ciphertext = str(rows[0][0]), bytes(rows[0][1]), bytes(rows[0][2])
         context = _context(key_id, ref, spec)
         dek = self._wrapper.unwrap(wrapped_dek, context, kek_id)
         try:

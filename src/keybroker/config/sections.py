@@ -33,6 +33,13 @@ class ServerSettings(Section):
         description="threads for costly requests (RSA generation, key import checks, collateral import): at most "
         "this many run at once, so that they cannot take the cores transfers need",
     )
+    transfer_threads: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="threads key transfers block on (verification, the backend read, the database write); more "
+        "only help when each waits on a remote backend or database",
+    )
     costly_queue: int = Field(
         default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"
     )

@@ -25,6 +25,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from keybroker.errors import BackendUnavailable, ConfigurationError
+from keybroker.storage.direct import DirectStatements
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The largest integer SQLite and PostgreSQL (BIGINT) can bind: integers that reach SQL are bounded by it at the edge.
@@ -209,6 +210,23 @@ class Database:
             file_backed = bool(database) and database != ":memory:" and not str(database).startswith("file:")
             self._write_lock = _WriterLock(database if file_backed else None)
 
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Held around a SQLite write transaction (orders this process's threads and the other processes)."""
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @functools.cached_property
+    def direct(self) -> DirectStatements:
+        """The hot path's statements on the driver itself (``keybroker.storage.direct``)."""
+        return DirectStatements(self.engine, self.writer if self.is_sqlite else None)
+
     @classmethod
     def from_url(cls, url: str, connect_timeout: float = 5.0, statement_timeout: float = 8.0) -> Database:
         return cls(make_engine(url, connect_timeout, statement_timeout))
@@ -242,14 +260,6 @@ class Database:
                     if attempt == 2 or not exc.connection_invalidated:
                         raise
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
-
-    def write_one(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
-        """One statement that is its own transaction (PostgreSQL, autocommit: one round trip, atomic by itself);
-        never retried, since a broken connection leaves unknown whether it committed."""
-        if self.is_sqlite:
-            raise AssertionError("write_one is for PostgreSQL; SQLite writes go through transaction(write=True)")
-        with unavailable_as_domain_error():
-            return self._single(statement, params)
 
     def _single(self, statement: Executable, params: Mapping[str, Any] | None) -> Sequence[Row[Any]]:
         with self._autocommit.connect() as connection:
@@ -288,6 +298,8 @@ class Database:
             session.connection().exec_driver_sql("SELECT 1")
 
     def close(self) -> None:
+        if "direct" in self.__dict__:
+            self.direct.close()
         self.engine.dispose()
         if self._write_lock is not None:
             self._write_lock.close()

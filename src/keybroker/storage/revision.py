@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from keybroker.storage.direct import Statement
+
 if TYPE_CHECKING:
     from keybroker.storage.db import Database
 
 _BUMP = text("UPDATE revision SET counter = counter + 1 WHERE id = 1")
 _READ = text("SELECT counter FROM revision WHERE id = 1")
+_READ_DIRECT = Statement("SELECT counter FROM revision WHERE id = 1")
 
 
 _changes = itertools.count(1)
@@ -37,4 +40,4 @@ def current(session: Session) -> int:
 
 def read(database: Database) -> int:
     """The counter, in one round trip (no transaction around it): the hot path checks it on every transfer."""
-    return int(database.query(_READ)[0][0])
+    return int(database.direct.fetch(_READ_DIRECT)[0][0])

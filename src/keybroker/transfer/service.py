@@ -1,11 +1,12 @@
 """TransferService: the only place a key leaves keybroker.
 
-Order of checks (each refusal audited with its reason before the response): the key and its policy exist; the
-request is well formed (Attestation-Type, user_data an RSA 3072/4096 SPKI); the nonce is ours and fresh; the
-evidence verifies (quote, or our own attestation token); the TEE type matches the header; REPORTDATA (or the
-token's held data) binds nonce and user_data; the nonce is consumed (once, across replicas); the policy engine
-passes. Only then is the key read from its backend, wrapped, the decision audited, and the response sent: if the
-audit write fails, nothing is released.
+The route parses the request (``keybroker.transfer.requests``: a ``BackgroundTransfer`` or a ``PassportTransfer``,
+form errors refused there and audited through ``refused``); ``transfer`` then decides, and returns one
+``TransferOutcome``. Order of checks (each refusal audited with its reason before the response): the key and its
+policy exist; the nonce is ours and fresh; the evidence verifies (quote, or our own attestation token); the TEE type
+matches the header; REPORTDATA (or the token's held data) binds nonce and user_data; the policy engine passes. Only
+then is the key read from its backend and wrapped; the decision's audit entry and the nonce's use (once, across
+replicas: the verifier says what using it writes) are one write, and if it fails nothing is released.
 """
 
 from __future__ import annotations
@@ -19,20 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keybroker.attestation.nonce import Nonce, parse_nonce
-from keybroker.attestation.service import AttestationService, b64decode
+from keybroker.attestation.service import AttestationService
 from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.auth.tokens import Principal
-from keybroker.crypto.transfer import Wrapped, decode_user_data, workload_public_key, wrap_for_workload
-from keybroker.errors import (
-    AttestationFailed,
-    BackendUnavailable,
-    Conflict,
-    InvalidRequest,
-    KeybrokerError,
-    PolicyDenied,
-)
+from keybroker.crypto.transfer import Wrapped, workload_public_key, wrap_for_workload
+from keybroker.errors import AttestationFailed, BackendUnavailable, Conflict, KeybrokerError, PolicyDenied
 from keybroker.ids import canonical_uuid
 from keybroker.keys.models import KeyRecord
 from keybroker.keys.service import KeyService
@@ -41,6 +36,7 @@ from keybroker.policy.model import TransferPolicyDocument
 from keybroker.policy.store import PolicyStore
 from keybroker.storage import revision
 from keybroker.storage.db import Database
+from keybroker.transfer.requests import BackgroundTransfer, TransferRequest
 from keybroker.transfer.verifiers import EvidenceVerifier
 
 _MEASUREMENTS = (
@@ -56,14 +52,6 @@ _MEASUREMENTS = (
     "tdx_rtmr3",
     "tdx_seamsvn",
 )
-
-
-@dataclass
-class _Use:
-    """The nonce a transfer will use up, once everything about it is decided."""
-
-    nonce: Nonce | None = None
-    purposes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,10 +87,9 @@ class TransferService:
         uses it always checks); a key this replica does not know yet is always looked up."""
         cache = self.lookups
         if max_age > 0:
-            with cache.lock:
-                fresh = cache.monotonic() - cache.checked_at <= max_age
-                if fresh and cache.local_changes == revision.local_changes() and key_id in cache.entries:
-                    return cache.entries[key_id]
+            known = self._remembered(key_id, max_age)
+            if known is not None:
+                return known
         checked, local = cache.monotonic(), revision.local_changes()
         current = revision.read(self.database)
         with cache.lock:
@@ -121,6 +108,15 @@ class TransferService:
                 cache.entries[key_id] = (record, document)
         return record, document
 
+    def _remembered(self, key_id: str, max_age: float) -> Lookup | None:
+        """The key from memory if the database confirmed the revision within ``max_age`` seconds, else None."""
+        cache = self.lookups
+        with cache.lock:
+            fresh = cache.monotonic() - cache.checked_at <= max_age
+            if fresh and cache.local_changes == revision.local_changes():
+                return cache.entries.get(key_id)
+        return None
+
     def attestation_types(self, key_id: str, max_age: float = 0.0) -> tuple[KeyRecord, list[str]]:
         record, document = self.lookup(key_id, max_age)
         return record, [t.value for t in document.attestation_type]
@@ -131,6 +127,16 @@ class TransferService:
         _, types = self.attestation_types(key_id, NONCE_STEP_STALENESS)
         return self.verifier.issue_nonce(), types
 
+    def nonce_from_memory(self, key_id: str) -> tuple[Nonce, list[str]] | None:
+        """``nonce`` without blocking, or None when it would block (the key not remembered recently enough, or a
+        verifier whose nonces come over the network): the event loop calls this, and ``nonce`` in a thread."""
+        if not self.verifier.local_nonces:
+            return None
+        known = self._remembered(key_id, NONCE_STEP_STALENESS)
+        if known is None:
+            return None
+        return self.verifier.issue_nonce(), [t.value for t in known[1].attestation_type]
+
     def refused_before(self, key_id: str, error: KeybrokerError, audit: AuditContext) -> None:
         """Audit a transfer refused before its evidence was looked at (an invalid bearer token, a body that is not
         JSON, an unknown key). The target is the key id only if it is one (the path is the caller's text)."""
@@ -139,147 +145,134 @@ class TransferService:
             AuditEvent("key.transfer", _outcome(error), canonical_uuid(key_id), {"status_code": error.instance_code}),
         )
 
+    def refused(self, looked_up: Lookup, mode: str, error: KeybrokerError, audit: AuditContext) -> TransferOutcome:
+        """A request about the key refused before verification (its body is not a transfer request), audited."""
+        record = looked_up[0]
+        details = {"transfer_policy_id": record.transfer_policy_id, "mode": mode}
+        return self._refusal(audit, record.id, details, error)
+
     def transfer(
-        self,
-        key_id: str,
-        header_type: str | None,
-        body: dict[str, Any],
-        principal: Principal | None,
-        audit: AuditContext,
-        looked_up: Lookup | None = None,
-    ) -> Wrapped:
-        """Step 2. ``looked_up``: this request's ``lookup`` of the key, if the caller made it already."""
+        self, looked_up: Lookup, request: TransferRequest, principal: Principal | None, audit: AuditContext
+    ) -> TransferOutcome:
+        """Step 2, for the key ``looked_up`` (this request's ``lookup``): the key wrapped for the workload, or the
+        refusal; either way exactly one ``key.transfer`` audit entry has been written."""
+        record, document = looked_up
+        details: dict[str, Any] = {"transfer_policy_id": record.transfer_policy_id, "mode": request.mode}
         try:
-            record, document = looked_up or self.lookup(key_id)
+            evidence = self._evidence(request, document)
+            details.update(evidence.audit_details())
+            if request.header is not None and request.header.upper() != evidence.tee:
+                raise AttestationFailed(
+                    f"Attestation-Type says {request.header} but the evidence is {evidence.tee}",
+                    reason="attestation_type_mismatch",
+                )
+            context = RequestContext(
+                client_permissions=frozenset(principal.context) if principal else frozenset(),
+                token_may_transfer=principal is not None and "keys:transfer" in principal.permissions,
+                policy_ids_matched=frozenset(evidence.matched),
+            )
+            decision = evaluate(document, evidence.claims, context, self.simulated_trusted)
+            if decision.allowed:
+                material = self.keys.load_material(record)  # read only now that everything agreed
+                outcome = TransferOutcome(wrapped=wrap_for_workload(material.secret, evidence.public_key))
+            else:
+                reasons = [reason.as_dict() for reason in decision.reasons]
+                denied = PolicyDenied(
+                    f"{len(reasons)} rule(s) of the key's transfer policy failed",
+                    code="policy_denied",
+                    extra={"reasons": reasons},
+                )
+                details.update(status_code=denied.instance_code, reasons=reasons)
+                outcome = TransferOutcome(refusal=denied)
         except KeybrokerError as exc:
-            self.refused_before(key_id, exc, audit)
-            raise
-        details: dict[str, Any] = {
-            "transfer_policy_id": record.transfer_policy_id,
-            "mode": "passport" if "attestation_token" in body else "background",
-        }
-        use = _Use()
-        try:
-            wrapped = self._transfer(record, document, header_type, body, principal, details, use)
-        except PolicyDenied as exc:
-            details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
-            self._finish(audit, key_id, "denied", details, use)
-            raise
-        except KeybrokerError as exc:
-            details.update(status_code=exc.instance_code, reasons=exc.extra.get("reasons"))
-            self.audit.record(audit, AuditEvent("key.transfer", _outcome(exc), key_id, details))
-            raise
+            return self._refusal(audit, record.id, details, exc)
         # Audited before the response; if this write fails the key is not released (503 audit_unavailable).
-        self._finish(audit, key_id, "allowed", details, use)
-        return wrapped
-
-    def _finish(self, audit: AuditContext, key_id: str, outcome: str, details: dict[str, Any], use: _Use) -> None:
-        """One write for the decision: the nonce used up and the audit entry, together. A nonce already used
-        (also by a concurrent request that got here first) turns the decision into a 409, audited as such."""
-        assert use.nonce is not None
-        event = AuditEvent("key.transfer", outcome, key_id, details)
         try:
-            if self.database.is_sqlite:
-                with self.database.transaction(write=True) as session:
-                    self.attestation.nonces.consume_in(session, use.nonce, *use.purposes)
-                    self.audit.append(session, audit, event)
-            else:  # PostgreSQL: both in one statement, one round trip (storage.guard)
-                guard = self.attestation.nonces.consume_guard(use.nonce, *use.purposes)
-                if self.audit.append_guarded(audit, event, guard) is None:
-                    raise Conflict("this nonce has already been used", code="nonce_replayed")
-        except Conflict as exc:
-            details.update(status_code=exc.instance_code, reasons=None)
-            self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, details))
-            raise
+            replayed = self._decided(audit, record.id, "allowed" if decision.allowed else "denied", details, evidence)
+        except BackendUnavailable as exc:
+            return TransferOutcome(refusal=exc)
+        return replayed or outcome
 
-    def _transfer(
-        self,
-        record: KeyRecord,
-        document: TransferPolicyDocument,
-        header_type: str | None,
-        body: dict[str, Any],
-        principal: Principal | None,
-        details: dict[str, Any],
-        use: _Use,
-    ) -> Wrapped:
-        allowed_types = {t.value for t in document.attestation_type}
-        if "attestation_token" in body:
-            claims, nonce, user_data, matched = self._passport(body, document)
-        else:
-            claims, nonce, user_data, matched = self._background(body, header_type, allowed_types, document)
-        details.update(
-            tee=claims.get("attester_type"),
-            tcb_status=claims.get("attester_tcb_status"),
-            advisory_ids=claims.get("attester_advisory_ids"),
-            simulated=claims.get("keybroker_simulated"),
-            measurements={k: claims[k] for k in _MEASUREMENTS if k in claims},
-        )
-        if header_type is not None and header_type.upper() != claims.get("attester_type"):
-            raise AttestationFailed(
-                f"Attestation-Type says {header_type} but the evidence is {claims.get('attester_type')}",
-                reason="attestation_type_mismatch",
-            )
-        public_key = workload_public_key(user_data)
-        use.nonce = nonce
-        use.purposes = ("transfer",) if "attestation_token" in body else ("attest", "transfer")
-        context = RequestContext(
-            client_permissions=frozenset(principal.context) if principal else frozenset(),
-            token_may_transfer=principal is not None and "keys:transfer" in principal.permissions,
-            policy_ids_matched=frozenset(matched),
-        )
-        decision = evaluate(document, claims, context, self.simulated_trusted)
-        if not decision.allowed:
-            reasons = [reason.as_dict() for reason in decision.reasons]
-            raise PolicyDenied(
-                f"{len(reasons)} rule(s) of the key's transfer policy failed",
-                code="policy_denied",
-                extra={"reasons": reasons},
-            )
-        material = self.keys.load_material(record)  # read only now that everything agreed
-        return wrap_for_workload(material.secret, public_key)
+    def _refusal(
+        self, audit: AuditContext, key_id: str, details: dict[str, Any], error: KeybrokerError
+    ) -> TransferOutcome:
+        details.update(status_code=error.instance_code, reasons=error.extra.get("reasons"))
+        self.audit.record(audit, AuditEvent("key.transfer", _outcome(error), key_id, details))
+        return TransferOutcome(refusal=error)
 
-    def _background(
-        self, body: dict[str, Any], header_type: str | None, allowed_types: set[str], document: TransferPolicyDocument
-    ) -> tuple[dict[str, Any], Nonce, bytes, list[str]]:
-        unknown = set(body) - {"quote", "nonce", "user_data"}
-        if unknown or not {"quote", "nonce", "user_data"} <= set(body):
-            raise InvalidRequest(
-                "a background-check transfer body has exactly quote, nonce and user_data", code="invalid_request"
-            )
-        if header_type is None or header_type.upper() not in ("SGX", "TDX"):
-            raise InvalidRequest(
-                "a transfer with evidence needs the header Attestation-Type: SGX or TDX", code="invalid_request"
-            )
-        if not isinstance(body["quote"], str) or not isinstance(body["user_data"], str):
-            raise InvalidRequest("quote and user_data are base64 strings", code="invalid_request")
-        user_data = decode_user_data(body["user_data"])
-        workload_public_key(user_data)  # refuse a bad key before any costly verification
-        nonce = parse_nonce(body["nonce"])
-        self.verifier.check_nonce(nonce)
-        quote = b64decode(body["quote"], "quote")
-        claims, matched = self.verifier.background(quote, nonce, user_data, _policy_ids(document, header_type))
-        return claims, nonce, user_data, matched
+    def _decided(
+        self, audit: AuditContext, key_id: str, outcome: str, details: dict[str, Any], evidence: _Evidence
+    ) -> TransferOutcome | None:
+        """One write for the decision: the nonce used up and the audit entry, together. None when written; a nonce
+        already used (also by a concurrent request that got here first) turns the decision into a 409, audited as
+        such. A failed write raises (nothing of it stays)."""
+        use = self.verifier.nonce_use(evidence.nonce, *evidence.purposes)
+        if self.audit.append_transfer(audit, AuditEvent("key.transfer", outcome, key_id, details), use) is not None:
+            return None
+        replayed = Conflict("this nonce has already been used", code="nonce_replayed")
+        details.update(status_code=replayed.instance_code, reasons=None)
+        self.audit.record(audit, AuditEvent("key.transfer", "denied", key_id, details))
+        return TransferOutcome(refusal=replayed)
 
-    def _passport(
-        self, body: dict[str, Any], document: TransferPolicyDocument
-    ) -> tuple[dict[str, Any], Nonce, bytes, list[str]]:
-        if set(body) != {"attestation_token"} or not isinstance(body["attestation_token"], str):
-            raise InvalidRequest("a passport transfer body has exactly attestation_token", code="invalid_request")
-        token = body["attestation_token"]
+    def _evidence(self, request: TransferRequest, document: TransferPolicyDocument) -> _Evidence:
+        """The request's evidence verified and bound to its nonce and the workload's key."""
+        if isinstance(request, BackgroundTransfer):
+            self.verifier.check_nonce(request.nonce)
+            claims, matched = self.verifier.background(
+                request.quote, request.nonce, request.user_data, _policy_ids(document, request.tee)
+            )
+            return _Evidence(claims, matched, request.nonce, request.public_key, ("attest", "transfer"))
         try:
-            tee = str(jwt.decode(token, options={"verify_signature": False}).get("attester_type"))
+            tee = str(jwt.decode(request.token, options={"verify_signature": False}).get("attester_type"))
         except jwt.PyJWTError:
             tee = ""
-        claims, matched = self.verifier.passport(token, _policy_ids(document, tee))
+        claims, matched = self.verifier.passport(request.token, _policy_ids(document, tee))
         if "verifier_nonce" not in claims or "attester_held_data" not in claims:
             raise AttestationFailed(
                 "the token binds no nonce and no held data; attest with a nonce", reason="token_not_bound"
             )
         nonce = parse_nonce(claims["verifier_nonce"])
         self.verifier.check_nonce(nonce)
-        user_data = base64.b64decode(str(claims["attester_held_data"]))
-        workload_public_key(user_data)
-        return claims, nonce, user_data, matched
+        public_key = workload_public_key(base64.b64decode(str(claims["attester_held_data"])))
+        return _Evidence(claims, matched, nonce, public_key, ("transfer",))
+
+
+@dataclass(frozen=True, slots=True)
+class TransferOutcome:
+    """What a transfer request came to: the key wrapped for the workload, or the refusal (already audited)."""
+
+    wrapped: Wrapped | None = None
+    refusal: KeybrokerError | None = None
+
+    @property
+    def decision(self) -> str:
+        """``released``, or the refusal's code (the metrics' label)."""
+        return "released" if self.refusal is None else self.refusal.instance_code
+
+
+@dataclass(frozen=True, slots=True)
+class _Evidence:
+    """Verified claims, bound to ``nonce`` and the workload's ``public_key``."""
+
+    claims: dict[str, Any]
+    matched: list[str]  # the appraisal policies the claims match
+    nonce: Nonce
+    public_key: rsa.RSAPublicKey
+    purposes: tuple[str, ...]  # what the transfer uses the nonce up for
+
+    @property
+    def tee(self) -> Any:
+        return self.claims.get("attester_type")
+
+    def audit_details(self) -> dict[str, Any]:
+        claims = self.claims
+        return {
+            "tee": claims.get("attester_type"),
+            "tcb_status": claims.get("attester_tcb_status"),
+            "advisory_ids": claims.get("attester_advisory_ids"),
+            "simulated": claims.get("keybroker_simulated"),
+            "measurements": {k: claims[k] for k in _MEASUREMENTS if k in claims},
+        }
 
 
 def _outcome(error: KeybrokerError) -> str:

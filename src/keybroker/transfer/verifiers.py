@@ -10,14 +10,14 @@ import json
 import ssl
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from keybroker.attestation.nonce import Nonce, parse_nonce
+from keybroker.attestation.nonce import Nonce, NonceUse, issued_at, parse_nonce
 from keybroker.attestation.service import AttestationService, check_binding
 from keybroker.attestation.tokens import verify_token
 from keybroker.clock import Clock
@@ -32,10 +32,18 @@ class EvidenceVerifier(Protocol):
     cannot establish (an unreachable attestation service, a token key it cannot fetch, a claim it cannot read)
     raises, never returns claims; a caller that gets claims back may rely on every one of them."""
 
+    local_nonces: bool  # issue_nonce does no I/O (an HMAC): it may run on the event loop
+
     def issue_nonce(self) -> Nonce: ...
 
     def check_nonce(self, nonce: Nonce) -> None:
         """Refuse a nonce that is not this deployment's or has expired (``nonce_invalid``/``nonce_expired``)."""
+        ...
+
+    def nonce_use(self, nonce: Nonce, *purposes: str) -> NonceUse:
+        """The record that uses ``nonce`` up for ``purposes`` (each at most once, across replicas). The caller
+        writes it in the same transaction as the decision it belongs to; a use already there is
+        ``nonce_replayed`` (409). Only for a nonce ``check_nonce`` accepted."""
         ...
 
     def background(
@@ -50,6 +58,8 @@ class EvidenceVerifier(Protocol):
 
 
 class LocalVerifier:
+    local_nonces = True
+
     def __init__(self, service: AttestationService) -> None:
         self._service = service
 
@@ -58,6 +68,9 @@ class LocalVerifier:
 
     def check_nonce(self, nonce: Nonce) -> None:
         self._service.nonces.check(nonce)
+
+    def nonce_use(self, nonce: Nonce, *purposes: str) -> NonceUse:
+        return self._service.nonces.use(nonce, *purposes)
 
     def background(
         self, quote: bytes, nonce: Nonce, user_data: bytes, policy_ids: list[str]
@@ -78,6 +91,8 @@ class LocalVerifier:
 class RemoteVerifier:
     """A keybroker attestation service over HTTPS: its nonces, its verification (``/appraisal/v1/attest``) and its
     tokens, checked against its JWKS (``/certs``, re-read every minute and whenever an unknown key id appears)."""
+
+    local_nonces = False
 
     def __init__(
         self, url: str, clock: Clock, nonce_ttl: timedelta, verify: ssl.SSLContext | bool = True, timeout: float = 10.0
@@ -114,14 +129,12 @@ class RemoteVerifier:
 
     def check_nonce(self, nonce: Nonce) -> None:
         # The signature is the attestation service's to check (it does, at attest); freshness is checked here too.
-        try:
-            issued = datetime.strptime(nonce.iat.decode("ascii"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        except (UnicodeDecodeError, ValueError):
-            raise AttestationFailed(
-                "the nonce's iat is not an RFC 3339 UTC time", reason="nonce_invalid", code="nonce_invalid"
-            ) from None
-        if self._clock.now() >= issued + self._nonce_ttl:
+        if self._clock.now() >= issued_at(nonce) + self._nonce_ttl:
             raise AttestationFailed("the nonce has expired", reason="nonce_expired", code="nonce_expired")
+
+    def nonce_use(self, nonce: Nonce, *purposes: str) -> NonceUse:
+        # The attestation service records its own use ("attest"); the KBS records the transfer's in its database.
+        return NonceUse(nonce.digest, purposes, self._clock.now() + self._nonce_ttl)
 
     def background(
         self, quote: bytes, nonce: Nonce, user_data: bytes, policy_ids: list[str]

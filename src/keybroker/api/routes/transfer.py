@@ -1,31 +1,56 @@
 """POST /kbs/v1/keys/{id}/transfer (PROTOCOL.md §3): the nonce step, then background check or passport.
 
-The hot path of the service: services are taken from the application state rather than through FastAPI's
-dependency machinery, and the whole transfer runs in one trip to the thread pool.
+The hot path of the service. ``keybroker.api.hot`` calls ``handle`` directly, past FastAPI's routing and
+dependency solving; the route below is what the OpenAPI document shows (and what serves the request if the hot
+dispatcher is not in front). The nonce step runs on the event loop when it needs no I/O (an HMAC, and the key's
+policy from memory); a transfer makes exactly one trip to the transfer pool (``TransferPool``) for everything that
+blocks: the key lookup, verification, the policy, the backend read and the one database write.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from keybroker.api.audit_context import audit_context
 from keybroker.api.deps import json_object_of, optional_principal, public
 from keybroker.api.errors import problem
 from keybroker.api.limits import retry_after
-from keybroker.crypto.transfer import Wrapped
 from keybroker.errors import KeybrokerError, NotFound
 from keybroker.net import client_key
 from keybroker.services import Services
+from keybroker.transfer.requests import mode_of, parse_transfer
+from keybroker.transfer.service import TransferOutcome
 
 router = APIRouter(tags=["transfer"])
+T = TypeVar("T")
+TEMPLATE = "/kbs/v1/keys/{key_id}/transfer"
 
 
-@router.post("/kbs/v1/keys/{key_id}/transfer", dependencies=[public()])
-async def transfer(key_id: str, request: Request) -> JSONResponse:
+class TransferPool:
+    """The threads transfers block on (``server.transfer_threads``): a plain executor, without the per-call
+    cancellation scopes and capacity limiter of Starlette's ``run_in_threadpool``. A thread per concurrent database
+    round trip is enough; more would only contend for the interpreter."""
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="keybroker-transfer")
+
+    async def run(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@router.post(TEMPLATE, dependencies=[public()])
+async def transfer(key_id: str, request: Request) -> Response:
     """No bearer token is needed unless the key's policy names client permissions; attestation is the
     credential. An empty body (or ``{}``) without ``Attestation-Type`` asks for a nonce; everything else is a
     transfer request about the key: exactly one ``key.transfer`` audit entry whatever happens (PROTOCOL.md §10).
@@ -34,18 +59,26 @@ async def transfer(key_id: str, request: Request) -> JSONResponse:
     fill the audit log with them: a key that does not exist (counted in the anonymous aggregate), and, beyond the
     unauthenticated rate limit, requests refused before their evidence is looked at (an invalid token, a body that
     is not a transfer): those are charged to that limit, and over it answered 429 and aggregated."""
-    services: Services = request.app.state.services
+    return await handle(request, key_id)
+
+
+async def handle(request: Request, key_id: str) -> Response:
+    """The transfer endpoint, for the route above and for ``keybroker.api.hot``."""
+    state = request.app.state
+    services: Services = state.services
     header = request.headers.get("attestation-type")
     raw = await request.body()
-    metrics = request.app.state.metrics
     if header is None and _asks_for_nonce(raw):
-        nonce, types = await run_in_threadpool(services.transfer.nonce, key_id)
-        return JSONResponse(nonce.as_json(), headers={"Attestation-Type": ",".join(types)})
+        answer = services.transfer.nonce_from_memory(key_id)
+        if answer is None:  # the policy not known recently, or a remote verifier: blocking work
+            answer = await state.transfer_pool.run(lambda: services.transfer.nonce(key_id))
+        nonce, types = answer
+        return _json(nonce.as_json(), {"attestation-type": ",".join(types)})
     request.state.audited = True  # every outcome is audited (or aggregated) here; the error handler must not
     client = request.client.host if request.client else None
-    limits = request.app.state.limits
+    limits = state.limits
 
-    def release() -> Wrapped:
+    def release() -> TransferOutcome:
         try:
             looked_up = services.transfer.lookup(key_id)  # the key exists; once per request
         except NotFound as exc:
@@ -59,13 +92,18 @@ async def transfer(key_id: str, request: Request) -> JSONResponse:
                 raise _Aggregated(exc, "rate_limited", wait) from None
             services.transfer.refused_before(key_id, exc, audit_context(request))
             raise
-        return services.transfer.transfer(key_id, header, body, principal, audit_context(request), looked_up)
+        try:
+            parsed = parse_transfer(header, body)
+        except KeybrokerError as exc:
+            return services.transfer.refused(looked_up, mode_of(body), exc, audit_context(request))
+        return services.transfer.transfer(looked_up, parsed, principal, audit_context(request))
 
+    decisions = state.metrics.transfer_decisions
     try:
-        wrapped = await run_in_threadpool(release)
+        outcome = await state.transfer_pool.run(release)
     except _Aggregated as aggregated:
-        request.app.state.refusals.add(client, "POST /kbs/v1/keys/{key_id}/transfer", aggregated.code)
-        metrics.transfer_decisions.labels(aggregated.code).inc()
+        state.refusals.add(client, f"POST {TEMPLATE}", aggregated.code)
+        decisions.labels(aggregated.code).inc()
         if aggregated.wait:
             return problem(
                 request,
@@ -78,10 +116,19 @@ async def transfer(key_id: str, request: Request) -> JSONResponse:
             )
         raise aggregated.error from None
     except KeybrokerError as exc:
-        metrics.transfer_decisions.labels(exc.instance_code).inc()
+        decisions.labels(exc.instance_code).inc()
         raise
-    metrics.transfer_decisions.labels("released").inc()
-    return JSONResponse(wrapped.as_json())
+    decisions.labels(outcome.decision).inc()
+    if outcome.refusal is not None:
+        raise outcome.refusal
+    assert outcome.wrapped is not None
+    return _json(outcome.wrapped.as_json())
+
+
+def _json(content: Any, headers: dict[str, str] | None = None) -> Response:
+    """As Starlette's JSONResponse renders it, without its extra layers."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return Response(body, media_type="application/json", headers=headers)
 
 
 class _Aggregated(Exception):
