@@ -199,7 +199,7 @@ def service_parts(
     event = AuditEvent("key.transfer", "allowed", key_id, {"bench": True})
     now = attestation.clock.now()
     verifier = transfer.verifier
-    claims, _ = verifier.background(parsed[0].quote, parsed[0].nonce, parsed[0].user_data, [])
+    claims, _ = verifier.background(parsed[0].quote(), parsed[0].nonce, parsed[0].user_data, [])
     context = RequestContext(frozenset(), False, frozenset())
     parts: list[tuple[str, list[Callable[[], object]]]] = [
         (
@@ -207,10 +207,10 @@ def service_parts(
             [partial(lambda r: parse_transfer("SGX", _reject_duplicate_members(r)), r) for r, _ in work],
         ),
         ("nonce check (HMAC, expiry)", [partial(verifier.check_nonce, p.nonce) for p in parsed]),
-        ("QuoteVerifier.verify", [partial(attestation.verifier.verify, p.quote, now) for p in parsed]),
+        ("QuoteVerifier.verify", [partial(attestation.verifier.verify, p.quote(), now) for p in parsed]),
         (
             "verify + binding + claims",
-            [partial(verifier.background, p.quote, p.nonce, p.user_data, []) for p in parsed],
+            [partial(verifier.background, p.quote(), p.nonce, p.user_data, []) for p in parsed],
         ),
         ("policy evaluate", [partial(evaluate, document, claims, context, True)] * count),
         ("revision read (driver)", [partial(revision.read, services.database)] * count),

@@ -205,9 +205,18 @@ def test_nonce_refusals(world: World) -> None:
         .as_json()
     )
     _refused(world, request_transfer(world, key_id, world.evidence("sgx"), nonce=foreign), 401, "nonce_invalid")
+    # The nonce is judged before the quote is even decoded: a forged nonce with a quote that is not base64 is 401.
+    spki = base64.b64encode(cached_workload_key()[1]).decode()
+    garbled = {"quote": "@@@", "nonce": forged, "user_data": spki}
+    sent = world.api.post(path, json=garbled, headers={"Attestation-Type": "SGX", "Authorization": ""})
+    _refused(world, sent, 401, "nonce_invalid")
     old = world.api.post(path, json={}).json()
     world.clock.advance(timedelta(seconds=301))
     _refused(world, request_transfer(world, key_id, world.evidence("sgx"), nonce=old), 401, "nonce_expired")
+    sent = world.api.post(
+        path, json={**garbled, "nonce": old}, headers={"Attestation-Type": "SGX", "Authorization": ""}
+    )
+    _refused(world, sent, 401, "nonce_expired")
 
 
 def test_one_nonce_two_concurrent_transfers(world: World) -> None:

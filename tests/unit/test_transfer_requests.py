@@ -28,7 +28,7 @@ GOOD = {"quote": base64.b64encode(b"quote bytes").decode(), "nonce": NONCE, "use
 def test_a_background_transfer() -> None:
     parsed = parse_transfer("sgx", dict(GOOD))
     assert isinstance(parsed, BackgroundTransfer)
-    assert (parsed.tee, parsed.header, parsed.mode, parsed.quote) == ("SGX", "SGX", "background", b"quote bytes")
+    assert (parsed.tee, parsed.header, parsed.mode, parsed.quote()) == ("SGX", "SGX", "background", b"quote bytes")
     assert parsed.nonce.iat == b"2026-12-06T12:00:00Z"
     assert parsed.public_key.key_size == 3072
 
@@ -39,6 +39,14 @@ def test_a_passport_transfer() -> None:
     assert parsed.mode == "passport"
     assert mode_of({"attestation_token": 1}) == "passport"
     assert parse_transfer("TDX", {"attestation_token": "t"}).header == "TDX"  # checked against the token later
+
+
+@pytest.mark.parametrize(("quote", "says"), [("", "quote is empty"), ("@@@", "quote must be standard base64")])
+def test_a_bad_quote_is_refused_when_it_is_decoded(quote: str, says: str) -> None:
+    parsed = parse_transfer("SGX", {**GOOD, "quote": quote})  # the nonce is checked first (401 if it is bad)
+    assert isinstance(parsed, BackgroundTransfer)
+    with pytest.raises(InvalidRequest, match=says):
+        parsed.quote()
 
 
 @pytest.mark.parametrize(
@@ -59,8 +67,6 @@ def test_a_passport_transfer() -> None:
         ("SGX", {**GOOD, "user_data": _spki(rsa.generate_private_key(3, 3072))}, "exponent must be 65537"),
         ("SGX", {**GOOD, "nonce": "n"}, "val, iat and signature"),
         ("SGX", {**GOOD, "nonce": {**NONCE, "val": "%%"}}, "standard base64"),
-        ("SGX", {**GOOD, "quote": ""}, "quote is empty"),
-        ("SGX", {**GOOD, "quote": "@@@"}, "quote must be standard base64"),
     ],
 )
 def test_every_malformed_request_is_refused_with_its_reason(

@@ -188,20 +188,24 @@ class AuditLog:
                 rows = cursor.rows()
                 return int(rows[0][0]) if rows else None
 
-            return self._db.direct.write(guarded, "audit_unavailable")
+            return self._db.direct.write(guarded, "audit_unavailable", conflict_table="used_nonces")
         nonce["expires"] = _sqlite_time(use.expires_at)
 
         def write(cursor: Cursor) -> int | None:
             cursor.execute(_USE_NONCE[len(use.purposes)], nonce)  # a use already there: the primary key refuses
             cursor.execute(_DIRECT_BUMP_HEAD, {})
             seq, prev_hash = cursor.rows()[0]
-            digest = entry_hash(str(prev_hash), {**entry, "seq": int(seq)})
-            row = {**entry, "seq": int(seq), "at": _sqlite_time(now), "details": details}
+            at = self._clock.now()
+            content = {**entry, "seq": int(seq), "at": format_time(at)}
+            digest = entry_hash(str(prev_hash), content)
+            row = {**content, "at": _sqlite_time(at), "details": details}
             cursor.execute(_DIRECT_INSERT_EVENT, {**row, "prev_hash": prev_hash, "hash": digest})
             cursor.execute(_DIRECT_SET_HEAD_HASH, {"hash": digest, "prev_hash": prev_hash})
             return int(seq)
 
-        return self._db.direct.write(write, "audit_unavailable")  # under the writer lock, as transaction(write=True)
+        # Under the writer lock, as transaction(write=True); the time is read there too, so that entries' times grow
+        # with their seq.
+        return self._db.direct.write(write, "audit_unavailable", conflict_table="used_nonces")
 
     def record(self, context: AuditContext, event: AuditEvent) -> int:
         """Append in a transaction of its own (refusals, which change nothing else)."""

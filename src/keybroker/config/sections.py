@@ -34,11 +34,11 @@ class ServerSettings(Section):
         "this many run at once, so that they cannot take the cores transfers need",
     )
     transfer_threads: int = Field(
-        default=8,
+        default=40,
         ge=1,
         le=256,
-        description="threads key transfers block on (verification, the backend read, the database write); more "
-        "only help when each waits on a remote backend or database",
+        description="threads key transfers block on (verification, the backend read, the database write): as many "
+        "transfers wait on a slow database or backend at once before the next ones queue",
     )
     costly_queue: int = Field(
         default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"

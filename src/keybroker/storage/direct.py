@@ -11,7 +11,8 @@ transaction: on SQLite ``BEGIN IMMEDIATE`` … ``COMMIT`` under the database's w
 on PostgreSQL the caller's single statement, atomic by itself.
 
 Vendor exceptions are translated once, in ``_translate``: a connection that fails is discarded (never returned to
-the stack), a read is retried once on a fresh connection (safe to repeat), a write never (whether it committed is
+the stack); one that was lost discards every idle one too (they all predate the same restart); a read whose
+connection was lost is retried once on a fresh connection (safe to repeat), a write never (whether it committed is
 unknown); what remains is ``BackendUnavailable``. Thread-safety: any thread may call any method; a connection is
 used by one thread at a time.
 """
@@ -39,13 +40,30 @@ _MAX_IDLE = 16
 
 @dataclass(frozen=True)
 class Statement:
-    """SQL with ``:name`` parameters, in each driver's own parameter style."""
+    """SQL with ``:name`` parameters, in each driver's own parameter style (no ``:word`` inside string literals:
+    they are rewritten too)."""
 
     sql: str
     postgres: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "postgres", _NAMED.sub(r"%(\1)s", self.sql))
+
+
+class _Lost(Exception):
+    """The connection was lost under a statement (PostgreSQL): ``error`` is the driver's exception."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+def _conflict_in(error: BaseException, table: str) -> bool:
+    """Whether a unique-constraint refusal is about ``table`` (sqlite3 names it in the message, psycopg in diag)."""
+    diagnostics = getattr(error, "diag", None)
+    if diagnostics is not None:
+        return bool(getattr(diagnostics, "table_name", None) == table)
+    return f"UNIQUE constraint failed: {table}." in str(error)
 
 
 class Cursor(Protocol):
@@ -78,18 +96,21 @@ class _PostgresCursor:
         return list(self._cursor.fetchall())
 
 
-def _driver_errors(dialect: str) -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """The driver's exceptions: (a constraint refused the write: the caller's answer, not a failure; everything
-    the database could not do)."""
+def _driver_errors(
+    dialect: str,
+) -> tuple[type[BaseException], tuple[type[BaseException], ...], type[BaseException]]:
+    """The driver's exceptions: a constraint refused a statement; the database could not be reached or the
+    statement could not finish in time (``database_unavailable``; PostgreSQL's ``OperationalError``: sqlite3's
+    covers a missing table too, so on SQLite every failed write is the caller's code); anything it could not do."""
     if dialect == "sqlite":
-        return (sqlite3.IntegrityError,), (sqlite3.Error,)
+        return sqlite3.IntegrityError, (), sqlite3.Error
     import psycopg  # only with a PostgreSQL URL
 
-    return (psycopg.IntegrityError,), (psycopg.Error,)
+    return psycopg.IntegrityError, (psycopg.OperationalError,), psycopg.Error
 
 
 def _translate(error: BaseException, code: str) -> BackendUnavailable:
-    """THE translation of a driver's exception (see ``_unavailable_errors``): the detail names no address."""
+    """THE translation of a driver's exception (see ``_driver_errors``): the detail names no address."""
     failed = BackendUnavailable("the database is unavailable", code=code)
     failed.__cause__ = error
     return failed
@@ -100,13 +121,14 @@ class DirectStatements:
         self._engine = engine
         self._writer = writer  # SQLite: the context manager that orders writers (Database.writer)
         self._sqlite = engine.dialect.name == "sqlite"
-        self._conflicts, self._errors = _driver_errors(engine.dialect.name)
+        self._conflict, self._unreachable, self._errors = _driver_errors(engine.dialect.name)
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def fetch(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[tuple[Any, ...]]:
-        """One read-only statement's rows (retried once on a fresh connection if the connection fails)."""
+        """One read-only statement's rows. Retried once, on a fresh connection, only when the connection was lost
+        (a database restart); a statement that timed out is not run again (the outage bound stays one timeout)."""
         for attempt in (1, 2):
             try:
                 with self._connection() as connection:
@@ -116,22 +138,34 @@ class DirectStatements:
                     with connection.cursor() as cursor:
                         cursor.execute(statement.postgres, params or {}, prepare=True)
                         return list(cursor.fetchall())
-            except self._errors as exc:
+            except _Lost as lost:
                 if attempt == 2:
-                    raise _translate(exc, "database_unavailable") from exc
+                    raise _translate(lost.error, "database_unavailable") from lost.error
+            except self._errors as exc:
+                raise _translate(exc, "database_unavailable") from exc
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def write(self, work: Callable[[Cursor], T | None], code: str = "database_unavailable") -> T | None:
-        """``work`` as one transaction, committed if it returns a value; None, with nothing written, when a
-        constraint (a primary key) refuses one of its statements. On SQLite a ``work`` that returns None is rolled
-        back too; on PostgreSQL ``work`` is a single statement in autocommit, atomic by itself, so there is
-        nothing to roll back. Failures of the database are ``BackendUnavailable`` with ``code``."""
+    def write(
+        self, work: Callable[[Cursor], T | None], code: str = "database_unavailable", conflict_table: str = ""
+    ) -> T | None:
+        """``work`` as one transaction, committed if it returns a value; None, with nothing written, when a unique
+        constraint of ``conflict_table`` refuses one of its statements (any other constraint is a failure). On
+        SQLite a ``work`` that returns None is rolled back too; on PostgreSQL ``work`` is a single statement in
+        autocommit, atomic by itself, so there is nothing to roll back. Never retried (whether it committed would be
+        unknown). A database that cannot be reached, or a statement that timed out, is ``BackendUnavailable``
+        ``database_unavailable``; any other failure of the database ``BackendUnavailable`` with ``code``."""
         try:
             with self._connection() as connection:
                 try:
                     return self._write(connection, work)
-                except self._conflicts:
-                    return None  # rolled back (PostgreSQL: the statement, atomic by itself, did nothing)
+                except self._conflict as exc:
+                    if conflict_table and _conflict_in(exc, conflict_table):
+                        return None  # rolled back (PostgreSQL: the statement, atomic by itself, did nothing)
+                    raise _translate(exc, code) from exc
+        except _Lost as lost:
+            raise _translate(lost.error, "database_unavailable") from lost.error
+        except self._unreachable as exc:
+            raise _translate(exc, "database_unavailable") from exc
         except self._errors as exc:
             raise _translate(exc, code) from exc
 
@@ -153,20 +187,33 @@ class DirectStatements:
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
+        """A connection of the stack (or a new one). One that fails is closed; one that was lost (PostgreSQL:
+        the server went away) takes every idle one with it, as SQLAlchemy's pool does on a disconnect, since they
+        were made before the same restart: the caller sees ``_Lost``."""
         with self._lock:
             proxy = self._idle.pop() if self._idle else None
         if proxy is None:
             proxy = self._open()
         try:
             yield proxy.driver_connection
-        except BaseException:
+        except BaseException as exc:
+            lost = not self._sqlite and isinstance(exc, self._errors) and bool(proxy.driver_connection.broken)
             proxy.invalidate()  # its state is unknown: closed, a fresh one next time
+            if lost:
+                self._discard_idle()
+                raise _Lost(exc) from exc
             raise
         with self._lock:
             if not self._closed and len(self._idle) < _MAX_IDLE:
                 self._idle.append(proxy)
                 return
         proxy.invalidate()
+
+    def _discard_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for proxy in idle:
+            proxy.invalidate()
 
     def _open(self) -> Any:
         try:

@@ -1,7 +1,8 @@
 """A transfer request (PROTOCOL.md §3 step 2) parsed into what it is, at the edge, before anything is verified.
 
-``parse_transfer`` checks the form only: the members, their types, base64, the workload's key and the nonce's
-shape. Everything it refuses is ``InvalidRequest`` (400). Whether the nonce is this deployment's and fresh, and
+``parse_transfer`` checks the form only: the members, their types, the workload's key and the nonce's shape (the
+quote's base64 is decoded after the nonce is checked, as it always was: a forged or expired nonce is 401 whatever
+the quote). Everything it refuses is ``InvalidRequest`` (400). Whether the nonce is this deployment's and fresh, and
 whether the evidence verifies, is the service's to decide (401/403).
 """
 
@@ -26,7 +27,7 @@ class BackgroundTransfer:
     """Background check: a quote whose REPORTDATA binds ``nonce`` and ``user_data`` (the workload's key)."""
 
     tee: str  # "SGX" or "TDX": the Attestation-Type header, upper case
-    quote: bytes
+    quote_b64: str  # decoded (``quote``) once the nonce has been checked: a bad nonce is 401 whatever the quote
     nonce: Nonce
     user_data: bytes  # DER SubjectPublicKeyInfo
     public_key: rsa.RSAPublicKey
@@ -38,6 +39,10 @@ class BackgroundTransfer:
     @property
     def header(self) -> str:
         return self.tee
+
+    def quote(self) -> bytes:
+        """The quote's bytes (``invalid_request`` if it is empty or not standard base64)."""
+        return b64decode(self.quote_b64, "quote")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +83,4 @@ def parse_transfer(header: str | None, body: dict[str, Any]) -> TransferRequest:
     user_data = decode_user_data(body["user_data"])
     public_key = workload_public_key(user_data)  # a bad key is refused before any costly verification
     nonce = parse_nonce(body["nonce"])
-    return BackgroundTransfer(header.upper(), b64decode(body["quote"], "quote"), nonce, user_data, public_key)
+    return BackgroundTransfer(header.upper(), body["quote"], nonce, user_data, public_key)

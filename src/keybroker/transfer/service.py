@@ -219,7 +219,7 @@ class TransferService:
         if isinstance(request, BackgroundTransfer):
             self.verifier.check_nonce(request.nonce)
             claims, matched = self.verifier.background(
-                request.quote, request.nonce, request.user_data, _policy_ids(document, request.tee)
+                request.quote(), request.nonce, request.user_data, _policy_ids(document, request.tee)
             )
             return _Evidence(claims, matched, request.nonce, request.public_key, ("attest", "transfer"))
         try:
