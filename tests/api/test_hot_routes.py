@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 from fastapi.testclient import TestClient
 
 from keybroker.api.app import create_app
@@ -53,3 +54,31 @@ def test_a_role_without_transfers_does_not_serve_them(services: Services, admin_
         assert client.get("/healthz").json() == {"status": "ok"}
         response = client.post("/kbs/v1/keys/00000000-0000-4000-8000-000000000000/transfer", json={})
         assert_problem(response, 404, "not_found")
+
+
+def test_a_transfer_that_cannot_start_is_server_busy_and_never_runs(
+    api: TestClient, policy_id: str, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from keybroker.api.routes.transfer import TransferPool
+    from keybroker.transfer.service import TransferService
+
+    key_id = _key(api, policy_id)
+    monkeypatch.setattr(TransferPool, "START_DEADLINE", 0.2)
+    pool: TransferPool = api.app.state.transfer_pool  # type: ignore[attr-defined]  # Starlette's app is untyped here
+    release = threading.Event()
+    lookups: list[str] = []
+    monkeypatch.setattr(TransferService, "lookup", lambda self, key, max_age=0.0: lookups.append(key))
+    held = [pool._executor.submit(release.wait) for _ in range(services.settings.server.transfer_threads)]
+    try:
+        body = {"quote": "AA==", "nonce": {"val": "", "iat": "", "signature": ""}, "user_data": "AA=="}
+        response = api.post(f"/kbs/v1/keys/{key_id}/transfer", json=body, headers={"Attestation-Type": "SGX"})
+        assert_problem(response, 503, "server_busy")
+        assert response.headers["retry-after"] == "1"
+    finally:
+        release.set()
+        for future in held:
+            future.result()
+    assert lookups == []  # it never ran: nothing looked up, nothing audited
+    assert 'keybroker_transfer_decisions_total{outcome="server_busy"} 1.0' in api.get("/metrics").text

@@ -34,11 +34,12 @@ class ServerSettings(Section):
         "this many run at once, so that they cannot take the cores transfers need",
     )
     transfer_threads: int = Field(
-        default=40,
+        default=4,
         ge=1,
         le=256,
-        description="threads key transfers block on (verification, the backend read, the database write): as many "
-        "transfers wait on a slow database or backend at once before the next ones queue",
+        description="threads key transfers run on (verification, the backend read, the database write): more only "
+        "help with slow remote backends, and contend for the interpreter; a transfer that cannot start within 2 s "
+        "gets 503 server_busy",
     )
     costly_queue: int = Field(
         default=64, ge=1, le=100_000, description="costly requests waiting for those threads; more get 503 server_busy"

@@ -126,6 +126,7 @@ _TRANSFER_REFUSALS: Mapping[int, tuple[str, ...]] = {
         "backend_not_configured",
         "collateral_unavailable",
         "attestation_unavailable",
+        "server_busy",
         "audit_unavailable",
     ),
 }

@@ -23,7 +23,7 @@ from keybroker.api.audit_context import audit_context
 from keybroker.api.deps import json_object_of, optional_principal, public
 from keybroker.api.errors import problem
 from keybroker.api.limits import retry_after
-from keybroker.errors import KeybrokerError, NotFound
+from keybroker.errors import KeybrokerError, NotFound, ServerBusy
 from keybroker.net import client_key
 from keybroker.services import Services
 from keybroker.transfer.requests import mode_of, parse_transfer
@@ -36,14 +36,29 @@ TEMPLATE = "/kbs/v1/keys/{key_id}/transfer"
 
 class TransferPool:
     """The threads transfers block on (``server.transfer_threads``): a plain executor, without the per-call
-    cancellation scopes and capacity limiter of Starlette's ``run_in_threadpool``. A thread per concurrent database
-    round trip is enough; more would only contend for the interpreter."""
+    cancellation scopes and capacity limiter of Starlette's ``run_in_threadpool``. A transfer is mostly CPU under
+    one interpreter lock, so a few threads do as much as many, and more of them only contend for it (2 threads
+    instead of 40 cut the server CPU per transfer by a fifth: bench/README.md). A transfer that could not start
+    within ``START_DEADLINE`` seconds (every thread held by a database or backend that does not answer) is not
+    started at all: 503 ``server_busy`` with Retry-After, so that waiting in line adds at most that much to the
+    outage bound of each request."""
+
+    START_DEADLINE = 2.0
 
     def __init__(self, threads: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="keybroker-transfer")
 
     async def run(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        future = self._executor.submit(call)
+        waiting = asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), self.START_DEADLINE)
+        except TimeoutError:
+            if future.cancel():  # still in line: it never ran
+                raise ServerBusy(
+                    "every transfer thread is waiting on the database or a backend; retry after Retry-After"
+                ) from None
+            return await waiting  # it has started: it finishes (and is audited) as it would have
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -101,6 +116,10 @@ async def handle(request: Request, key_id: str) -> Response:
     decisions = state.metrics.transfer_decisions
     try:
         outcome = await state.transfer_pool.run(release)
+    except ServerBusy:  # never started: nothing was looked at (counted like the other refusals of that kind)
+        state.refusals.add(client, f"POST {TEMPLATE}", "server_busy")
+        decisions.labels("server_busy").inc()
+        raise
     except _Aggregated as aggregated:
         state.refusals.add(client, f"POST {TEMPLATE}", aggregated.code)
         decisions.labels(aggregated.code).inc()
