@@ -19,6 +19,7 @@ from keybroker.backends.local_kek import LocalKeyWrapper
 from keybroker.clock import FixedClock
 from keybroker.config import Settings, load_settings
 from keybroker.services import Services, build_services, initialise
+from keybroker.storage.db import Database
 from keybroker.storage.tables import ApiTokenRow, EmbeddedMaterialRow, KeyRow, RoleRow, TransferPolicyRow
 from tests.peers.postgres import Postgres
 from tests.peers.softhsm import SoftHsm
@@ -115,6 +116,20 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def database(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database of the kind under test (SQLite in a temp dir, or a fresh PostgreSQL database)."""
+    if database_kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'kb.db'}"
+    else:
+        server: Postgres = request.getfixturevalue("postgres")
+        url = server.url_for(server.create_database(), password=True).replace("postgresql://", "postgresql+psycopg://")
+    migrated = Database.from_url(url)
+    migrated.migrate()
+    yield migrated
+    migrated.close()
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -21,7 +19,6 @@ from keybroker.audit.log import AuditContext, AuditEvent, AuditLog
 from keybroker.clock import FixedClock
 from keybroker.errors import BackendUnavailable
 from keybroker.storage.db import Database
-from tests.peers.postgres import Postgres
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 AWKWARD = [
@@ -39,20 +36,6 @@ def test_the_canonical_form_splits_around_seq(details: dict[str, object], seq: i
              "target": "t", "request_id": None, "client": "127.0.0.1", "details": details}  # fmt: skip
     before, after = canonical_around_seq(entry)
     assert f"{before}{seq}{after}".encode() == canonical({**entry, "seq": seq})
-
-
-@pytest.fixture
-def database(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if database_kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kb.db'}"
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        url = server.url_for(server.create_database(), password=True)
-        url = url.replace("postgresql://", "postgresql+psycopg://")
-    database = Database.from_url(url)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def _use(*purposes: str) -> NonceUse:

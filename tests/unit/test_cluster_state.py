@@ -5,9 +5,7 @@ schema newer than the code is refused untouched; /readyz answers 503 when the sh
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -18,23 +16,9 @@ from keybroker.errors import ConfigurationError
 from keybroker.services import Services
 from keybroker.storage.cluster import HEARTBEAT, Leases, Replicas
 from keybroker.storage.db import Database, schema_head
-from tests.peers.postgres import Postgres
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 TTL = timedelta(seconds=60)
-
-
-@pytest.fixture
-def database(database_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Database]:
-    if database_kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kb.db'}"
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        url = server.url_for(server.create_database(), password=True).replace("postgresql://", "postgresql+psycopg://")
-    database = Database.from_url(url)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def test_one_holder_at_a_time_renewal_and_takeover_after_expiry(database: Database) -> None:

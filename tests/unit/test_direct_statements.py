@@ -5,7 +5,6 @@ constraint's refusal rolled back whole, and the connections kept out of the engi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,6 @@ def test_parameters_in_each_drivers_style() -> None:
     statement = Statement("SELECT :a, CAST(:b AS text), x::text, :c_1 FROM t WHERE y = 'ab'")
     assert statement.sql.count(":a") == 1
     assert statement.postgres == "SELECT %(a)s, CAST(%(b)s AS text), x::text, %(c_1)s FROM t WHERE y = 'ab'"
-
-
-@pytest.fixture
-def database(database_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if database_kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kb.db'}"
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        url = server.url_for(server.create_database(), password=True).replace("postgresql://", "postgresql+psycopg://")
-    database = Database.from_url(url)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def _insert(value: int) -> Statement:
