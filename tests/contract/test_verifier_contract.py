@@ -166,6 +166,19 @@ def test_an_expired_nonce_is_refused(subject: Subject) -> None:
     _refused(lambda: subject.verifier.check_nonce(nonce), "nonce_expired")
 
 
+def test_an_iat_not_as_issued_is_refused(subject: Subject) -> None:
+    issued = subject.verifier.issue_nonce()
+    odd = replace(issued, iat=issued.iat.replace(b"T", b" "))  # strptime-like leniency is not accepted
+    _refused(lambda: subject.verifier.check_nonce(odd), "nonce_invalid")
+
+
+def test_using_a_nonce_up_is_the_verifiers_to_say(subject: Subject) -> None:
+    nonce = subject.verifier.issue_nonce()
+    use = subject.verifier.nonce_use(nonce, "attest", "transfer")
+    assert (use.digest, use.purposes) == (nonce.digest, ("attest", "transfer"))
+    assert use.expires_at == subject.clock.now() + timedelta(seconds=300)  # kept until it would expire anyway
+
+
 def test_a_passport_token_is_verified(subject: Subject) -> None:
     user_data = cached_workload_key()[1]
     nonce = subject.verifier.issue_nonce()

@@ -49,13 +49,19 @@ class AuditEvent:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-# Built once: constructing and compiling ORM statements per call cost more than the writes themselves.
-_BUMP_HEAD = text("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-_INSERT_EVENT = text(
+# The statements of an append, each written once: as SQLAlchemy text (inside a caller's session) and as a driver
+# Statement (the transfer's write, storage.direct). Built once: compiling per call cost more than the writes.
+_BUMP_HEAD_SQL = "UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash"
+_INSERT_EVENT_SQL = (
     "INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)"
     " VALUES (:seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, :prev_hash, :hash)"
-).bindparams(bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON()))
-_SET_HEAD_HASH = text("UPDATE audit_head SET hash = :hash, prev_hash = :prev_hash WHERE id = 1")
+)
+_SET_HEAD_HASH_SQL = "UPDATE audit_head SET hash = :hash, prev_hash = :prev_hash WHERE id = 1"
+_BUMP_HEAD = text(_BUMP_HEAD_SQL)
+_INSERT_EVENT = text(_INSERT_EVENT_SQL).bindparams(
+    bindparam("at", type_=UTCDateTime()), bindparam("details", type_=JSON())
+)
+_SET_HEAD_HASH = text(_SET_HEAD_HASH_SQL)
 # PostgreSQL, one statement: the guard's rows, then (only if it produced them all) the head moved on with the hash
 # computed by the database from the entry's canonical form around its new seq (audit.chain), then the entry.
 _GUARDED = """WITH guard AS ({guard}),
@@ -76,12 +82,9 @@ def _nonce_rows(purposes: int) -> str:
 
 
 _USE_NONCE = {n: Statement(_nonce_rows(n)) for n in (1, 2)}
-_DIRECT_BUMP_HEAD = Statement("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-_DIRECT_INSERT_EVENT = Statement(
-    "INSERT INTO audit_events (seq, at, action, outcome, actor, target, request_id, client, details, prev_hash, hash)"
-    " VALUES (:seq, :at, :action, :outcome, :actor, :target, :request_id, :client, :details, :prev_hash, :hash)"
-)
-_DIRECT_SET_HEAD_HASH = Statement("UPDATE audit_head SET hash = :hash, prev_hash = :prev_hash WHERE id = 1")
+_DIRECT_BUMP_HEAD = Statement(_BUMP_HEAD_SQL)
+_DIRECT_INSERT_EVENT = Statement(_INSERT_EVENT_SQL)
+_DIRECT_SET_HEAD_HASH = Statement(_SET_HEAD_HASH_SQL)
 # PostgreSQL: the parameters in the SELECT list are typed for the server (psycopg sends strings untyped).
 _DIRECT_GUARDED = {
     n: Statement(
@@ -102,6 +105,20 @@ def _sqlite_time(at: datetime) -> str:
 
 def format_time(at: datetime) -> str:
     return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _content(context: AuditContext, event: AuditEvent, at: datetime) -> dict[str, Any]:
+    """An entry's content but its seq (which the database assigns): what the chain hash covers."""
+    return {
+        "at": format_time(at),
+        "action": event.action,
+        "outcome": event.outcome,
+        "actor": context.actor,
+        "target": event.target,
+        "request_id": context.request_id,
+        "client": context.client,
+        "details": dict(event.details),
+    }
 
 
 def entry_dict(row: AuditEventRow) -> dict[str, Any]:
@@ -141,18 +158,7 @@ class AuditLog:
             head = session.execute(_BUMP_HEAD).one()
             seq, prev_hash = int(head.seq), str(head.hash)
             now = self._clock.now()
-            details = dict(event.details)
-            entry: dict[str, Any] = {
-                "seq": seq,
-                "at": format_time(now),
-                "action": event.action,
-                "outcome": event.outcome,
-                "actor": context.actor,
-                "target": event.target,
-                "request_id": context.request_id,
-                "client": context.client,
-                "details": details,
-            }
+            entry = {**_content(context, event, now), "seq": seq}
             digest = entry_hash(prev_hash, entry)
             session.execute(_INSERT_EVENT, {**entry, "at": now, "prev_hash": prev_hash, "hash": digest})
             session.execute(_SET_HEAD_HASH, {"hash": digest, "prev_hash": prev_hash})
@@ -163,16 +169,7 @@ class AuditLog:
         entry's seq, or None when the nonce was used already (nothing written). Raises ``BackendUnavailable``
         (``audit_unavailable``) if it cannot be written: the transfer then releases nothing."""
         now = self._clock.now()
-        entry: dict[str, Any] = {
-            "at": format_time(now),
-            "action": event.action,
-            "outcome": event.outcome,
-            "actor": context.actor,
-            "target": event.target,
-            "request_id": context.request_id,
-            "client": context.client,
-            "details": dict(event.details),
-        }
+        entry = _content(context, event, now)
         nonce: dict[str, Any] = {f"purpose_{i}": purpose for i, purpose in enumerate(use.purposes)}
         nonce["digest"] = use.digest
         details = json.dumps(entry["details"])
@@ -196,7 +193,7 @@ class AuditLog:
             cursor.execute(_DIRECT_BUMP_HEAD, {})
             seq, prev_hash = cursor.rows()[0]
             at = self._clock.now()
-            content = {**entry, "seq": int(seq), "at": format_time(at)}
+            content = {**entry, "seq": int(seq), "at": format_time(at)}  # the time read under the writer lock
             digest = entry_hash(str(prev_hash), content)
             row = {**content, "at": _sqlite_time(at), "details": details}
             cursor.execute(_DIRECT_INSERT_EVENT, {**row, "prev_hash": prev_hash, "hash": digest})

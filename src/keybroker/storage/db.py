@@ -238,15 +238,9 @@ class Database:
     @contextmanager
     def transaction(self, write: bool = False) -> Iterator[Session]:
         """A unit of work. ``write=True`` for transactions that change data (it orders SQLite writers)."""
-        lock = self._write_lock if write else None
-        if lock is not None:
-            lock.acquire()
-        try:
-            with unavailable_as_domain_error(), self._sessions.begin() as session:
-                yield session
-        finally:
-            if lock is not None:
-                lock.release()
+        ordered = self.writer() if write else contextlib.nullcontext()
+        with ordered, unavailable_as_domain_error(), self._sessions.begin() as session:
+            yield session
 
     def query(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
         """One read-only statement outside any transaction: on PostgreSQL in autocommit, a single round trip with

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from keybroker.storage.db import Database
 
 _BUMP = text("UPDATE revision SET counter = counter + 1 WHERE id = 1")
-_READ = text("SELECT counter FROM revision WHERE id = 1")
-_READ_DIRECT = Statement("SELECT counter FROM revision WHERE id = 1")
+_READ_SQL = "SELECT counter FROM revision WHERE id = 1"
+_READ, _READ_DIRECT = text(_READ_SQL), Statement(_READ_SQL)  # in a session; on the driver (the hot path)
 
 
 _changes = itertools.count(1)

@@ -10,14 +10,13 @@ blocks: the key lookup, verification, the policy, the backend read and the one d
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from keybroker.api.audit_context import audit_context
 from keybroker.api.deps import json_object_of, optional_principal, public
@@ -88,7 +87,7 @@ async def handle(request: Request, key_id: str) -> Response:
         if answer is None:  # the policy not known recently, or a remote verifier: blocking work
             answer = await state.transfer_pool.run(lambda: services.transfer.nonce(key_id))
         nonce, types = answer
-        return _json(nonce.as_json(), {"attestation-type": ",".join(types)})
+        return JSONResponse(nonce.as_json(), headers={"Attestation-Type": ",".join(types)})
     request.state.audited = True  # every outcome is audited (or aggregated) here; the error handler must not
     client = request.client.host if request.client else None
     limits = state.limits
@@ -141,13 +140,7 @@ async def handle(request: Request, key_id: str) -> Response:
     if outcome.refusal is not None:
         raise outcome.refusal
     assert outcome.wrapped is not None
-    return _json(outcome.wrapped.as_json())
-
-
-def _json(content: Any, headers: dict[str, str] | None = None) -> Response:
-    """As Starlette's JSONResponse renders it, without its extra layers."""
-    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-    return Response(body, media_type="application/json", headers=headers)
+    return JSONResponse(outcome.wrapped.as_json())
 
 
 class _Aggregated(Exception):
